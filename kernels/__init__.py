@@ -1,0 +1,1 @@
+"""Triton kernels for the training step, with pure-PyTorch CPU fallbacks."""

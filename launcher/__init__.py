@@ -1,0 +1,1 @@
+"""The login-node launcher: validates a run and submits it to Slurm through submitit."""

@@ -1,0 +1,35 @@
+"""Distributed training launcher for language models on Slurm, with its own Triton kernels.
+
+Development install (this machine pins the CPU build of torch that lies on disk):
+    pip install torch==2.13.0 -e ".[test]"
+On a cluster, install into an environment that already has the site's CUDA torch:
+    pip install -e .
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="slurm-lm",
+    version="0.1.0",
+    description="Pre-sharded data, fused kernels and DeepSpeed ZeRO training of Hugging Face "
+                "language models, launched on Slurm",
+    packages=find_packages(include=["launcher", "launcher.*", "kernels", "kernels.*",
+                                    "train", "train.*"]),
+    python_requires=">=3.10",
+    # torch is a range, not a pin: a cluster keeps the CUDA build it already has.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "tokenizers>=0.21",
+        "datasets>=3.0",
+        "deepspeed>=0.16",
+        "triton>=3.0; platform_system == 'Linux'",
+        "submitit>=1.5",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

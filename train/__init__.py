@@ -1,0 +1,1 @@
+"""What runs on every rank: data preparation, the packed loader, the engine."""

@@ -1,0 +1,404 @@
+"""Raw text to token shards on disk, once, before any training job.
+
+    python -m train.prepare --input python-stdlib --output data/stdlib --train-tokenizer 8192
+    python -m train.prepare --input 'corpus/*.jsonl' --text-field answers.text \\
+        --tokenizer models/gpt2 --val-fraction 0.01 --output data/eli5 --workers 16
+    sbatch slurm/prepare.sh ...      # the same as a CPU job on the cluster
+
+How it runs, in order:
+  1. resolve the inputs (a missing path is an error before anything is written);
+  2. fingerprint inputs and options; a rerun with the same fingerprint resumes, keeping the
+     tokenizer and every shard that is complete and verifies;
+  3. load the tokenizer, or train a byte-level BPE on the training inputs, and save it;
+  4. stream documents in input order, tokenize batches on `--workers` processes with a bounded
+     number in flight (memory stays flat whatever the corpus size), and append them in order to
+     per-split shards: the output is byte-identical whatever the worker count;
+  5. write index.json last: its presence is what marks the directory complete.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from train import sources as src
+from train.errors import UsageError, exits_cleanly_on_usage_error
+from train.shards import (FORMAT_VERSION, INDEX_NAME, ShardWriter, completed_shards,
+                          dtype_for_vocab, file_sha256, write_json_atomic)
+from train.tokenizer import load_tokenizer, save_tokenizer, separator_id, train_bpe
+
+STATE_NAME = ".prepare-state.json"
+DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16: a lost shard costs about a minute to redo
+# A tokenization batch: large enough that IPC and per-call overhead vanish, small enough that
+# 2 x workers of them in flight stay in the tens of MB.
+BATCH_CHARS = 1 << 20
+BATCH_DOCS = 4096
+TRAIN, VALIDATION = 0, 1
+SPLIT_NAMES = ("train", "validation")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--input", action="append", required=True, metavar="SRC",
+                   help="file, directory or glob of .txt/.jsonl/.json/.parquet/.csv, "
+                        "hf:NAME[:CONFIG][@SPLIT], or python-stdlib (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or tokenizer.json")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                     help="train a byte-level BPE of this size on the training inputs")
+    p.add_argument("--text-field", default="text",
+                   help="dotted path to the text in records (default: text); a list of strings "
+                        "is joined with single spaces")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=None,
+                     help="fraction of whole documents held out for validation (default 0.01)")
+    val.add_argument("--validation-input", action="append", metavar="SRC",
+                     help="a separate validation source (repeatable)")
+    p.add_argument("--task", choices=("clm", "mlm", "token-classification"), default="clm")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--txt-docs", choices=("file", "line", "blankline"), default="file",
+                   help="what one document is in a .txt file (default: the whole file)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"))
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="close a shard after the document that reaches this many tokens")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a complete shard directory made with other inputs or options")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.shard_tokens < 1:
+        p.error("--shard-tokens must be at least 1")
+    if args.val_fraction is None and not args.validation_input:
+        args.val_fraction = 0.01
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents, in input order, each assigned to a split
+# ---------------------------------------------------------------------------------------------
+
+class Counts:
+    def __init__(self):
+        self.docs = [0, 0]
+        self.empty = 0
+
+
+def split_documents(train_sources, val_sources, val_fraction, counts: Counts
+                    ) -> Iterator[tuple[int | None, str, int]]:
+    """Yield (split, text, input bytes). split None carries only progress (an empty document or
+    a file's trailing bytes). Every val_fraction-th document goes to validation, evenly spaced,
+    so the choice depends on nothing but the document order."""
+    seen = 0
+    # Exact decimal arithmetic: with floats, (i + 1) * 0.1 can fall just short of an integer.
+    frac = Fraction(str(val_fraction)) if val_fraction else None
+    for source in train_sources:
+        for text, nbytes in source.iter_docs():
+            if not text:
+                counts.empty += text is not None
+                yield None, "", nbytes
+                continue
+            split = TRAIN
+            if frac and int((seen + 1) * frac) > int(seen * frac):
+                split = VALIDATION
+            seen += 1
+            counts.docs[split] += 1
+            yield split, text, nbytes
+    for source in val_sources:
+        for text, nbytes in source.iter_docs():
+            if not text:
+                counts.empty += text is not None
+                yield None, "", nbytes
+                continue
+            counts.docs[VALIDATION] += 1
+            yield VALIDATION, text, nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization, in worker processes or in this one
+# ---------------------------------------------------------------------------------------------
+
+_tokenizer = None
+_eos_id = None
+_dtype = None
+
+
+def _init_tokenizer(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    # One Rust thread per worker process: the parallelism is the processes.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    global _tokenizer, _eos_id, _dtype
+    _tokenizer = Tokenizer.from_file(tokenizer_json)
+    # A document that contains the literal text of a special token (this very file names
+    # "<|endoftext|>") must not be cut in two by it: special tokens are matched as plain text.
+    _tokenizer.encode_special_tokens = True
+    _eos_id, _dtype = eos_id, np.dtype(dtype)
+
+
+def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (their concatenated ids, each followed by EOS; tokens per document)."""
+    encodings = _tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
+    tokens = np.empty(int(lengths.sum()), dtype=_dtype)
+    eos_at = np.cumsum(lengths) - 1
+    is_text = np.ones(len(tokens), dtype=bool)
+    is_text[eos_at] = False
+    tokens[eos_at] = _eos_id
+    if len(tokens) > len(texts):
+        tokens[is_text] = np.concatenate([np.asarray(e.ids, dtype=_dtype) for e in encodings])
+    return tokens, lengths
+
+
+class InProcess:
+    """The --workers 1 path: the same functions, no pool."""
+
+    def __init__(self, *init_args):
+        _init_tokenizer(*init_args)
+
+    def submit(self, fn, *args):
+        result = fn(*args)
+
+        class Done:
+            def result(self):
+                return result
+        return Done()
+
+    def shutdown(self, cancel_futures=False):
+        pass
+
+
+def tokenize_in_order(batches, pool, workers: int):
+    """Submit batches, keep at most 2 x workers in flight, yield results in submission order."""
+    pending = collections.deque()
+    for meta, texts in batches:
+        pending.append((meta, pool.submit(_tokenize, texts)))
+        while len(pending) >= 2 * workers:
+            meta_done, future = pending.popleft()
+            yield meta_done, future.result()
+    while pending:
+        meta_done, future = pending.popleft()
+        yield meta_done, future.result()
+
+
+def batch_documents(docs, skip: list[int]):
+    """Group (split, text) into batches; drop documents already in complete shards (resume)."""
+    splits, texts, chars, pending_bytes = [], [], 0, 0
+    counts_seen = [0, 0]
+    for split, text, nbytes in docs:
+        pending_bytes += nbytes
+        if split is None:
+            continue
+        index = counts_seen[split]
+        counts_seen[split] += 1
+        if index < skip[split]:
+            continue
+        splits.append(split)
+        texts.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+            yield (np.array(splits, dtype=np.int8), pending_bytes), texts
+            splits, texts, chars, pending_bytes = [], [], 0, 0
+    if texts or pending_bytes:
+        yield (np.array(splits, dtype=np.int8), pending_bytes), texts
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def fingerprint(args, train_sources, val_sources) -> str:
+    tokenizer = {"train_bpe": args.train_tokenizer}
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        tj = path / "tokenizer.json" if path.is_dir() else path
+        tokenizer = {"path": str(path.resolve()),
+                     "sha256": file_sha256(tj) if tj.exists() else None}
+    spec = {"format": FORMAT_VERSION, "task": args.task, "tokenizer": tokenizer,
+            "inputs": [s.describe() for s in train_sources],
+            "validation_inputs": [s.describe() for s in val_sources],
+            "val_fraction": args.val_fraction, "text_field": args.text_field,
+            "txt_docs": args.txt_docs, "dtype": args.dtype, "shard_tokens": args.shard_tokens}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def clear_outputs(out: Path) -> None:
+    for pattern in ("train-*", "validation-*", INDEX_NAME, STATE_NAME, "*.tmp"):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
+def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, counts_docs) -> tuple:
+    """Reuse the tokenizer of an interrupted run with the same fingerprint, else load or train."""
+    if state and (out / "tokenizer.json").exists() and \
+            file_sha256(out / "tokenizer.json") == state.get("tokenizer_sha256"):
+        return load_tokenizer(str(out)), state["tokenizer_sha256"]
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        def texts():  # the training split only: validation documents stay unseen
+            for split, text, _ in split_documents(train_sources, [], args.val_fraction, Counts()):
+                if split == TRAIN:
+                    counts_docs[0] += 1
+                    yield text
+        print(f"training a byte-level BPE of {args.train_tokenizer} ids on the training inputs",
+              file=sys.stderr)
+        tok = train_bpe(texts(), args.train_tokenizer)
+        if counts_docs[0] == 0:
+            raise empty_corpus_error(args.input)
+    return tok, save_tokenizer(tok, out)
+
+
+def empty_corpus_error(inputs) -> UsageError:
+    return UsageError(f"the inputs {', '.join(inputs)} hold no non-empty document: check the "
+                      f"paths, --text-field and --txt-docs")
+
+
+def make_progress(total_bytes, disabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+                disable=disabled, mininterval=1.0, smoothing=0.1, file=sys.stderr)
+
+
+@exits_cleanly_on_usage_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    src.REPLACED.reset()
+    train_sources = [src.resolve(s, args.text_field, args.txt_docs) for s in args.input]
+    val_sources = [src.resolve(s, args.text_field, args.txt_docs)
+                   for s in args.validation_input or []]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    print_ = lambda *a: print(*a, file=sys.stderr)  # noqa: E731 - stdout stays for the summary
+
+    fp = fingerprint(args, train_sources, val_sources)
+    index_path = out / INDEX_NAME
+    if index_path.exists():
+        existing = json.loads(index_path.read_text())
+        if existing.get("fingerprint") == fp and not args.overwrite:
+            print_(f"{out} is already complete for these inputs and options; nothing to do")
+            return 0
+        if not args.overwrite:
+            raise UsageError(f"{out} already holds a complete shard directory made from other "
+                             f"inputs or options; pass --overwrite to replace it, or choose "
+                             f"another --output")
+        clear_outputs(out)
+    state_path = out / STATE_NAME
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state and state.get("fingerprint") != fp:
+        clear_outputs(out)
+        state = None
+
+    tokenizer, tokenizer_sha = prepare_tokenizer(args, out, state, train_sources, [0])
+    vocab_size = len(tokenizer)
+    dtype = dtype_for_vocab(vocab_size, args.dtype)
+    eos_id = separator_id(tokenizer)
+    write_json_atomic(state_path, {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha})
+
+    done = [completed_shards(out, name, dtype) for name in SPLIT_NAMES]
+    skip = [sum(r.num_docs for r in records) for records in done]
+    if any(skip):
+        print_(f"resuming: {len(done[0])} train and {len(done[1])} validation shards are complete "
+               f"({skip[0]} + {skip[1]} documents)")
+    writers = [ShardWriter(out, name, dtype, args.shard_tokens, done[i])
+               for i, name in enumerate(SPLIT_NAMES)]
+
+    started = time.time()  # the tokenization pass: tokenizer training is reported apart
+    total_bytes = sum(s.total_bytes or 0 for s in train_sources + val_sources) or None
+    progress = make_progress(total_bytes, args.no_progress)
+    counts = Counts()
+    docs = split_documents(train_sources, val_sources, args.val_fraction, counts)
+    batches = batch_documents(docs, skip)
+    init = (str(out / "tokenizer.json"), eos_id, dtype.name)
+    if args.workers == 1:
+        pool = InProcess(*init)
+    else:
+        pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"),
+                                   initializer=_init_tokenizer, initargs=init)
+    tokens_done = 0
+    try:
+        for (splits, nbytes), (tokens, lengths) in tokenize_in_order(batches, pool, args.workers):
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            for split in (TRAIN, VALIDATION):
+                chosen = np.flatnonzero(splits == split)
+                if len(chosen) == 0:
+                    continue
+                if len(chosen) == len(splits):
+                    writers[split].add(tokens, lengths)
+                else:
+                    parts = [tokens[starts[i]:ends[i]] for i in chosen]
+                    writers[split].add(np.concatenate(parts), lengths[chosen])
+            tokens_done += len(tokens)
+            progress.update(nbytes)
+            elapsed = max(time.time() - started, 1e-9)
+            progress.set_postfix_str(f"{tokens_done / elapsed / 1e6:.2f}M tok/s", refresh=False)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        progress.close()
+
+    records = [w.finish() for w in writers]
+    if counts.docs[TRAIN] == 0:
+        raise empty_corpus_error(args.input)
+    if args.validation_input and counts.docs[VALIDATION] == 0:
+        raise UsageError(f"the validation inputs {', '.join(args.validation_input)} hold no "
+                         f"non-empty document")
+    splits_json = {}
+    for i, name in enumerate(SPLIT_NAMES):
+        if records[i]:
+            splits_json[name] = {"num_tokens": sum(r.num_tokens for r in records[i]),
+                                 "num_docs": sum(r.num_docs for r in records[i]),
+                                 "shards": [r.__dict__ for r in records[i]]}
+    if "validation" not in splits_json and args.val_fraction:
+        print_(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
+               f"selects none; there is no validation split")
+    replaced = src.REPLACED
+    index = {
+        "format": FORMAT_VERSION, "task": args.task, "dtype": dtype.name, "eos_id": eos_id,
+        "vocab_size": vocab_size, "tokenizer_sha256": tokenizer_sha, "fingerprint": fp,
+        "splits": splits_json,
+        "source": {"inputs": args.input, "validation_inputs": args.validation_input or [],
+                   "val_fraction": args.val_fraction, "text_field": args.text_field,
+                   "txt_docs": args.txt_docs,
+                   "command": "python -m train.prepare " + shlex.join(
+                       sys.argv[1:] if argv is None else list(argv))},
+        "stats": {"empty_docs_skipped": counts.empty, "replaced_bytes": replaced.count,
+                  "files_with_replaced_bytes": replaced.files},
+    }
+    write_json_atomic(index_path, index)
+    state_path.unlink(missing_ok=True)
+    for split_records, name in zip(records, SPLIT_NAMES):
+        for r in split_records:  # the sidecars' job (resume) is done; index.json holds it all
+            (out / r.file).with_suffix(".json").unlink(missing_ok=True)
+
+    elapsed = time.time() - started
+    summary = ", ".join(f"{name}: {s['num_docs']} docs, {s['num_tokens']} tokens in "
+                        f"{len(s['shards'])} shards" for name, s in splits_json.items())
+    print(f"prepared {out} ({dtype.name}, vocab {vocab_size}): {summary}; "
+          f"{tokens_done / max(elapsed, 1e-9) / 1e6:.2f}M tok/s over {elapsed:.1f}s")
+    if replaced.count:
+        print_(f"warning: {replaced.count} undecodable bytes were replaced by U+FFFD, in "
+               f"{', '.join(replaced.files)}{' and more' if len(replaced.files) >= 5 else ''}")
+    if counts.empty:
+        print_(f"note: {counts.empty} empty documents were skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The on-disk shard format: flat token files plus `index.json`.
+
+Layout of a prepared directory (see ARCHITECTURE, "Shard directory"):
+
+    index.json            written last; its presence means the directory is complete
+    train-00000.bin       raw little-endian token ids (uint16 or uint32), an EOS after every doc
+    train-00000.json      the shard's own record, written when the shard is whole (resume uses it)
+    validation-00000.bin
+    tokenizer.json ...    the tokenizer, so that runs and exports are self-contained
+
+A shard is written as `NAME.bin.tmp` and renamed only once it is complete and hashed, so a
+`.bin` never looks complete when it is not. `numpy.memmap(path, dtype)` reads a shard with no
+project code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from train.errors import DataError, UsageError
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+SPLITS = ("train", "validation")
+# The cheap integrity check hashes this many evenly spaced blocks of this size (first and last
+# included): it catches truncation, appended bytes and most corruption for a few MB of reads,
+# where the full sha256 of a 1 TB corpus would take minutes per rank at startup.
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK_BYTES = 64 * 1024
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """uint16 when every id fits, else uint32; a requested dtype that is too small is an error."""
+    if requested not in ("auto", "uint16", "uint32"):
+        raise UsageError(f"--dtype {requested!r} is not one of auto, uint16, uint32")
+    if requested == "auto":
+        return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    dtype = np.dtype(requested)
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise UsageError(
+            f"the tokenizer's vocabulary of {vocab_size} ids does not fit in --dtype {requested} "
+            f"(at most {np.iinfo(dtype).max + 1} ids); use --dtype uint32 or --dtype auto"
+        )
+    return dtype
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:05d}.bin"
+
+
+def sample_sha256(path: Path) -> str:
+    """Hash of SAMPLE_BLOCKS evenly spaced blocks plus the file size: the cheap integrity check."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+            digest.update(f.read())
+        else:
+            last_start = size - SAMPLE_BLOCK_BYTES
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(last_start * i // (SAMPLE_BLOCKS - 1))
+                digest.update(f.read(SAMPLE_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardRecord:
+    """One shard as recorded in index.json and in the shard's own sidecar."""
+
+    file: str
+    num_tokens: int
+    num_docs: int
+    sha256: str
+    sample_sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardRecord":
+        return cls(**{k: d[k] for k in ("file", "num_tokens", "num_docs", "sha256", "sample_sha256")})
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Appends whole documents to numbered shards of one split, closing a shard once it holds
+    at least `shard_tokens` tokens. Shard boundaries depend only on the document stream, never
+    on how many workers tokenized it, which is what makes the output byte-identical."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 completed: list[ShardRecord]):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.records = list(completed)
+        self._file = None
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """tokens: the concatenated documents (each ending in EOS); doc_lengths: tokens per doc."""
+        tokens = tokens.astype(self.dtype, copy=False)
+        start_doc, start_tok = 0, 0
+        ends = np.cumsum(doc_lengths)
+        while start_doc < len(doc_lengths):
+            if self._file is None:
+                self._open()
+            room = self.shard_tokens - self._tokens
+            consumed_before = ends[start_doc - 1] if start_doc else 0
+            # The shard closes after the first document that brings it to shard_tokens or more.
+            last = int(np.searchsorted(ends, consumed_before + room, side="left"))
+            stop_doc = min(last + 1, len(doc_lengths))
+            stop_tok = int(ends[stop_doc - 1])
+            self._write(tokens[start_tok:stop_tok], stop_doc - start_doc)
+            start_doc, start_tok = stop_doc, stop_tok
+            if self._tokens >= self.shard_tokens:
+                self._close()
+
+    def finish(self) -> list[ShardRecord]:
+        if self._file is not None:
+            self._close()
+        return self.records
+
+    def _open(self) -> None:
+        self._name = shard_name(self.split, len(self.records))
+        self._tmp = self.out_dir / (self._name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._tokens, self._docs = 0, 0
+
+    def _write(self, tokens: np.ndarray, num_docs: int) -> None:
+        data = tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._tokens += len(tokens)
+        self._docs += num_docs
+
+    def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        final = self.out_dir / self._name
+        os.replace(self._tmp, final)
+        record = ShardRecord(self._name, self._tokens, self._docs, self._hash.hexdigest(),
+                             sample_sha256(final))
+        # The sidecar is what marks the shard complete for a resumed prepare.
+        write_json_atomic(final.with_suffix(".json"), asdict(record))
+        self.records.append(record)
+
+
+def completed_shards(out_dir: Path, split: str, dtype: np.dtype) -> list[ShardRecord]:
+    """The leading run of complete, verified shards of a split from an interrupted prepare.
+    Anything after the first shard that fails verification is deleted, to be written again."""
+    records, number = [], 0
+    while True:
+        path = out_dir / shard_name(split, number)
+        sidecar = path.with_suffix(".json")
+        if not (path.exists() and sidecar.exists()):
+            break
+        record = ShardRecord.from_dict(json.loads(sidecar.read_text()))
+        if path.stat().st_size != record.num_tokens * dtype.itemsize or \
+                file_sha256(path) != record.sha256:
+            break
+        records.append(record)
+        number += 1
+    for stale in list(out_dir.glob(f"{split}-*.bin")) + list(out_dir.glob(f"{split}-*.json")) + \
+            list(out_dir.glob(f"{split}-*.tmp")):
+        if int(stale.name.split("-")[1].split(".")[0]) >= number:
+            stale.unlink()
+    return records
+
+
+@dataclass
+class ShardIndex:
+    """index.json, read back and checked."""
+
+    root: Path
+    dtype: np.dtype
+    eos_id: int
+    vocab_size: int
+    tokenizer_sha256: str
+    splits: dict[str, list[ShardRecord]]
+    raw: dict
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "ShardIndex":
+        root = Path(root)
+        path = root / INDEX_NAME
+        if not root.is_dir():
+            raise DataError(f"data directory {root} does not exist; run `python -m train.prepare "
+                            f"--output {root} ...` first, or fix data.path")
+        if not path.exists():
+            partial = any(root.glob("*.bin")) or any(root.glob("*.tmp"))
+            hint = ("it holds shards from an unfinished prepare; rerun the same prepare command "
+                    "to complete it") if partial else "run `python -m train.prepare` into it first"
+            raise DataError(f"{root} has no {INDEX_NAME}: {hint}")
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_VERSION:
+            raise DataError(f"{path}: format {raw.get('format')!r} is not {FORMAT_VERSION}; "
+                            f"prepare the data again with this version")
+        splits = {name: [ShardRecord.from_dict(s) for s in split["shards"]]
+                  for name, split in raw["splits"].items()}
+        return cls(root, np.dtype(raw["dtype"]), int(raw["eos_id"]), int(raw["vocab_size"]),
+                   raw["tokenizer_sha256"], splits, raw)
+
+    def shards(self, split: str) -> list[ShardRecord]:
+        if split not in self.splits or not self.splits[split]:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise DataError(f"{self.root} has no {split!r} split (it has: {have}); prepare it "
+                            f"with --val-fraction or --validation-input for a validation split")
+        return self.splits[split]
+
+    def verify(self, split: str, full: bool = False) -> None:
+        """Check each shard's size (truncation) and a hash: sampled blocks by default, the whole
+        file's sha256 with full=True. Raises DataError naming the shard."""
+        for record in self.shards(split):
+            path = self.root / record.file
+            if not path.exists():
+                raise DataError(f"shard {path} listed in {INDEX_NAME} is missing; prepare again")
+            expected = record.num_tokens * self.dtype.itemsize
+            actual = path.stat().st_size
+            if actual != expected:
+                raise DataError(f"shard {path} is {actual} bytes, expected {expected} "
+                                f"({record.num_tokens} tokens of {self.dtype}): it is truncated or "
+                                f"was overwritten; prepare the data again")
+            got = file_sha256(path) if full else sample_sha256(path)
+            want = record.sha256 if full else record.sample_sha256
+            if got != want:
+                raise DataError(f"shard {path} fails its {'sha256' if full else 'sampled'} "
+                                f"checksum: the file is corrupt; prepare the data again")
+
+    def check_vocab(self, model_vocab_size: int, model_tokenizer_sha256: str | None = None) -> None:
+        """Stop before training when the shards were tokenized for another model."""
+        if self.vocab_size > model_vocab_size:
+            raise DataError(
+                f"{self.root} was tokenized with a vocabulary of {self.vocab_size} ids but the model "
+                f"has {model_vocab_size} embeddings: prepare the data with the model's tokenizer "
+                f"(--tokenizer MODEL_DIR) or set the model's vocab_size to at least {self.vocab_size}")
+        if model_tokenizer_sha256 and model_tokenizer_sha256 != self.tokenizer_sha256:
+            raise DataError(
+                f"{self.root} was tokenized with a different tokenizer than the model's "
+                f"(tokenizer.json sha256 {self.tokenizer_sha256[:12]} vs {model_tokenizer_sha256[:12]}): "
+                f"prepare the data with --tokenizer pointing at the model directory")
