@@ -37,7 +37,7 @@ from train import sources as src
 from train.errors import UsageError, exits_cleanly_on_usage_error
 from train.shards import (FORMAT_VERSION, INDEX_NAME, ShardWriter, completed_shards,
                           dtype_for_vocab, file_sha256, write_json_atomic)
-from train.tokenizer import load_tokenizer, save_tokenizer, separator_id, train_bpe
+from train.tokenizer import install_tokenizer, save_pretrained, tokenizer_facts, train_bpe
 
 STATE_NAME = ".prepare-state.json"
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16: a lost shard costs about a minute to redo
@@ -243,25 +243,28 @@ def clear_outputs(out: Path) -> None:
             f.unlink()
 
 
-def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, counts_docs) -> tuple:
-    """Reuse the tokenizer of an interrupted run with the same fingerprint, else load or train."""
+def prepare_tokenizer(args, out: Path, state: dict | None, train_sources) -> str:
+    """Install the tokenizer into out (reusing an interrupted run's, when it has the same
+    fingerprint) and return its sha256."""
     if state and (out / "tokenizer.json").exists() and \
             file_sha256(out / "tokenizer.json") == state.get("tokenizer_sha256"):
-        return load_tokenizer(str(out)), state["tokenizer_sha256"]
+        return state["tokenizer_sha256"]
     if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)
-    else:
-        def texts():  # the training split only: validation documents stay unseen
-            for split, text, _ in split_documents(train_sources, [], args.val_fraction, Counts()):
-                if split == TRAIN:
-                    counts_docs[0] += 1
-                    yield text
-        print(f"training a byte-level BPE of {args.train_tokenizer} ids on the training inputs",
-              file=sys.stderr)
-        tok = train_bpe(texts(), args.train_tokenizer)
-        if counts_docs[0] == 0:
-            raise empty_corpus_error(args.input)
-    return tok, save_tokenizer(tok, out)
+        return install_tokenizer(args.tokenizer, out)
+    docs_seen = [0]
+
+    def texts():  # the training split only: validation documents stay unseen
+        for split, text, _ in split_documents(train_sources, [], args.val_fraction, Counts()):
+            if split == TRAIN:
+                docs_seen[0] += 1
+                yield text
+    print(f"training a byte-level BPE of {args.train_tokenizer} ids on the training inputs",
+          file=sys.stderr)
+    tok = train_bpe(texts(), args.train_tokenizer)
+    if docs_seen[0] == 0:  # refused before any tokenizer is installed
+        raise empty_corpus_error(args.input)
+    save_pretrained(tok, out)
+    return file_sha256(out / "tokenizer.json")
 
 
 def empty_corpus_error(inputs) -> UsageError:
@@ -305,10 +308,9 @@ def main(argv=None) -> int:
         clear_outputs(out)
         state = None
 
-    tokenizer, tokenizer_sha = prepare_tokenizer(args, out, state, train_sources, [0])
-    vocab_size = len(tokenizer)
+    tokenizer_sha = prepare_tokenizer(args, out, state, train_sources)
+    vocab_size, eos_id = tokenizer_facts(out)
     dtype = dtype_for_vocab(vocab_size, args.dtype)
-    eos_id = separator_id(tokenizer)
     write_json_atomic(state_path, {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha})
 
     done = [completed_shards(out, name, dtype) for name in SPLIT_NAMES]

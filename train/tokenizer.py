@@ -1,11 +1,15 @@
-"""Tokenizers for prepare: load a Hugging Face tokenizer, or train a byte-level BPE on the corpus.
+"""Tokenizers for prepare: install a Hugging Face tokenizer into the shard directory, or train a
+byte-level BPE on the corpus and install that.
 
-Whichever it is, it is saved into the shard directory (tokenizer.json and friends), so that a
-run and its export carry the exact tokenizer the shards were made with; `tokenizer_sha256` in
-index.json is the hash of that saved tokenizer.json.
+The shard directory always ends up with the tokenizer in Hugging Face format (tokenizer.json,
+tokenizer_config.json, ...), so that a run and its export carry the exact tokenizer the shards
+were made with; `tokenizer_sha256` in index.json is the hash of that tokenizer.json. Everything
+after installation reads only those files with the `tokenizers` library: importing transformers
+costs about 1.5 s of start-up, which a prepare of a small corpus would feel.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,12 +19,13 @@ from train.errors import UsageError
 from train.shards import file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
+# What a fast Hugging Face tokenizer needs; vocab/merges files are only for slow tokenizers.
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def load_tokenizer(path: str):
-    """A PreTrainedTokenizerFast from a local directory or a tokenizer.json file."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+def install_tokenizer(path: str, out_dir: Path) -> str:
+    """Put the tokenizer at `path` (a directory or a tokenizer.json) into out_dir; return the
+    sha256 of the installed tokenizer.json."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--tokenizer {path} does not exist: give a tokenizer directory or a "
@@ -28,23 +33,40 @@ def load_tokenizer(path: str):
     if p.is_file():
         if p.suffix != ".json":
             raise UsageError(f"--tokenizer {path} is not a tokenizer.json file or a directory")
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(p), clean_up_tokenization_spaces=False)
-        if tok.eos_token is None and EOS_TOKEN in tok.get_vocab():
-            tok.eos_token = EOS_TOKEN
+        loaded = _load_checked(p, path)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+            shutil.copyfile(p, Path(tmp) / "tokenizer.json")
+            # A bare tokenizer.json gets the config that lets AutoTokenizer load it later.
+            config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "clean_up_tokenization_spaces": False}
+            if loaded.token_to_id(EOS_TOKEN) is not None:
+                config.update(eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+            _move_into(Path(tmp), out_dir)
+    elif (p / "tokenizer.json").exists():
+        _load_checked(p / "tokenizer.json", path)
+        if p.resolve() != out_dir.resolve():
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+                for name in HF_FILES:
+                    if (p / name).exists():
+                        shutil.copyfile(p / name, Path(tmp) / name)
+                _move_into(Path(tmp), out_dir)
     else:
+        # A slow (Python) tokenizer only: transformers converts it to a fast one.
+        from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(p), use_fast=True)
         except (OSError, ValueError) as err:
             raise UsageError(f"--tokenizer {path}: cannot load a tokenizer from it ({err})") from None
-        if not tok.is_fast:
-            raise UsageError(f"--tokenizer {path} has no fast (Rust) tokenizer; save one with "
-                             f"tokenizer.json")
-    separator_id(tok, path)
-    return tok
+        save_pretrained(tok, out_dir)
+    tokenizer_facts(out_dir, where=f"--tokenizer {path}")
+    return file_sha256(out_dir / "tokenizer.json")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE (GPT-2 style, no prefix space, exact round trip) trained on `texts`."""
+    """A byte-level BPE (GPT-2 style, no prefix space, exact round trip) trained on `texts`, as
+    a transformers tokenizer; `save_pretrained(tok, out_dir)` installs it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,19 +85,48 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
                                    unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False)
 
 
-def separator_id(tok, where: str = "the tokenizer") -> int:
-    """The id that ends every document in the shards: EOS, or SEP for BERT-style tokenizers."""
-    for token_id in (tok.eos_token_id, tok.sep_token_id):
-        if token_id is not None:
-            return int(token_id)
+def tokenizer_facts(tokenizer_dir: Path, where: str = "the tokenizer") -> tuple[int, int]:
+    """(vocabulary size with added tokens, id of the document separator: EOS, else SEP)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    names = {}
+    for config_name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tokenizer_dir / config_name
+        if path.exists():
+            config = json.loads(path.read_text())
+            for key in ("eos_token", "sep_token"):
+                value = config.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if value:
+                    names.setdefault(key, value)
+    for key in ("eos_token", "sep_token"):
+        if key in names and tok.token_to_id(names[key]) is not None:
+            return tok.get_vocab_size(with_added_tokens=True), tok.token_to_id(names[key])
     raise UsageError(f"{where} has neither an EOS nor a SEP token to separate documents; set "
                      f"eos_token in its tokenizer_config.json or use --train-tokenizer")
 
 
-def save_tokenizer(tok, out_dir: Path) -> str:
-    """Save into out_dir atomically enough (files appear complete) and return tokenizer.json's sha256."""
+def save_pretrained(tok, out_dir: Path) -> None:
+    """transformers' save_pretrained, into a temporary directory first so that no half-written
+    tokenizer file ever sits in out_dir."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
         tok.save_pretrained(tmp)
-        for f in Path(tmp).iterdir():
-            shutil.move(str(f), out_dir / f.name)
-    return file_sha256(out_dir / "tokenizer.json")
+        _move_into(Path(tmp), out_dir)
+
+
+def _move_into(src: Path, out_dir: Path) -> None:
+    for f in src.iterdir():
+        shutil.move(str(f), out_dir / f.name)
+
+
+def _load_checked(tokenizer_json: Path, where: str):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(tokenizer_json))
+    except Exception as err:  # the Rust side raises plain Exception on a malformed file
+        raise UsageError(f"--tokenizer {where}: {tokenizer_json} is not a valid tokenizer.json "
+                         f"({err})") from None
+
