@@ -1,0 +1,287 @@
+"""Fused linear cross-entropy: the loss of `hidden @ weight.T (+ bias)` without the [N, V] logits.
+
+The rows are processed in chunks. For each chunk the logits are computed by one matmul, then a
+row kernel (Triton on CUDA, PyTorch on CPU) finds each row's log-sum-exp in fp32 in one online
+pass and, when gradients are needed, overwrites the chunk's logits in place with d loss / d logits.
+Two more matmuls turn that into the chunk's share of grad_hidden and grad_weight; grad_weight is
+accumulated across chunks in fp32 (accumulating it in bf16 is a known source of divergence).
+
+For reduction "mean" and "sum" the gradients are computed during the forward (the gradient of a
+scalar loss is the forward's gradient times one number), which costs 6·N·H·V FLOPs in all.
+For reduction "none" each row's gradient scale is only known in backward, so the forward keeps the
+inputs and the backward recomputes the logits chunk by chunk (8·N·H·V FLOPs), which is exact
+(Liger-Kernel computed those gradients wrongly for a long time).
+
+Layers, as in every kernel file: the Triton row kernel, launch functions, the autograd Function,
+the public function, and the fp32 reference used by tests and benchmarks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import backend
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - the torch backend works without triton
+    triton = None
+
+# ---------------------------------------------------------------------------------------------
+# Triton row kernel
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _ce_rows_kernel(logits_ptr, stride_row, target_ptr, scale_ptr, loss_ptr, lse_ptr,
+                        V, ignore_index, label_smoothing, z_loss, softcap,
+                        HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        target = tl.load(target_ptr + row)
+        ignored = target == ignore_index
+        target = tl.where(ignored, 0, target)
+
+        # Pass 1: online max and sum of exponentials, all in fp32.
+        m = float("-inf")
+        s = 0.0
+        sum_x = 0.0
+        x_target = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                # tanh(y) = 2 sigmoid(2y) - 1: tl has no portable tanh (interpreter included).
+                x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            x = tl.where(mask, x, float("-inf"))
+            new_m = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), 0)
+            m = new_m
+            sum_x += tl.sum(tl.where(mask, x, 0.0), 0)
+            x_target += tl.sum(tl.where(cols == target, x, 0.0), 0)
+        lse = m + tl.log(s)
+        loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * sum_x / V \
+            + z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+        tl.store(lse_ptr + row, lse)
+
+        # Pass 2: d loss / d logits = softmax * (1 + 2 z lse) - smoothing / V - (1 - smoothing)
+        # at the target, through the softcap's derivative, times the row's scale.
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + row)
+            coef = 1.0 + 2.0 * z_loss * lse
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+                d = tl.exp(x - lse) * coef - label_smoothing / V
+                d = tl.where(cols == target, d - (1.0 - label_smoothing), d)
+                if HAS_SOFTCAP:
+                    d = d * (1.0 - (x / softcap) * (x / softcap))
+                d = d * scale
+                tl.store(row_ptr + cols, d.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row functions: (logits chunk, targets, per-row gradient scale) -> loss, lse; grads in place
+# ---------------------------------------------------------------------------------------------
+
+def ce_rows_triton(logits, target, scale, *, ignore_index, label_smoothing, z_loss, softcap,
+                   compute_grad):
+    C, V = logits.shape
+    loss = torch.empty(C, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    # One program per row; 32K columns per block keeps a row's two passes to a handful of
+    # iterations even at V = 128K (Liger measured the same sweet spot).
+    block_v = min(triton.next_power_of_2(V), 32768 if logits.is_cuda else 4096)
+    _ce_rows_kernel[(C,)](logits, logits.stride(0), target, scale, loss, lse, V, ignore_index,
+                          label_smoothing, z_loss, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
+                          COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+                          num_warps=32 if block_v >= 8192 else 8)
+    return loss, lse
+
+
+def ce_rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_loss, softcap,
+                  compute_grad):
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = target == ignore_index
+    safe_target = target.masked_fill(ignored, 0)
+    x_target = x.gather(1, safe_target[:, None]).squeeze(1)
+    loss = lse - (1 - label_smoothing) * x_target + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss - label_smoothing * x.mean(dim=-1)
+    loss = loss.masked_fill(ignored, 0.0)
+    if compute_grad:
+        d = torch.exp(x - lse[:, None])
+        if z_loss:
+            d.mul_((1 + 2 * z_loss * lse)[:, None])
+        if label_smoothing:
+            d.sub_(label_smoothing / x.shape[1])
+        d.scatter_add_(1, safe_target[:, None],
+                       torch.full_like(x_target[:, None], -(1 - label_smoothing)))
+        if softcap is not None:
+            d.mul_(1 - (x / softcap) ** 2)
+        d.mul_(scale[:, None])
+        logits.copy_(d)
+    return loss, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked driver
+# ---------------------------------------------------------------------------------------------
+
+def rows_per_chunk(N: int, H: int, V: int) -> int:
+    """Chunk rows so that one chunk of logits is about as large as the hidden states (Liger's
+    rule: N / ceil(V / H)), rounded to a power of two, at least 64 rows so the matmuls stay
+    efficient. At N=8192, H=256, V=50257 that is 64 rows: 13 MB of fp32 logits per chunk."""
+    rows = triton_next_pow2(math.ceil(N / max(1, math.ceil(V / H))))
+    return max(1, min(N, max(rows, 64)))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, from low-precision inputs without rounding the product."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # older torch, or a device without out_dtype support
+        return (a.float() @ b.float())
+
+
+def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_fn,
+                      compute_grad):
+    """Loss per row (fp32), and when compute_grad the gradients of sum_i row_scale_i * loss_i:
+    (grad_hidden in hidden's dtype, grad_weight fp32, grad_bias fp32 or None)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if compute_grad else None
+    grad_weight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if compute_grad else None
+    grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
+                 if compute_grad and bias is not None else None)
+    step = rows_per_chunk(N, H, V)
+    for start in range(0, N, step):
+        h = hidden[start:start + step]
+        logits = h @ weight.T  # [C, V] in the input dtype, fp32 accumulation in the matmul
+        if bias is not None:
+            logits += bias
+        chunk_loss, _ = rows_fn(logits, target[start:start + step],
+                                row_scale[start:start + step] if compute_grad else None,
+                                compute_grad=compute_grad, **options)
+        loss[start:start + step] = chunk_loss
+        if compute_grad:  # `logits` now holds d loss / d logits, scaled per row
+            grad_hidden[start:start + step] = logits @ weight
+            grad_weight += _mm_fp32(logits.T, h)
+            if grad_bias is not None:
+                grad_bias += logits.float().sum(0)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                z_loss, softcap, which):
+        rows_fn = ce_rows_triton if which == "triton" else ce_rows_torch
+        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                       softcap=softcap)
+        valid = target != ignore_index
+        # A tensor, not .item(): no host sync. All-ignored batches divide by 1, giving 0.
+        n_valid = valid.sum().clamp(min=1).float()
+        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
+        ctx.reduction = reduction
+        ctx.has_bias = bias is not None
+        if reduction == "none" or not needs_grad:
+            loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
+                                         rows_fn=rows_fn, compute_grad=False)
+            ctx.save_for_backward(hidden, weight, target, bias)
+            ctx.recompute = (options, rows_fn)
+        else:
+            scale = valid.float() / n_valid if reduction == "mean" else valid.float()
+            loss, gh, gw, gb = chunked_linear_ce(hidden, weight, target, bias, scale,
+                                                 options=options, rows_fn=rows_fn,
+                                                 compute_grad=True)
+            ctx.save_for_backward(gh, gw, gb)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if reduction == "none":
+            return loss.to(hidden.dtype)
+        total = loss.sum()
+        return (total / n_valid if reduction == "mean" else total).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            hidden, weight, target, bias = ctx.saved_tensors
+            options, rows_fn = ctx.recompute
+            scale = grad_output.float() * (target != options["ignore_index"])
+            _, gh, gw, gb = chunked_linear_ce(hidden, weight, target, bias, scale,
+                                              options=options, rows_fn=rows_fn, compute_grad=True)
+            grads = (gh, gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            g = grad_output.float()
+            wdtype, bdtype = ctx.dtypes
+            grads = ((gh * g).to(gh.dtype), (gw * g).to(wdtype),
+                     None if gb is None else (gb * g).to(bdtype))
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100,
+                               reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                               backend_name=None):
+    """Cross-entropy of hidden[N, H] @ weight[V, H].T (+ bias[V]) against target[N], never
+    materializing the [N, V] logits. `reduction` is "mean" (over non-ignored tokens), "sum" or
+    "none"; `label_smoothing` as in torch.nn.functional.cross_entropy; `z_loss` adds
+    z_loss * lse**2 per valid token; `softcap` caps logits with softcap * tanh(logits / softcap).
+    A batch whose tokens are all ignored has loss 0."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction {reduction!r} is not one of mean, sum, none")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be "
+                         f"[N, H] and [V, H]")
+    if target.shape != (hidden.shape[0],):
+        raise ValueError(f"target {tuple(target.shape)} must be [N] = [{hidden.shape[0]}]")
+    which = backend.resolve(backend_name, hidden.device)
+    return FusedLinearCrossEntropy.apply(hidden, weight, target.long().contiguous(), bias,
+                                         ignore_index, reduction, float(label_smoothing),
+                                         float(z_loss), softcap, which)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 reference (materializes the logits; tests and benchmarks only)
+# ---------------------------------------------------------------------------------------------
+
+def reference_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100,
+                                   reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                   softcap=None):
+    logits = hidden.float() @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+                                             reduction="none", label_smoothing=label_smoothing)
+    valid = target != ignore_index
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, -1) ** 2 * valid
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1)
