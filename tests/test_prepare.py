@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TRICKY_DOCS, many_docs, run_cli, write_jsonl
+from helpers import TRICKY_DOCS, many_docs, run_cli, write_jsonl
 from train import shards
 from train.prepare import main as prepare_main
 
