@@ -1,0 +1,135 @@
+"""Kernels wired into Hugging Face models: one packed batch through the wired model gives the
+loss and parameter gradients of the unpatched model run one document at a time."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from train.model import FusedLossLinear, PackedCausalLM
+
+VOCAB, EOS = 97, 0
+# fp32 on CPU. The packed and per-document computations differ only in summation order (online
+# softmax vs. one-shot, chunked vs. materialized log-sum-exp, one backward vs. several): fp32
+# epsilon 1.2e-7 over a few hundred terms gives ~1e-6; observed <= 4e-7 on the loss.
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=EOS,
+                     eos_token_id=EOS, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB,
+                      max_position_embeddings=64, bos_token_id=EOS, eos_token_id=EOS,
+                      pad_token_id=EOS, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def packed_batch(doc_lengths_per_row, seq_len):
+    """Documents (random tokens, each ending in EOS) packed into rows, as the loader packs them."""
+    g = torch.Generator().manual_seed(1)
+    docs, rows, labels, positions, cu = [], [], [], [], [0]
+    for lengths in doc_lengths_per_row:
+        assert sum(lengths) == seq_len
+        row, lab, pos = [], [], []
+        for n in lengths:
+            doc = torch.randint(1, VOCAB, (n,), generator=g).tolist()[:-1] + [EOS]
+            docs.append(doc)
+            row += doc
+            lab += doc[1:] + [-100]  # the EOS predicts nothing
+            pos += list(range(n))
+            cu.append(cu[-1] + n)
+        rows.append(row), labels.append(lab), positions.append(pos)
+    batch = dict(input_ids=torch.tensor(rows), labels=torch.tensor(labels),
+                 position_ids=torch.tensor(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                 max_seqlen=max(max(r) for r in doc_lengths_per_row))
+    return batch, docs
+
+
+def per_document_reference(model, docs):
+    """The unpatched model, eager attention, one document at a time, its own (shifted) loss."""
+    model.config._attn_implementation = "eager"
+    total, count = 0.0, 0
+    for doc in docs:
+        ids = torch.tensor([doc])
+        out = model(input_ids=ids, labels=ids)
+        total = total + out.loss * (len(doc) - 1)
+        count += len(doc) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend):
+    base = make_model()
+    batch, docs = packed_batch([[5, 3, 8, 16], [2, 30], [32]], seq_len=32)
+
+    reference_model = copy.deepcopy(base)
+    ref_loss = per_document_reference(reference_model, docs)
+    ref_loss.backward()
+
+    wired = PackedCausalLM(copy.deepcopy(base), attention=backend, cross_entropy=backend)
+    assert wired.wired and isinstance(wired.hf_model.lm_head, FusedLossLinear)
+    loss_sum, tokens = wired(**batch)
+    assert tokens.item() == sum(len(d) - 1 for d in docs)
+    loss = loss_sum / tokens
+    loss.backward()
+
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
+    ref_params = dict(reference_model.named_parameters())
+    for name, p in wired.hf_model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_tied_embeddings_stay_tied_and_export_is_a_plain_model():
+    wired = PackedCausalLM(tiny_gpt2())
+    hf = wired.hf_model
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    batch, docs = packed_batch([[10, 6]], seq_len=16)
+    loss_sum, tokens = wired(**batch)
+    (loss_sum / tokens).backward()
+    assert hf.transformer.wte.weight.grad is not None
+    one_doc, (doc,) = packed_batch([[16]], seq_len=16)
+    with torch.no_grad():
+        wired_sum, wired_tokens = wired(**one_doc)
+    exported = wired.unwrap_for_export()
+    assert type(exported.lm_head) is torch.nn.Linear
+    assert exported.config._attn_implementation == "sdpa"
+    with torch.no_grad():  # the plain exported model computes the same loss on that document
+        ids = torch.tensor([doc])
+        plain = exported(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(plain, wired_sum / wired_tokens, atol=ATOL, rtol=RTOL)
+
+
+def test_unsupported_model_keeps_its_own_attention_with_a_warning(caplog):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             vocab_size=VOCAB, max_position_embeddings=64))
+    with caplog.at_level(logging.WARNING):
+        wired = PackedCausalLM(model)
+    assert not wired.wired
+    assert "gpt_neox" in caplog.text and "keeps its own attention and loss" in caplog.text
+    batch, docs = packed_batch([[6, 10]], seq_len=16)
+    loss_sum, tokens = wired(**batch)
+    assert tokens.item() == 14
+    # transformers' SDPA path recognizes packed documents from position_ids, so even unwired,
+    # documents do not see each other.
+    with torch.no_grad():
+        reference = per_document_reference(copy.deepcopy(model), docs)
+    torch.testing.assert_close(loss_sum / tokens, reference, atol=ATOL, rtol=RTOL)
