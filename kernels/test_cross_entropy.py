@@ -72,11 +72,22 @@ def test_every_option_and_gradient(backend, dtype, opts, reduction):
     assert_close(got, want, dtype)
 
 
-@pytest.mark.parametrize("N,V", [(1025, 123), (37, 50257), (1025, 5)])
+@pytest.mark.parametrize("N,V", [(1025, 123), (37, 50257), (1025, 50257), (1025, 5)])
 def test_large_shapes_on_the_fallback(N, V):
-    # 1025 rows of a 123-word vocabulary span several chunks; V = 50257 is GPT-2's vocabulary.
-    assert rows_per_chunk(1025, 16, 123) < 1025
+    # V = 50257 (GPT-2's vocabulary) makes 1025 rows span several chunks.
+    assert rows_per_chunk(1025, 16, 50257) < 1025
     got, want = run_both("torch", torch.float32, N, 16, V, "mean", bias=True, label_smoothing=0.1)
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_chunks(backend, reduction, monkeypatch):
+    import kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 8 * 123)  # 8-row chunks: 37 rows in 5 chunks
+    assert ce.rows_per_chunk(37, 32, 123) == 8
+    got, want = run_both(backend, torch.float32, 37, 32, 123, reduction, bias=True, z_loss=1e-3)
     assert_close(got, want, torch.float32)
 
 
