@@ -87,3 +87,26 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+class RssSampler:
+    """Peak resident memory of this process, sampled by a thread."""
+
+    def __init__(self, interval=0.0005):
+        self.proc, self.peak, self.interval = psutil.Process(), 0, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def current(self):
+        return self.proc.memory_info().rss
+
+    def _run(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak

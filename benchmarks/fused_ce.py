@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import RssSampler, machine, write_results  # noqa: E402
 from kernels.cross_entropy import (fused_linear_cross_entropy,  # noqa: E402
                                    reference_linear_cross_entropy)
 
@@ -104,31 +104,6 @@ def measure(name, n, h, v, dtype, device, repeats):
         peak = sampler.stop() - base
     return {"times": times, "peak_bytes": peak}
 
-
-class RssSampler:
-    """Peak resident memory of this process, sampled by a thread."""
-
-    def __init__(self, interval=0.0005):
-        import threading
-
-        import psutil
-        self.proc, self.peak, self.interval = psutil.Process(), 0, interval
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def current(self):
-        return self.proc.memory_info().rss
-
-    def _run(self):
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def stop(self):
-        self.done.set()
-        self.thread.join()
-        return self.peak
 
 
 def matmul_roof(n, h, v, dtype, device, repeats=3):
