@@ -21,6 +21,14 @@ TRICKY_DOCS = [
 ]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args, env=None, cwd=REPO, timeout=600):
     """Run `python -m ...` as a real process; returns CompletedProcess with text output."""
     full_env = dict(os.environ, **(env or {}))

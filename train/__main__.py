@@ -1,0 +1,39 @@
+"""One rank of a training run.
+
+    python -m train configs/tiny-clm.yaml                         # one process
+    torchrun --nproc_per_node 2 -m train configs/tiny-clm.yaml deepspeed.zero_stage=3
+    sbatch slurm/clm.sh configs/tiny-clm.yaml max_steps=1000     # several nodes (srun inside)
+
+On CPU set DS_ACCELERATOR=cpu (the README's commands do). The config is checked before any
+process group starts: a mistake costs seconds and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.errors import USAGE_EXIT_CODE, UsageError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[1])
+    ap.add_argument("config", help="YAML config")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. max_steps=100")
+    args = ap.parse_args(argv)
+    from kernels import KernelBackendError
+    from train.config import load_config
+    from train.trainer import NonFiniteError, run
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg)
+    except (UsageError, KernelBackendError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The run's config: YAML plus dotted `key=value` overrides, typed and checked before any process
+group exists.
+
+Top-level training hyperparameters use the names of transformers' `TrainingArguments`
+(learning_rate, per_device_train_batch_size, ...); the sections are `model`, `data`,
+`deepspeed`, `kernels` and `task`; `resume` says where to continue from. An unknown key is an
+error listing the valid ones; a name from older tutorials (warmup_ratio, evaluation_strategy) is
+accepted with a note naming the current one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from train.errors import UsageError
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str | None = None   # a local HF directory, or a hub name where there is network
+    config: dict | None = None        # from scratch: {"model_type": "gpt2", "n_layer": 2, ...}
+
+
+@dataclass
+class DataSection:
+    path: str = ""                    # a shard directory from `python -m train.prepare`
+    seq_len: int = 1024
+    verify: str = "sample"            # sample | full | none: shard integrity check at start
+    validation_split: str = "validation"
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    config: dict | str | None = None  # a full DeepSpeed JSON (dict or path); "auto" values resolved
+
+
+@dataclass
+class KernelsSection:
+    attention: str = "auto"           # auto | triton | torch
+    cross_entropy: str = "auto"
+
+
+@dataclass
+class Config:
+    task: str = "clm"
+    output_dir: str = "runs/default"
+    resume: str = "auto"              # auto (latest complete checkpoint, if any) | never | a path
+    learning_rate: float = 5e-5
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 3.0
+    warmup_steps: float = 0           # >= 1: steps; < 1: a fraction of the run (transformers 5)
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    eval_strategy: str = "steps"      # steps | no
+    eval_steps: int | None = None     # default: logging_steps
+    eval_max_batches: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
+    report_to: str = "none"           # none | tensorboard
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Older names -> (current name, how to convert the value)
+LEGACY = {
+    "warmup_ratio": ("warmup_steps", float),
+    "evaluation_strategy": ("eval_strategy", None),  # the value is checked as eval_strategy
+    "overwrite_output_dir": (None, None),  # there is nothing to overwrite: runs resume
+}
+CHOICES = {
+    "task": ("clm", "mlm", "token-classification"),
+    "resume": None,  # free-form (auto, never, or a path)
+    "lr_scheduler_type": SCHEDULES,
+    "eval_strategy": ("steps", "no"),
+    "nonfinite": ("stop", "skip"),
+    "report_to": ("none", "tensorboard"),
+    "data.verify": ("sample", "full", "none"),
+    "kernels.attention": ("auto", "triton", "torch"),
+    "kernels.cross_entropy": ("auto", "triton", "torch"),
+}
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _coerce(value, annotation, key: str):
+    """Check (and gently convert) a value against a dataclass field's type."""
+    types = [t.strip() for t in str(annotation).split("|")]  # annotations are strings here
+    if value is None:
+        if "None" in types:
+            return None
+        raise UsageError(f"config key {key} may not be null; give a {' or '.join(types)}")
+    for t in types:
+        if t == "bool" and isinstance(value, bool):
+            return value
+        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t == "float" and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if t == "str" and isinstance(value, str):
+            return value
+        if t == "str" and isinstance(value, bool):
+            return "yes" if value else "no"  # YAML 1.1 reads `eval_strategy: no` as false
+        if t == "dict" and isinstance(value, dict):
+            return value
+    raise UsageError(f"config key {key} is {value!r} ({type(value).__name__}); it must be "
+                     f"{' or '.join(t for t in types if t != 'None')}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise UsageError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, "
+                         f"got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    raw = dict(raw)
+    if not prefix:
+        for old, (new, convert) in LEGACY.items():
+            if old in raw:
+                value = raw.pop(old)
+                if new is None:
+                    note(f"{old} is ignored: a run in an existing output_dir resumes (resume: auto)")
+                    continue
+                note(f"{old} is the old name of {new}; using {new}={value!r}")
+                raw.setdefault(new, convert(value) if convert and value is not None else value)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise UsageError(f"unknown config key {prefix}{key}; valid keys"
+                             f"{' in ' + prefix.rstrip('.') if prefix else ''}: {valid}")
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory):  # a section
+            kwargs[key] = _build(f.default_factory, value or {}, f"{prefix}{key}.")
+            continue
+        kwargs[key] = _coerce(value, f.type, prefix + key)
+        choices = CHOICES.get(prefix + key)
+        if choices and kwargs[key] not in choices:
+            raise UsageError(f"config key {prefix}{key} is {kwargs[key]!r}; choose one of "
+                             f"{', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b=value` (value parsed as YAML) into the nested dict."""
+    if "=" not in override:
+        raise UsageError(f"override {override!r} is not key=value (for example max_steps=100)")
+    key, _, text = override.partition("=")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    raw = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path} is not valid YAML: {err}") from None
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = _build(Config, raw)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that need no data and no processes."""
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"config key {key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.data.seq_len < 2:
+        raise UsageError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    if cfg.max_steps < 1 and cfg.num_train_epochs <= 0:
+        raise UsageError("set max_steps (> 0) or num_train_epochs (> 0)")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise UsageError(f"deepspeed.zero_stage is {cfg.deepspeed.zero_stage}; ZeRO has stages "
+                         f"0, 1, 2 and 3")
+    if cfg.bf16 and cfg.fp16:
+        raise UsageError("bf16 and fp16 are both true; choose one")
+    if not cfg.data.path:
+        raise UsageError("data.path is not set: point it at a directory from `python -m train.prepare`")
+    if cfg.model.name_or_path and cfg.model.config:
+        raise UsageError("set model.name_or_path (fine-tune) or model.config (from scratch), not both")
+    if not cfg.model.name_or_path and not cfg.model.config:
+        raise UsageError("set model.name_or_path (a local model directory) or model.config "
+                         "(model_type and sizes, to train from scratch)")
+    if cfg.model.config and "model_type" not in cfg.model.config:
+        raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
+    if cfg.warmup_steps < 0:
+        raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+
+
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    """transformers 5: warmup_steps below 1 is a fraction of the run."""
+    if 0 < cfg.warmup_steps < 1:
+        return math.ceil(cfg.warmup_steps * total_steps)
+    return int(cfg.warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+# ---------------------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: Config, world_size: int, hidden_size: int, total_steps: int) -> dict:
+    """The DeepSpeed config for this run: `deepspeed.config` with its "auto" values resolved as
+    the Hugging Face Trainer resolves them, or one built from `deepspeed.zero_stage`."""
+    given = cfg.deepspeed.config
+    if isinstance(given, str):
+        path = Path(given)
+        if not path.is_file():
+            raise UsageError(f"deepspeed.config {given} does not exist")
+        try:
+            given = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"deepspeed.config {given} is not valid JSON: {err}") from None
+    ds = copy.deepcopy(given) if given else {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    warmup = warmup_steps(cfg, total_steps)
+    fill = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
+        raise UsageError(
+            f"batch arithmetic does not divide: deepspeed train_batch_size {ds['train_batch_size']} "
+            f"!= micro batch {ds['train_micro_batch_size_per_gpu']} x accumulation "
+            f"{ds['gradient_accumulation_steps']} x {world_size} ranks; fix "
+            f"per_device_train_batch_size / gradient_accumulation_steps or the DeepSpeed JSON")
+    if ds["train_micro_batch_size_per_gpu"] != micro or ds["gradient_accumulation_steps"] != accum:
+        raise UsageError(
+            "the DeepSpeed JSON's micro batch or accumulation differs from "
+            "per_device_train_batch_size / gradient_accumulation_steps; set them to \"auto\"")
+    opt = ds.get("optimizer", {}).get("params", {})
+    for key, value in {"lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                       "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}.items():
+        if opt.get(key) == "auto":
+            opt[key] = value
+    sched = ds.get("scheduler", {}).get("params", {})
+    for key, value in {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.learning_rate,
+                       "warmup_num_steps": warmup, "total_num_steps": total_steps}.items():
+        if sched.get(key) == "auto":
+            sched[key] = value
+    for precision, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):
+        section = ds.setdefault(precision, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+    zero = ds.setdefault("zero_optimization", {})
+    zero.setdefault("stage", cfg.deepspeed.zero_stage)
+    # The Trainer's rule: buckets sized from the hidden size.
+    for key, value in {"reduce_bucket_size": hidden_size * hidden_size,
+                       "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                       "stage3_param_persistence_threshold": 10 * hidden_size}.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    ds.setdefault("steps_per_print", 10**9)  # our own logging; DeepSpeed's would duplicate it
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise UsageError(f"the DeepSpeed JSON has \"auto\" values this trainer cannot resolve: "
+                         f"{', '.join(leftover)}; give them values")
+    return ds
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node

@@ -1,0 +1,38 @@
+"""output_dir/final/: a Hugging Face model directory that loads anywhere.
+
+The weights are the engine's: under ZeRO-3 each rank holds a shard, so they are gathered into
+one full state dict on rank 0 first (DeepSpeed's `zero_to_fp32` route breaks on tied weights with
+safetensors; `save_pretrained` with the gathered dict knows the model's tied keys). The head and
+attention are put back to plain nn.Linear and SDPA, and the shards' tokenizer is copied beside
+the weights. The directory is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from train.tokenizer import HF_FILES
+
+PREFIX = "hf_model."
+
+
+def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barrier) -> None:
+    gathered = None
+    if engine.zero_optimization_stage() == 3:
+        gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
+    if rank == 0:
+        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf = model.unwrap_for_export()
+        state = None
+        if gathered is not None:
+            state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
+        hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for name in HF_FILES:
+            if (data_dir / name).exists():
+                shutil.copyfile(data_dir / name, tmp / name)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.rename(tmp, final_dir)
+    barrier()
