@@ -177,15 +177,20 @@ def test_bad_config_exit_code_from_a_real_process(tmp_path):
     assert res.returncode == 2 and "config file" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_legacy_names_are_accepted_with_a_note(capsys):
+def test_legacy_names_are_accepted_with_a_note(tmp_path, capsys):
     from train.config import load_config
+    from train.errors import UsageError
 
-    cfg = load_config(TINY, ["warmup_ratio=0.1", "evaluation_strategy=no", "warmup_steps=0"])
-    assert cfg.warmup_steps == 0 and cfg.eval_strategy == "no"
+    old = tmp_path / "old.yaml"
+    old.write_text("data: {path: d}\nmodel: {config: {model_type: gpt2}}\nmax_steps: 10\n"
+                   "warmup_ratio: 0.1\nevaluation_strategy: no\n")
+    cfg = load_config(str(old))
+    assert cfg.warmup_steps == 0.1 and cfg.eval_strategy == "no"
     err = capsys.readouterr().err
     assert "warmup_ratio is the old name of warmup_steps" in err
     assert "evaluation_strategy is the old name of eval_strategy" in err
-    assert load_config(TINY, ["warmup_ratio=0.1"]).warmup_steps == 0.1
+    with pytest.raises(UsageError, match="both warmup_ratio .* and warmup_steps are set"):
+        load_config(TINY, ["warmup_ratio=0.1"])
 
 
 def test_deepspeed_auto_values_are_resolved_like_the_trainer(tmp_path):

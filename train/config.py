@@ -153,8 +153,11 @@ def _build(cls, raw: dict, prefix: str = ""):
                 if new is None:
                     note(f"{old} is ignored: a run in an existing output_dir resumes (resume: auto)")
                     continue
+                if new in raw:
+                    raise UsageError(f"both {old} (the old name of {new}) and {new} are set; "
+                                     f"keep only {new}")
                 note(f"{old} is the old name of {new}; using {new}={value!r}")
-                raw.setdefault(new, convert(value) if convert and value is not None else value)
+                raw[new] = convert(value) if convert and value is not None else value
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
