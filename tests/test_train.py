@@ -42,7 +42,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
 
 
-SHORT = ["max_steps=40", "logging_steps=5", "eval_steps=20", "save_steps=20", "eval_max_batches=4"]
+SHORT = ["max_steps=40", "per_device_train_batch_size=4", "logging_steps=5", "eval_steps=20", "save_steps=20", "eval_max_batches=4"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -58,7 +58,7 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0, train_records
     assert train_records[-1]["tokens_seen"] == 40 * 2 * 4 * 128  # steps x ranks x batch x seq
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [20, 40]
+    assert [r["step"] for r in evals] == [0, 20, 40]  # before training, every 20, at the end
     assert all(math.isclose(r["perplexity"], math.exp(r["eval_loss"])) for r in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert (out / "metrics.png").stat().st_size > 10_000
@@ -78,7 +78,7 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
 
 
 def test_resume_is_exact_also_after_a_kill_in_save_and_under_another_world_size(stdlib_data, tmp_path):
-    common = ["max_steps=20", "logging_steps=5", "eval_strategy=no", "save_steps=5"]
+    common = ["max_steps=20", "per_device_train_batch_size=4", "logging_steps=5", "eval_strategy=no", "save_steps=5"]
     straight = tmp_path / "straight"
     assert train(stdlib_data, straight, *common, "save_steps=100").returncode == 0
 
@@ -116,7 +116,7 @@ def test_golden_losses_of_the_tiny_config(prepared, tmp_path):
     numerical change (kernels, loader, schedule, init) fails here. Regenerate on purpose with
     UPDATE_GOLDEN=1 and say why in the commit."""
     out = tmp_path / "golden"
-    res = train(prepared, out, "max_steps=12", "logging_steps=1", "eval_strategy=no",
+    res = train(prepared, out, "max_steps=12", "per_device_train_batch_size=4", "logging_steps=1", "eval_strategy=no",
                 "save_steps=100", "data.seq_len=64", "model.config.n_positions=64", nproc=1)
     assert res.returncode == 0, res.stderr[-3000:]
     got = {str(k): v for k, v in losses(out).items()}
@@ -208,7 +208,7 @@ def test_deepspeed_auto_values_are_resolved_like_the_trainer(tmp_path):
                                 "stage3_param_persistence_threshold": "auto"}}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cfg = load_config(TINY, [f"deepspeed.config={tmp_path / 'ds.json'}", "gradient_accumulation_steps=2",
-                             "warmup_steps=0.1", "max_steps=200", "learning_rate=1e-3"])
+                             "per_device_train_batch_size=4", "warmup_steps=0.1", "max_steps=200", "learning_rate=1e-3"])
     out = deepspeed_config(cfg, world_size=4, hidden_size=128, total_steps=200)
     assert out["train_batch_size"] == 4 * 2 * 4 and out["train_micro_batch_size_per_gpu"] == 4
     assert out["gradient_clipping"] == 1.0 and out["bf16"]["enabled"] is False

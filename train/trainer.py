@@ -315,6 +315,8 @@ class Run:
         window_start, window_steps = time.time(), 0
         pending_loss = torch.zeros((), device=self.device)
         pending_tokens = torch.zeros((), device=self.device)
+        if self.has_val and self.step == 0:  # perplexity before training, as the course shows
+            self.log({"step": 0, **self.evaluate()})
         progress = self.progress_bar()
         while self.step < self.total_steps:
             loss_sum, tokens = self.train_step()
@@ -364,7 +366,17 @@ class Run:
         if self.rank == 0:
             from train.plot import plot_run
             plot_run(self.out)
+            self.summary()
         return 0
+
+    def summary(self):
+        evals = [r for r in map(json.loads, (self.out / "metrics.jsonl").read_text().splitlines())
+                 if "perplexity" in r]
+        line = f"done: {self.step} steps, {self.tokens_seen:,} tokens; model in {self.out / 'final'}"
+        if evals:
+            line += (f"; eval perplexity {evals[0]['perplexity']:.1f} at step {evals[0]['step']} "
+                     f"-> {evals[-1]['perplexity']:.1f} at step {evals[-1]['step']}")
+        print(line, file=sys.stderr)
 
     def progress_bar(self):
         from tqdm import tqdm
