@@ -31,5 +31,7 @@ setup(
         "matplotlib>=3.7",
         "psutil>=5.9",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"],
+                    # baselines the benchmarks compare against
+                    "bench": ["accelerate>=1.1", "liger-kernel>=0.5"]},
 )

@@ -2,6 +2,8 @@
 can run here (Triton natively on a GPU, under TRITON_INTERPRET=1 on CPU; the PyTorch fallback)."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -46,6 +48,19 @@ def test_grid(backend, dtype, causal, Hq, Hkv, D):
         pytest.skip("the CPU fallback is checked in fp32")
     # Documents of length 1, several equal lengths (one SDPA group), and ones longer than a tile.
     check(backend, dtype, [1, 17, 5, 33, 1, 17, 2], Hq, Hkv, D, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_both_cpu_fallback_strategies(causal, monkeypatch):
+    """Short sequences take the dense block-diagonal path, long ones the grouped path."""
+    va = importlib.import_module("kernels.varlen_attention")  # the package re-exports the function
+
+    lengths = [1, 300, 17, 130, 5, 120, 8]  # 300 > DENSE_CHUNK_MAX: grouped
+    check("torch", torch.float32, lengths, 4, 2, 32, causal)
+    monkeypatch.setattr(va, "DENSE_CHUNK_MAX", 1000)  # now dense, chunks of 300 slots
+    check("torch", torch.float32, lengths, 4, 2, 32, causal)
+    monkeypatch.setattr(va, "DENSE_CHUNK_MAX", 0)  # now grouped for everything
+    check("torch", torch.float32, [1, 17, 5, 33, 1, 17, 2], 4, 2, 32, causal)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -12,8 +12,9 @@ Triton: FlashAttention-2. The forward runs one program per (query block, sequenc
 online softmax and saves the log-sum-exp; no [T, T] matrix exists. The backward recomputes the
 probabilities block by block: one kernel accumulates dK and dV per key block, another dQ per
 query block, so that no atomics are needed and results are deterministic.
-CPU fallback: sequences are grouped by exact length and each group is one mask-free
-scaled_dot_product_attention call (PyTorch's fused CPU kernel), which is exact.
+CPU fallback, exact either way: short sequences are packed into a few equal chunks and attended
+in one scaled_dot_product_attention call with a block-diagonal mask; long ones are grouped by
+exact length, one mask-free call per group (PyTorch's fused CPU kernel).
 """
 from __future__ import annotations
 
@@ -254,10 +255,65 @@ class VarlenAttention(torch.autograd.Function):
 # CPU fallback: one SDPA call per group of equal-length sequences
 # ---------------------------------------------------------------------------------------------
 
+# Up to this chunk size the fallback packs sequences into a few equal chunks and runs one SDPA
+# call with a block-diagonal mask; beyond it, one mask-free call per group of equal lengths.
+# Measured on the 2-core CPU (tiny GPT-2, 8 x 128 packed tokens, ~16 documents per batch): one
+# masked call per layer made the whole training step 1.2x faster than ~15 grouped calls; at
+# 2,048-token windows the block-diagonal mask wastes too many FLOPs on short documents.
+DENSE_CHUNK_MAX = 256
+
+
 def varlen_attention_torch(q, k, v, cu_seqlens, causal, sm_scale):
+    cu = cu_seqlens.to("cpu", torch.int64)
+    longest = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
+    if longest <= DENSE_CHUNK_MAX:
+        return _attention_dense_chunks(q, k, v, cu, causal, sm_scale, max(128, longest))
+    return _attention_grouped(q, k, v, cu, causal, sm_scale)
+
+
+def _attention_dense_chunks(q, k, v, cu, causal, sm_scale, capacity):
+    """Sequences packed greedily, in order, into chunks of `capacity` slots; one SDPA call over
+    [chunks, H, capacity, D] with a mask that joins only slots of the same sequence."""
     T, Hq, D = q.shape
     group = Hq // k.shape[1]
-    cu = cu_seqlens.to("cpu", torch.int64)
+    starts, lengths = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
+    chunk_of, offset_in_chunk = [], []  # per sequence
+    chunk, used = -1, capacity
+    for n in lengths:
+        if used + n > capacity:
+            chunk, used = chunk + 1, 0
+        chunk_of.append(chunk)
+        offset_in_chunk.append(used)
+        used += n
+    chunks = chunk + 1
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    token_pos = torch.arange(T) - torch.tensor(starts)[seq_ids]
+    slot = torch.tensor(chunk_of)[seq_ids] * capacity + torch.tensor(offset_in_chunk)[seq_ids] + token_pos
+    segment = torch.full((chunks * capacity,), -1, dtype=torch.int64)
+    segment[slot] = seq_ids
+    gather = torch.zeros(chunks * capacity, dtype=torch.int64)
+    gather[slot] = torch.arange(T)
+    # Packed loader batches tile their rows exactly, so chunks are rows and no gather (and no
+    # scatter in backward, 8% of a CPU training step when present) is needed.
+    identity = chunks * capacity == T and bool((slot == torch.arange(T)).all())
+    slot, gather, segment = slot.to(q.device), gather.to(q.device), segment.to(q.device)
+    # [T, H, D] -> [chunks, H, capacity, D]
+    qs, ks, vs = ((x if identity else x[gather]).view(chunks, capacity, x.shape[1], D).transpose(1, 2)
+                  for x in (q, k, v))
+    if group > 1:
+        ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
+    seg = segment.view(chunks, capacity)
+    mask = seg[:, :, None] == seg[:, None, :]  # padding slots (-1) see only padding: no empty row
+    if causal:
+        mask &= torch.ones(capacity, capacity, dtype=torch.bool, device=q.device).tril()
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], scale=sm_scale)
+    out = o.transpose(1, 2).reshape(chunks * capacity, Hq, D)
+    return out if identity else out[slot]
+
+
+def _attention_grouped(q, k, v, cu, causal, sm_scale):
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     outputs, token_order = [], []
     for length in torch.unique(lengths).tolist():
