@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 from dataclasses import dataclass
 
 PORT_BASE, PORT_SPAN = 20000, 20000
@@ -60,16 +61,33 @@ def from_environment(env: dict | None = None) -> DistEnv:
         import submitit
 
         job = submitit.JobEnvironment()
-        host = job.hostnames[0] if job.hostnames else "127.0.0.1"
+        host = node_address(job.hostnames[0]) if job.hostnames else "127.0.0.1"
         return DistEnv(job.global_rank, job.local_rank, job.num_tasks, host,
                        port_for_job(str(job.job_id)), "submitit")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
                        int(env["SLURM_NTASKS"]),
-                       env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
+                       env.get("MASTER_ADDR")
+                       or node_address(first_host(env.get("SLURM_JOB_NODELIST", "localhost"))),
                        int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))),
                        "slurm")
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def node_address(node: str) -> str:
+    """A Slurm node name as an address: itself when it resolves, else Slurm's NodeAddr."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    match = re.search(r"NodeAddr=(\S+)", out)
+    return match.group(1) if match else node
 
 
 def _free_port() -> int:

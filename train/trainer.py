@@ -25,6 +25,7 @@ from train import checkpoint, distributed
 from train.config import Config, deepspeed_config, warmup_steps
 from train.errors import DataError, UsageError
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
+from train.preemption import StopRequest
 from train.model import PackedCausalLM
 from train.shards import ShardIndex, file_sha256
 
@@ -301,6 +302,7 @@ class Run:
             state = self.load(self.resume_from)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.skipped = state.get("skipped_steps", [])
+            self.trim_metrics(self.step)
             if self.rank == 0:
                 print(f"resumed from {self.resume_from} at step {self.step} "
                       f"(saved by {state['world_size']} ranks, now {self.world})", file=sys.stderr)
@@ -310,7 +312,8 @@ class Run:
         tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                            * self.world * cfg.data.seq_len)
         eval_every = cfg.eval_steps or cfg.logging_steps
-        exit_after = int(os.environ.get("TRAIN_EXIT_AFTER_STEPS", "0")) or None
+        stop = StopRequest(self.rank)
+        fail_at = os.environ.get("TRAIN_FAULT_RAISE_AT", "")  # "RANK:STEP", for the tests
         started = time.time()
         window_start, window_steps = time.time(), 0
         pending_loss = torch.zeros((), device=self.device)
@@ -353,10 +356,13 @@ class Run:
                 self.log({"step": self.step, **self.evaluate()})
             if self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save()
-            if exit_after and self.step >= exit_after and self.step < self.total_steps:
-                # A planned stop (walltime, preemption warning, or a test): save and leave.
+            if fail_at == f"{self.rank}:{self.step}":
+                raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+            reason = self.agree_to_stop(stop.local_reason(self.step))
+            if reason and self.step < self.total_steps:
                 self.save()
                 progress.close()
+                stop.requeue(reason)
                 return 0
         progress.close()
         if self.has_val:
@@ -377,6 +383,25 @@ class Run:
             line += (f"; eval perplexity {evals[0]['perplexity']:.1f} at step {evals[0]['step']} "
                      f"-> {evals[-1]['perplexity']:.1f} at step {evals[-1]['step']}")
         print(line, file=sys.stderr)
+
+    def agree_to_stop(self, local_reason: str | None) -> str | None:
+        """All ranks stop together or not at all: the reasons, as codes, are max-reduced."""
+        reasons = (None, "exit_after_steps", "walltime", "warning signal")
+        code = 0 if local_reason is None else next(
+            i for i, r in enumerate(reasons) if r and local_reason.startswith(r))
+        flag = self.all_reduce(torch.tensor(float(code), device=self.device))
+        return reasons[int(flag.item())]
+
+    def trim_metrics(self, step: int):
+        """A resumed run logs the steps after its checkpoint again: drop the first attempt's."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
 
     def progress_bar(self):
         from tqdm import tqdm

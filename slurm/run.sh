@@ -1,0 +1,19 @@
+#!/bin/bash
+# The part every training script shares: rendezvous and one srun task per rank.
+# sbatch exports the submitting shell's environment, so `python` is the submitter's python
+# (its virtual environment included); SLURM_LM_PYTHON overrides it.
+set -euo pipefail
+module_name=$1; shift
+PYTHON=${SLURM_LM_PYTHON:-python}
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The node's address as Slurm knows it (NodeAddr), which need not be its name.
+MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+MASTER_ADDR=${MASTER_ADDR:-$first_node}
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # every task derives the same port from the job id
+export MASTER_ADDR MASTER_PORT
+if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+fi
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+# --kill-on-bad-exit: one failed rank ends the job now, not at the collective timeout.
+srun --kill-on-bad-exit=1 "$PYTHON" -m "$module_name" "$@"
