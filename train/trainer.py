@@ -171,9 +171,9 @@ class Run:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
-    def all_reduce(self, tensor):
+    def all_reduce(self, tensor, op=None):
         if torch.distributed.is_initialized() and self.world > 1:
-            torch.distributed.all_reduce(tensor)
+            torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
         return tensor
 
     def find_resume(self) -> Path | None:
@@ -284,7 +284,10 @@ class Run:
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                 "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
-                "skipped_steps": self.skipped}
+                "skipped_steps": self.skipped,
+                # the logging window in progress, so that a stop between two logging steps
+                # changes no logged loss
+                "pending_loss": self.pending_loss.item(), "pending_tokens": self.pending_tokens.item()}
 
     def save(self):
         crash = os.environ.get("TRAIN_FAULT_CRASH_IN_SAVE_AT_STEP") == str(self.step)
@@ -294,6 +297,8 @@ class Run:
     def train(self) -> int:
         cfg = self.cfg
         self.step, self.tokens_seen, self.skipped = 0, 0, []
+        self.pending_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.pending_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         self.tb = None
         if cfg.report_to == "tensorboard" and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -302,6 +307,8 @@ class Run:
             state = self.load(self.resume_from)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.skipped = state.get("skipped_steps", [])
+            self.pending_loss.fill_(state.get("pending_loss", 0.0))
+            self.pending_tokens.fill_(state.get("pending_tokens", 0.0))
             self.trim_metrics(self.step)
             if self.rank == 0:
                 print(f"resumed from {self.resume_from} at step {self.step} "
@@ -316,8 +323,6 @@ class Run:
         fail_at = os.environ.get("TRAIN_FAULT_RAISE_AT", "")  # "RANK:STEP", for the tests
         started = time.time()
         window_start, window_steps = time.time(), 0
-        pending_loss = torch.zeros((), device=self.device)
-        pending_tokens = torch.zeros((), device=self.device)
         if self.has_val and self.step == 0:  # perplexity before training, as the course shows
             self.log({"step": 0, **self.evaluate()})
         progress = self.progress_bar()
@@ -326,11 +331,11 @@ class Run:
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_steps += 1
-            pending_loss += loss_sum
-            pending_tokens += tokens
+            self.pending_loss += loss_sum
+            self.pending_tokens += tokens
             progress.update(1)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                loss = (pending_loss / pending_tokens.clamp(min=1)).item()
+                loss = (self.pending_loss / self.pending_tokens.clamp(min=1)).item()
                 grad_norm = self.engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else None
                 now = time.time()
@@ -350,7 +355,7 @@ class Run:
                             f"nonfinite: skip")
                 self.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                pending_loss.zero_(), pending_tokens.zero_()
+                self.pending_loss.zero_(), self.pending_tokens.zero_()
                 window_start, window_steps = now, 0
             if self.has_val and self.step % eval_every == 0 and self.step < self.total_steps:
                 self.log({"step": self.step, **self.evaluate()})
@@ -389,7 +394,8 @@ class Run:
         reasons = (None, "exit_after_steps", "walltime", "warning signal")
         code = 0 if local_reason is None else next(
             i for i, r in enumerate(reasons) if r and local_reason.startswith(r))
-        flag = self.all_reduce(torch.tensor(float(code), device=self.device))
+        flag = self.all_reduce(torch.tensor(float(code), device=self.device),
+                               torch.distributed.ReduceOp.MAX)
         return reasons[int(flag.item())]
 
     def trim_metrics(self, step: int):

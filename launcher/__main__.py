@@ -1,0 +1,212 @@
+"""Submit a training run from the login node.
+
+    python -m launcher --nodes 4 --gpus-per-node 8 configs/llama-1b.yaml
+    python -m launcher --nodes 2 --tasks-per-node 1 --cluster slurm --wait configs/tiny-clm.yaml max_steps=100
+    python -m launcher --cluster local --tasks-per-node 2 --wait configs/tiny-clm.yaml
+    python -m launcher --nodes 2 --dry-run configs/tiny-clm.yaml       # print the sbatch script
+
+Everything that can be checked here is checked before anything is submitted (config, data
+against the tokenizer and the model, output_dir, batch arithmetic for nodes x tasks), so a
+mistake costs seconds, not a queue wait. Errors: one line, exit status 2, nothing submitted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from train.errors import USAGE_EXIT_CODE, UsageError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=1)
+    per = p.add_mutually_exclusive_group()
+    per.add_argument("--gpus-per-node", type=int, help="one task per GPU")
+    per.add_argument("--tasks-per-node", type=int, help="tasks per node on CPU nodes")
+    p.add_argument("--cluster", choices=("slurm", "local"), default="slurm")
+    p.add_argument("--partition")
+    p.add_argument("--time", default="04:00:00", help="HH:MM:SS or minutes (default 04:00:00)")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--exclude")
+    p.add_argument("--prepare", metavar="ARGS",
+                   help="run `train.prepare ARGS` as a CPU job first and start training after it")
+    p.add_argument("--wait", action="store_true", help="follow the job; exit with its status")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    args = p.parse_args(argv)
+    if args.nodes < 1:
+        p.error(f"--nodes must be at least 1, got {args.nodes}")
+    for flag in ("gpus_per_node", "tasks_per_node"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.cluster == "local" and args.nodes != 1:
+        p.error("--cluster local runs on this machine: --nodes must be 1")
+    return args
+
+
+def minutes(text: str) -> int:
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
+    if not match:
+        raise UsageError(f"--time {text!r} is not HH:MM:SS, D-HH:MM:SS or minutes")
+    d, h, m, s = (int(x or 0) for x in match.groups())
+    return max(1, d * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def validate(args):
+    """The checks a job would fail on, run here. Returns (config, DeepSpeed config, world size)."""
+    from train.config import deepspeed_config, load_config
+    from train.shards import ShardIndex
+
+    cfg = load_config(args.config, args.overrides)
+    tasks = args.gpus_per_node or args.tasks_per_node or 1
+    world = args.nodes * tasks
+    if not args.prepare:  # with --prepare the data is made by the first job
+        index = ShardIndex.load(cfg.data.path)
+        model_vocab, hidden = model_sizes(cfg, index)
+        index.check_vocab(model_vocab)
+    else:
+        model_vocab, hidden = model_sizes(cfg, None)
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"output_dir {out} cannot be created: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"output_dir {out} is not writable")
+    ds = deepspeed_config(cfg, world, hidden, max(cfg.max_steps, 1))
+    return cfg, ds, world
+
+
+def model_sizes(cfg, index) -> tuple[int, int]:
+    """(vocab size, hidden size) without building the model: from model.config or config.json."""
+    if cfg.model.config:
+        spec = cfg.model.config
+        vocab = spec.get("vocab_size", index.vocab_size if index else 0)
+        return vocab, spec.get("hidden_size", spec.get("n_embd", 768))
+    path = Path(cfg.model.name_or_path) / "config.json"
+    if not path.exists():
+        return (index.vocab_size if index else 0), 768  # a hub name: checked on the cluster
+    spec = json.loads(path.read_text())
+    return spec.get("vocab_size", 0), spec.get("hidden_size", spec.get("n_embd", 768))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return launch(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+
+
+def launch(args) -> int:
+    from launcher.submit import Resources, TrainJob, make_executor, render_sbatch
+
+    if args.cluster == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
+        raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "
+                         "login node, or use --cluster local")
+    cfg, ds, world = validate(args)
+    config = str(Path(args.config).resolve())
+    tasks = args.gpus_per_node or args.tasks_per_node or 1
+    res = Resources(args.cluster, args.nodes, tasks, args.gpus_per_node, minutes(args.time),
+                    args.partition, args.account, args.qos, args.constraint, args.exclude,
+                    job_name=Path(cfg.output_dir).name or "train")
+    folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
+    executor = make_executor(res, folder)
+    if args.dry_run:
+        print(render_sbatch(executor) if args.cluster == "slurm" else
+              f"# --cluster local: {tasks} task(s) of TrainJob on this machine")
+        print("# resolved DeepSpeed config:")
+        print(json.dumps(ds, indent=1))
+        return 0
+    import submitit
+
+    if args.prepare:
+        prep_res = Resources(args.cluster, 1, 1, None, minutes(args.time), args.partition,
+                             args.account, args.qos, job_name="prepare")
+        prep_exec = make_executor(prep_res, folder)
+        prep_job = submit(prep_exec, prepare_job(args.prepare))
+        print(f"submitted prepare job {prep_job.job_id}")
+        if args.cluster == "slurm":
+            executor.update_parameters(additional_parameters={
+                "requeue": True, "open-mode": "append", "dependency": f"afterok:{prep_job.job_id}"})
+        else:
+            prep_job.results()
+    job = submit(executor, TrainJob(config, list(args.overrides)))
+    print(f"submitted job {job.job_id}: {world} task(s) on {args.nodes} node(s)")
+    print(f"logs: {job.paths.stdout} (rank 0), {job.paths.stderr}")
+    print(f"follow: tail -f {job.paths.stderr}")
+    if not args.wait:
+        return 0
+    try:
+        job.results()  # one result per task
+    except submitit.core.utils.FailedJobError as err:
+        print(f"job {job.job_id} failed:\n{failing_rank_report(job, str(err))}", file=sys.stderr)
+        return 1
+    except submitit.core.utils.UncompletedJobError as err:
+        print(f"job {job.job_id} did not complete: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed; model in {Path(cfg.output_dir) / 'final'}")
+    return 0
+
+
+def submit(executor, fn):
+    from submitit.core.utils import FailedJobError
+
+    try:
+        return executor.submit(fn)
+    except FailedJobError as err:  # submitit's wrapper around sbatch's non-zero exit
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+        reason = next((l for l in reversed(lines) if l.startswith("sbatch: error")), lines[-1:] or [""])
+        reason = reason if isinstance(reason, str) else reason[0]
+        raise UsageError(f"sbatch refused the job: {reason.removeprefix('sbatch: error: ')}") from None
+
+
+# Errors a rank dies of because *another* rank died: they point away from the cause.
+COLLATERAL = re.compile(r"DistBackendError|Connection (closed|reset)|gloo|NCCL|GLHF|Terminated|"
+                        r"KeyboardInterrupt|SIGTERM|Broken pipe", re.IGNORECASE)
+
+
+def failing_rank_report(job, fallback: str, keep: int = 20) -> str:
+    """The traceback of the rank that caused the failure, from the tasks' logs. submitit reports
+    rank 0's log, which after --kill-on-bad-exit usually shows only a collateral error."""
+    folder = Path(job.paths.folder)
+    found = []  # (rank, path, traceback lines)
+    for path in sorted(folder.glob(f"{job.job_id}_*_log.err"), key=lambda p: int(p.name.split("_")[1])):
+        text = path.read_text(errors="replace")
+        if "Traceback (most recent call last)" in text:
+            tail = text[text.rindex("Traceback (most recent call last)"):].splitlines()
+            tail = [l for l in tail if l.strip() and not l.startswith(("train:", "srun:"))]
+            found.append((path.name.split("_")[1], path, tail))
+    if not found:
+        lines = [l for l in fallback.splitlines() if l.strip()]
+        return "\n".join(lines[-keep:])
+    cause = next((f for f in found if not COLLATERAL.search(f[2][-1])), found[0])
+    rank, path, tail = cause
+    report = f"rank {rank} ({path}):\n" + "\n".join(tail[-keep:])
+    others = [f"rank {r}: {t[-1]}" for r, _, t in found if r != rank]
+    return report + ("\nthen: " + "; ".join(others) if others else "")
+
+
+def prepare_job(arg_string: str):
+    import shlex
+
+    from submitit.helpers import CommandFunction
+
+    return CommandFunction([sys.executable, "-m", "train.prepare", "--no-progress",
+                            *shlex.split(arg_string)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Build and submit a training job through submitit (Slurm, or this machine for `--cluster local`).
+
+Every task runs `TrainJob`, which reads its rank from the environment (train/distributed.py) and
+runs one rank of `python -m train` in-process. The warning signal submitit asks Slurm for (USR2)
+is handled by the trainer itself, on every rank: a collective checkpoint, then a requeue (see
+train/preemption.py); submitit's own handler would checkpoint on rank 0 alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+SIGNAL_DELAY_S = 120  # the warning comes 2 minutes before the end: a save of a 1B model fits
+
+
+@dataclass
+class TrainJob:
+    """The function each task runs (pickled by submitit)."""
+
+    config: str
+    overrides: list[str]
+
+    def __call__(self) -> int:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from train.config import load_config
+        from train.trainer import run
+
+        code = run(load_config(self.config, self.overrides))
+        if code:
+            raise RuntimeError(f"python -m train exited with status {code}")
+        return code
+
+
+@dataclass
+class Resources:
+    cluster: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int | None
+    minutes: int
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str = "train"
+    dependency: str | None = None
+
+
+def make_executor(res: Resources, folder: str):
+    import submitit
+
+    if res.cluster == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(nodes=1, tasks_per_node=res.tasks_per_node,
+                                   timeout_min=res.minutes, gpus_per_node=res.gpus_per_node or 0)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    extra = {"requeue": True, "open-mode": "append"}
+    if res.dependency:
+        extra["dependency"] = res.dependency
+    params = dict(job_name=res.job_name, nodes=res.nodes, ntasks_per_node=res.tasks_per_node,
+                  time=res.minutes, signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra,
+                  # one failed rank ends the job at once, not at the collective timeout
+                  srun_args=["--kill-on-bad-exit=1"], stderr_to_stdout=False)
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(res, key):
+            params[key] = getattr(res, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def render_sbatch(executor) -> str:
+    """The exact sbatch script submitit would submit (for --dry-run and the golden test)."""
+    command = " ".join([sys.executable, "-u", "-m", "submitit.core._submit", str(executor.folder)])
+    return executor._make_submission_file_text(command, "DRYRUN")

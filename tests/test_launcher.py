@@ -1,0 +1,85 @@
+"""The launcher without a cluster: bad input is refused before anything is submitted, and the
+rendered sbatch script matches a golden file (submitit's own rendering, our parameters)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, run_cli
+
+GOLDEN = Path(__file__).parent / "golden" / "launcher_sbatch.txt"
+TINY = str(REPO / "configs" / "tiny-clm.yaml")
+
+
+OK = [TINY, "data.path={data}", "output_dir={out}"]
+
+
+@pytest.mark.parametrize("case,args,expected", [
+    ("zero nodes", ["--nodes", "0", *OK], "--nodes must be at least 1"),
+    ("negative tasks", ["--tasks-per-node", "-2", *OK], "--tasks-per-node must be at least 1"),
+    ("unknown option", ["--nodez", "2", *OK], "unrecognized arguments: --nodez"),
+    ("missing config", ["/nonexistent/config.yaml"], "config file /nonexistent/config.yaml does not exist"),
+    ("missing data", [TINY, "data.path=/nonexistent/shards", "output_dir={out}"],
+     "/nonexistent/shards does not exist"),
+    ("batch arithmetic", [*OK, 'deepspeed.config={{"train_batch_size": 7}}'],
+     "batch arithmetic does not divide"),
+])
+def test_bad_input_exits_2_and_submits_nothing(prepared, tmp_path, case, args, expected):
+    args = [a.format(data=prepared, out=tmp_path / "o") for a in args]
+    res = run_cli("-m", "launcher", "--dry-run", *args)
+    assert res.returncode == 2, res.stderr
+    assert expected in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o" / "logs").exists()
+
+
+def test_no_sbatch_on_path_is_a_clear_error(prepared, tmp_path):
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    res = run_cli("-m", "launcher", "--nodes", "2", TINY, f"data.path={prepared}",
+                  f"output_dir={tmp_path / 'o'}", env={"PATH": str(bare)})
+    assert res.returncode == 2
+    assert "no sbatch on PATH" in res.stderr and "--cluster local" in res.stderr
+
+
+def render(tmp_path, *args) -> str:
+    from launcher.__main__ import parse_args
+    from launcher.submit import Resources, make_executor, render_sbatch
+
+    a = parse_args([*args, TINY])
+    res = Resources("slurm", a.nodes, a.gpus_per_node or a.tasks_per_node or 1, a.gpus_per_node,
+                    240, a.partition, a.account, a.qos, a.constraint, a.exclude, job_name="tiny-clm")
+    text = render_sbatch(make_executor(res, str(tmp_path / "logs" / "%j")))
+    return text.replace(str(tmp_path), "OUT").replace(sys.executable, "PYTHON")
+
+
+def test_rendered_sbatch_matches_the_golden_file(tmp_path):
+    """Update on purpose with UPDATE_GOLDEN=1 when the rendering is meant to change."""
+    text = render(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                  "--account", "proj", "--qos", "high", "--constraint", "h100", "--exclude", "n7")
+    if os.environ.get("UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "rendering changed; rerun with UPDATE_GOLDEN=1 if intended"
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --open-mode=append", "--kill-on-bad-exit=1"):
+        assert line in text, line
+
+
+def test_cpu_nodes_get_tasks_per_node_and_no_gpus(tmp_path):
+    text = render(tmp_path, "--nodes", "2", "--tasks-per-node", "3")
+    assert "#SBATCH --ntasks-per-node=3" in text and "gpus" not in text
+
+
+def test_time_parsing():
+    from launcher.__main__ import minutes
+    from train.errors import UsageError
+
+    assert minutes("04:00:00") == 240 and minutes("1-00:30:00") == 1470 and minutes("90") == 90
+    assert minutes("00:00:30") == 1
+    with pytest.raises(UsageError, match="--time"):
+        minutes("four hours")

@@ -1,0 +1,169 @@
+"""The launcher and the sbatch scripts against a real Slurm: slurmctld and two slurmd (node1,
+node2) on this machine, started by slurm/testcluster.sh and stopped at the end. 2 nodes x 1 CPU
+task, ZeRO-2. Preempted jobs must finish with the uninterrupted job's losses, exactly."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, run_cli
+
+NEEDS_SLURM = pytest.mark.skipif(
+    shutil.which("slurmctld") is None or os.geteuid() != 0,
+    reason="needs root and Debian's slurm-wlm + munge (.ci/run installs them)")
+COMMON = ["max_steps=60", "logging_steps=5", "eval_strategy=no", "save_steps=20",
+          "per_device_train_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run([str(REPO / "slurm" / "testcluster.sh"), "start", str(state)],
+                           capture_output=True, text=True, timeout=120)
+    if start.returncode:
+        subprocess.run([str(REPO / "slurm" / "testcluster.sh"), "stop", str(state)])
+        pytest.fail(f"test cluster did not start: {start.stderr}")
+    env = {"SLURM_CONF": start.stdout.strip().splitlines()[-1]}
+    yield env
+    subprocess.run([str(REPO / "slurm" / "testcluster.sh"), "stop", str(state)], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stdlib-slurm")
+    res = run_cli("-m", "train.prepare", "--input", "python-stdlib", "--output", str(out),
+                  "--train-tokenizer", "2048", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def slurm(env, *args, check=True) -> str:
+    res = subprocess.run(list(args), capture_output=True, text=True, env={**os.environ, **env},
+                         timeout=60)
+    if check and res.returncode:
+        raise AssertionError(f"{args}: {res.stderr}")
+    return res.stdout
+
+
+def job_field(env, job: str, key: str) -> str:
+    out = slurm(env, "scontrol", "show", "job", job)
+    return out.split(f"{key}=", 1)[1].split()[0] if f"{key}=" in out else ""
+
+
+def sbatch(env, data: Path, out: Path, *overrides) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    return slurm(env, "sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1",
+                 f"--output={out}/slurm-%j.out", str(REPO / "slurm" / "clm.sh"),
+                 str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                 f"output_dir={out / 'run'}", *COMMON, *overrides).strip().split(";")[0]
+
+
+def wait(env, job: str, timeout=400, release_requeued=True) -> str:
+    """Until the job ends; a requeued job held on its BeginTime is released at once."""
+    end = time.time() + timeout
+    while time.time() < end:
+        state = job_field(env, job, "JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        if release_requeued and state == "PENDING" and int(job_field(env, job, "Restarts") or 0):
+            slurm(env, "scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {state} after {timeout}s")
+
+
+def wait_for(predicate, timeout=300, what=""):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def losses(run: Path) -> dict:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, data, tmp_path_factory):
+    """An uninterrupted 2-node job: what the preempted ones must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    job = sbatch(cluster, data, out)
+    assert wait(cluster, job) == "COMPLETED", (out / f"slurm-{job}.out").read_text()[-3000:]
+    return out / "run"
+
+
+@NEEDS_SLURM
+def test_sbatch_script_trains_on_two_nodes(reference):
+    got = losses(reference)
+    assert sorted(got) == list(range(5, 61, 5))
+    assert got[60] < got[5] - 1.0
+    assert (reference / "final" / "model.safetensors").exists()
+
+
+@NEEDS_SLURM
+def test_launcher_submits_through_submitit_and_waits(cluster, data, tmp_path, reference):
+    out = tmp_path / "launched"
+    res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--cluster", "slurm",
+                  "--wait", str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  f"output_dir={out}", *COMMON, env=cluster, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert "submitted job" in res.stdout and "logs:" in res.stdout and "completed" in res.stdout
+    assert losses(out) == losses(reference)  # the same job, launched another way
+    assert (out / "final" / "model.safetensors").exists()
+
+
+@NEEDS_SLURM
+def test_warning_signal_checkpoints_requeues_and_finishes_identically(cluster, data, tmp_path, reference):
+    out = tmp_path / "signalled"
+    job = sbatch(cluster, data, out, "save_steps=1000")  # no periodic checkpoint to fall back on
+    metrics = out / "run" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+             what="the job to log step 15")
+    slurm(cluster, "scancel", "--signal=USR1", job)
+    assert wait(cluster, job) == "COMPLETED"
+    log = (out / f"slurm-{job}.out").read_text()
+    assert "warning signal; checkpoint saved; requeued" in log
+    assert "resumed from" in log and int(job_field(cluster, job, "Restarts")) >= 1
+    assert losses(out / "run") == losses(reference)
+
+
+@NEEDS_SLURM
+def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cluster, data, tmp_path, reference):
+    out = tmp_path / "requeued"
+    job = sbatch(cluster, data, out)
+    wait_for(lambda: (out / "run" / "checkpoints" / "step-00000020" / "trainer_state.json").exists(),
+             what="the step-20 checkpoint")
+    slurm(cluster, "scontrol", "requeue", job)
+    assert wait(cluster, job) == "COMPLETED"
+    assert "resumed from" in (out / f"slurm-{job}.out").read_text()
+    assert losses(out / "run") == losses(reference)
+
+
+@NEEDS_SLURM
+def test_a_failing_rank_ends_the_job_promptly_with_its_error(cluster, data, tmp_path):
+    started = time.time()
+    res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
+                  str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  f"output_dir={tmp_path / 'fails'}", *COMMON,
+                  env={**cluster, "TRAIN_FAULT_RAISE_AT": "1:5"}, timeout=400)
+    assert res.returncode == 1
+    assert "injected failure on rank 1 at step 5" in res.stderr
+    assert time.time() - started < 180  # not the 30-minute collective timeout
+
+
+@NEEDS_SLURM
+def test_sbatch_refusal_is_one_readable_line(cluster, data, tmp_path):
+    res = run_cli("-m", "launcher", "--nodes", "2", "--partition", "nosuchpartition",
+                  str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  f"output_dir={tmp_path / 'refused'}", env=cluster)
+    assert res.returncode == 2
+    assert "sbatch refused the job:" in res.stderr and "Traceback" not in res.stderr
+    assert "partition" in res.stderr.lower()
