@@ -13,10 +13,18 @@ stop() {
     for pidfile in "$dir"/slurmd-node1.pid "$dir"/slurmd-node2.pid "$dir"/slurmctld.pid; do
         [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
-    sleep 1
     pkill -f "slurmd -f $conf" 2>/dev/null || true
     pkill -f "slurmctld -f $conf" 2>/dev/null || true
-    pkill -f "slurmstepd.*" 2>/dev/null || true
+    # Job steps outlive their slurmd; this host has no other Slurm, so end them all.
+    pkill slurmstepd 2>/dev/null || true
+    sleep 1
+    pkill -9 -f "slurm(d|ctld) -f $conf" 2>/dev/null || true
+    pkill -9 slurmstepd 2>/dev/null || true
+    pkill -9 -f "$dir/spool/" 2>/dev/null || true   # batch scripts orphaned by the steps above
+    if [ -f "$dir/munged.started" ]; then
+        pkill -x munged 2>/dev/null || true
+        rm -f "$dir/munged.started"
+    fi
 }
 
 if [ "$cmd" = stop ]; then stop; exit 0; fi
@@ -58,6 +66,7 @@ NodeName=node2 NodeHostname=$host Port=$((base + 2)) CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 
+stop  # anything left by an earlier run on this directory
 # munge, as user munge, with the key the package generated (or a fresh one).
 mkdir -p /run/munge /etc/munge
 chown munge:munge /run/munge
@@ -67,9 +76,9 @@ fi
 chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- /usr/sbin/munged
+    touch "$dir/munged.started"  # ours to stop
 fi
 
-stop
 slurmctld -f "$conf" -c
 slurmd -f "$conf" -N node1
 slurmd -f "$conf" -N node2
