@@ -14,6 +14,27 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# The Hugging Face course's tokenization pipeline, verbatim, as source for the baseline scripts
+# (they run in their own processes): tokenize, then group_texts into blocks of block_size.
+COURSE_PIPELINE = '''
+block_size = 128
+
+def tokenize_function(examples):
+    return tokenizer(examples["text"])
+
+def group_texts(examples):
+    # The course's own code, quadratic `sum` included.
+    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
+    total_length = len(concatenated_examples[list(examples.keys())[0]])
+    total_length = (total_length // block_size) * block_size
+    result = {
+        k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
+        for k, t in concatenated_examples.items()
+    }
+    result["labels"] = result["input_ids"].copy()
+    return result
+'''
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, run_measured, write_results  # noqa: E402
+from benchmarks.common import COURSE_PIPELINE, machine, run_measured, write_results  # noqa: E402
 
 SEED_PIPELINE = r'''
 import sys, time
@@ -35,29 +35,13 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 data_file, tokenizer_dir, num_proc = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-block_size = 128
-
-def tokenize_function(examples):
-    return tokenizer(examples["text"])
-
-def group_texts(examples):
-    # The course's own code, quadratic `sum` included.
-    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    total_length = (total_length // block_size) * block_size
-    result = {
-        k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-        for k, t in concatenated_examples.items()
-    }
-    result["labels"] = result["input_ids"].copy()
-    return result
-
+{course}
 raw = load_dataset("json", data_files=data_file, split="train")
 tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"])
 tokens = sum(len(x) for x in tokenized["input_ids"])
 lm = tokenized.map(group_texts, batched=True, num_proc=num_proc)
 print(tokens, len(lm))
-'''
+'''.replace("{course}", COURSE_PIPELINE)
 
 
 def write_corpus(path: Path, copies: int) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, machine, write_results  # noqa: E402
+from benchmarks.common import COURSE_PIPELINE, REPO, machine, write_results  # noqa: E402
 
 TRAINER_SCRIPT = r'''
 import json, sys, torch
@@ -36,17 +36,7 @@ from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, GPT2Co
 data_file, tok_dir, out, steps, cfg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
 tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 tokenizer.pad_token = tokenizer.eos_token
-block_size = 128
-def tokenize_function(examples):
-    return tokenizer(examples["text"])
-def group_texts(examples):
-    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    total_length = (total_length // block_size) * block_size
-    result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-              for k, t in concatenated_examples.items()}
-    result["labels"] = result["input_ids"].copy()
-    return result
+{course}
 raw = load_dataset("json", data_files=data_file, split="train")
 tokenized = raw.map(tokenize_function, batched=True, num_proc=2, remove_columns=["text"])
 lm = tokenized.map(group_texts, batched=True, num_proc=2)
@@ -63,7 +53,7 @@ result = trainer.train()
 trainer.save_model(out + "/final")
 tokenizer.save_pretrained(out + "/final")
 print(json.dumps({"train_runtime": result.metrics["train_runtime"], "steps": steps}))
-'''
+'''.replace("{course}", COURSE_PIPELINE)
 
 
 def held_out_nll(model_dir: Path, data: Path) -> float:

@@ -35,6 +35,14 @@ except Exception:  # noqa: BLE001 - the torch backend works without triton
 
 if triton is not None:
     @triton.jit
+    def _load_logits(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            # tanh(y) = 2 sigmoid(2y) - 1: tl has no portable tanh (interpreter included).
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        return x
+
+    @triton.jit
     def _ce_rows_kernel(logits_ptr, stride_row, target_ptr, scale_ptr, loss_ptr, lse_ptr,
                         V, ignore_index, label_smoothing, z_loss, softcap,
                         HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -53,11 +61,8 @@ if triton is not None:
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                # tanh(y) = 2 sigmoid(2y) - 1: tl has no portable tanh (interpreter included).
-                x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
-            x = tl.where(mask, x, float("-inf"))
+            x = tl.where(mask, _load_logits(row_ptr, cols, mask, softcap, HAS_SOFTCAP),
+                         float("-inf"))
             new_m = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), 0)
             m = new_m
@@ -77,9 +82,7 @@ if triton is not None:
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < V
-                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+                x = _load_logits(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
                 d = tl.exp(x - lse) * coef - label_smoothing / V
                 d = tl.where(cols == target, d - (1.0 - label_smoothing), d)
                 if HAS_SOFTCAP:

@@ -35,6 +35,12 @@ except Exception:  # noqa: BLE001 - the torch backend works without triton
 
 if triton is not None:
     @triton.jit
+    def _load_tile(ptr, rows, stride_t, head, stride_h, offs_d, row_ok, d_ok):
+        """A [len(rows), BLOCK_D] tile of one head; zeros outside the sequence and head dim."""
+        return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_ot, stride_oh, stride_lt, head_dim,
@@ -52,8 +58,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
         rows = (start + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=(offs_m < seqlen)[:, None] & d_ok[None, :], other=0.0)
+        q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, offs_m < seqlen, d_ok)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -61,11 +66,9 @@ if triton is not None:
         for n_start in range(0, hi, BLOCK_N):
             cols = n_start + offs_n
             col_rows = (start + cols).to(tl.int64)
-            kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
-            k = tl.load(K + col_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + col_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            kv_ok = cols < seqlen
+            k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
+            v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
             s = tl.dot(q, tl.trans(k)) * sm_scale  # [BLOCK_M, BLOCK_N] fp32
             keep = (cols < seqlen)[None, :]
             if CAUSAL:
@@ -104,22 +107,18 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
         col_rows = (start + offs_n).to(tl.int64)
-        kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
-        k = tl.load(K + col_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + col_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        kv_ok = offs_n < seqlen
+        k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
+        v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = (n_start // BLOCK_M) * BLOCK_M if CAUSAL else 0
         for m_start in range(lo, seqlen, BLOCK_M):
             rows_m = m_start + offs_m
             rows = (start + rows_m).to(tl.int64)
-            q_mask = (rows_m < seqlen)[:, None] & d_ok[None, :]
-            q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                         mask=q_mask, other=0.0)
+            q_ok = rows_m < seqlen
+            q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_ok, d_ok)
+            do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_ok, d_ok)
             lse = tl.load(LSE + rows * stride_lt + head, mask=rows_m < seqlen, other=0.0)
             delta = tl.load(DELTA + rows * stride_lt + head, mask=rows_m < seqlen, other=0.0)
             s = tl.dot(q, tl.trans(k)) * sm_scale  # [BLOCK_M, BLOCK_N]
@@ -131,11 +130,10 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        out_rows = (start + offs_n).to(tl.int64)
-        out_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
-        tl.store(DK + out_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+        out_mask = kv_ok[:, None] & d_ok[None, :]
+        tl.store(DK + col_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
                  dk * sm_scale, mask=out_mask)
-        tl.store(DV + out_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+        tl.store(DV + col_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
                  dv, mask=out_mask)
 
     @triton.jit
@@ -156,11 +154,9 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
         rows = (start + offs_m).to(tl.int64)
-        q_mask = (offs_m < seqlen)[:, None] & d_ok[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
+        q_ok = offs_m < seqlen
+        q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_ok, d_ok)
+        do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_ok, d_ok)
         lse = tl.load(LSE + rows * stride_lt + head, mask=offs_m < seqlen, other=0.0)
         delta = tl.load(DELTA + rows * stride_lt + head, mask=offs_m < seqlen, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -168,11 +164,9 @@ if triton is not None:
         for n_start in range(0, hi, BLOCK_N):
             cols = n_start + offs_n
             col_rows = (start + cols).to(tl.int64)
-            kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
-            k = tl.load(K + col_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + col_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            kv_ok = cols < seqlen
+            k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
+            v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
             s = tl.dot(q, tl.trans(k)) * sm_scale
             keep = (offs_m < seqlen)[:, None] & (cols < seqlen)[None, :]
             if CAUSAL:
@@ -182,7 +176,7 @@ if triton is not None:
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
         tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
 def _blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
