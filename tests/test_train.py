@@ -147,6 +147,17 @@ def test_nonfinite_loss_stops_with_the_step(stdlib_data, tmp_path):
     assert any(r.get("nonfinite") for r in metrics(tmp_path / "nan"))
 
 
+def test_nonfinite_skip_drops_bad_micro_batches_and_finishes(stdlib_data, tmp_path):
+    res = train(stdlib_data, tmp_path / "skip", "max_steps=12", "logging_steps=2",
+                "learning_rate=1e6", "max_grad_norm=0", "eval_strategy=no", "warmup_steps=0",
+                "nonfinite=skip", nproc=1)
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = metrics(tmp_path / "skip")
+    assert records[-1]["skipped_steps"] >= 5  # diverged after the first update, then skipped
+    assert any(r.get("nonfinite") for r in records)  # windows with nothing trained are flagged
+    assert (tmp_path / "skip" / "final" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("case,overrides,expected", [
     ("unknown key", ["learning_rat=1e-3"], ["unknown config key learning_rat", "learning_rate"]),
     ("unknown section key", ["data.seqlen=64"], ["unknown config key data.seqlen", "seq_len"]),
@@ -157,6 +168,7 @@ def test_nonfinite_loss_stops_with_the_step(stdlib_data, tmp_path):
     ("batch arithmetic", ['deepspeed.config={"train_batch_size": 7}'],
      ["batch arithmetic does not divide", "train_batch_size 7"]),
     ("bad choice", ["lr_scheduler_type=triangle"], ["lr_scheduler_type is 'triangle'", "cosine"]),
+    ("skip under ZeRO-3", ["nonfinite=skip", "deepspeed.zero_stage=3"], ["not supported with"]),
 ])
 def test_bad_config_is_a_clear_error_with_exit_2(stdlib_data, tmp_path, case, overrides, expected):
     import io

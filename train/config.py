@@ -224,6 +224,9 @@ def check(cfg: Config) -> None:
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise UsageError(f"deepspeed.zero_stage is {cfg.deepspeed.zero_stage}; ZeRO has stages "
                          f"0, 1, 2 and 3")
+    if cfg.nonfinite == "skip" and cfg.deepspeed.zero_stage == 3:
+        raise UsageError("nonfinite: skip is not supported with deepspeed.zero_stage 3 (its "
+                         "parameters are partitioned outside forward); use nonfinite: stop")
     if cfg.bf16 and cfg.fp16:
         raise UsageError("bf16 and fp16 are both true; choose one")
     if not cfg.data.path:

@@ -223,22 +223,29 @@ class Run:
         batches = self.micro_batches()
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = self.all_reduce(torch.tensor(float(local_tokens), device=self.device))
-        loss_total = torch.zeros((), device=self.device)
+        # [loss sum, tokens] of the micro-batches actually trained on (skipped ones excluded)
+        totals = torch.zeros(2, device=self.device)
         for batch in batches:
-            loss_sum, _ = self.forward(batch)
+            loss_sum, tokens = self.forward(batch)
             # DeepSpeed averages gradients over ranks, so scale by world / global tokens: the
             # gradient is then that of (sum of all token losses) / (all tokens of the step).
             loss = loss_sum * (self.world / global_tokens.clamp(min=1))
             if self.cfg.nonfinite == "skip":
                 bad = self.all_reduce((~torch.isfinite(loss_sum.detach())).float())
                 if bad.item():
-                    self.skipped.append(self.step + 1)
-                    self.engine.step()  # keeps DeepSpeed's micro-step count; no gradient added
+                    if not self.skipped or self.skipped[-1] != self.step + 1:
+                        self.skipped.append(self.step + 1)
+                    # DeepSpeed needs a backward per micro-step; this one adds exactly zero to
+                    # every gradient (d(p * 0)/dp = 0, whatever p and the activations hold).
+                    zero = sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+                    self.engine.backward(zero, scale_wrt_gas=False)
+                    self.engine.step()
                     continue
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-            loss_total += loss_sum.detach().float()
-        return self.all_reduce(loss_total), global_tokens
+            totals += torch.stack([loss_sum.detach().float(), tokens.float()])
+        self.all_reduce(totals)
+        return totals[0], totals[1]
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -335,7 +342,8 @@ class Run:
             self.pending_tokens += tokens
             progress.update(1)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                loss = (self.pending_loss / self.pending_tokens.clamp(min=1)).item()
+                loss = (self.pending_loss / self.pending_tokens).item() if self.pending_tokens \
+                    else float("nan")  # every micro-batch of the window was skipped
                 grad_norm = self.engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else None
                 now = time.time()
@@ -344,10 +352,12 @@ class Run:
                           "grad_norm": grad_norm,
                           "tokens_per_s": window_steps * tokens_per_step / max(now - window_start, 1e-9),
                           "tokens_seen": self.tokens_seen, "elapsed": now - started}
+                if self.skipped:
+                    record["skipped_steps"] = len(self.skipped)
                 if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
                     record["nonfinite"] = True
-                    self.log(record)
                     if cfg.nonfinite == "stop":
+                        self.log(record)
                         raise NonFiniteError(
                             f"non-finite loss ({loss}) or gradient norm ({grad_norm}) by step "
                             f"{self.step}; the last complete checkpoint is "
