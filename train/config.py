@@ -96,7 +96,6 @@ LEGACY = {
 }
 CHOICES = {
     "task": ("clm", "mlm", "token-classification"),
-    "resume": None,  # free-form (auto, never, or a path)
     "lr_scheduler_type": SCHEDULES,
     "eval_strategy": ("steps", "no"),
     "nonfinite": ("stop", "skip"),

@@ -128,6 +128,7 @@ class Run:
         hidden = getattr(self.hf_model.config, "hidden_size", None) or getattr(self.hf_model.config, "n_embd", 768)
         self.ds_config = deepspeed_config(cfg, self.world, hidden, self.total_steps)
         self.has_val = cfg.eval_strategy != "no" and cfg.data.validation_split in self.index.splits
+        self.eval_loader = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if not os.access(self.out, os.W_OK):
@@ -253,11 +254,12 @@ class Run:
         rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): a rank
         with fewer batches repeats its last one with every label ignored."""
         self.engine.eval()
-        loader = PackedLoader(self.cfg.data.path, self.cfg.data.validation_split,
-                              seq_len=self.cfg.data.seq_len,
-                              micro_batch_size=self.cfg.per_device_eval_batch_size,
-                              rank=self.rank, world_size=self.world, shuffle=False,
-                              max_positions=self.max_pos, verify="none")
+        if self.eval_loader is None:  # opened once: it scans the split's EOSes
+            self.eval_loader = PackedLoader(
+                self.cfg.data.path, self.cfg.data.validation_split, seq_len=self.cfg.data.seq_len,
+                micro_batch_size=self.cfg.per_device_eval_batch_size, rank=self.rank,
+                world_size=self.world, shuffle=False, max_positions=self.max_pos, verify="none")
+        loader = self.eval_loader
         mine = list(loader.one_pass())
         per_rank = math.ceil(math.ceil(loader.num_samples / self.world) / loader.micro_batch_size)
         if self.cfg.eval_max_batches:
