@@ -169,6 +169,8 @@ def test_nonfinite_skip_drops_bad_micro_batches_and_finishes(stdlib_data, tmp_pa
      ["batch arithmetic does not divide", "train_batch_size 7"]),
     ("bad choice", ["lr_scheduler_type=triangle"], ["lr_scheduler_type is 'triangle'", "cosine"]),
     ("skip under ZeRO-3", ["nonfinite=skip", "deepspeed.zero_stage=3"], ["not supported with"]),
+    ("missing model dir", ["model.config=null", "model.name_or_path=/nonexistent/model"],
+     ["model.name_or_path /nonexistent/model does not exist"]),
 ])
 def test_bad_config_is_a_clear_error_with_exit_2(stdlib_data, tmp_path, case, overrides, expected):
     import io

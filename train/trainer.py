@@ -43,10 +43,15 @@ def build_hf_model(cfg: Config, index: ShardIndex):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.model.name_or_path:
-        path = Path(cfg.model.name_or_path)
-        if not path.exists() and ("/" not in cfg.model.name_or_path or path.is_absolute()):
-            raise UsageError(f"model.name_or_path {cfg.model.name_or_path} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+        name = cfg.model.name_or_path
+        path = Path(name)
+        if not path.exists() and name.startswith(("/", ".", "~")):  # a local path, not a hub name
+            raise UsageError(f"model.name_or_path {name} does not exist")
+        try:  # a hub name (org/model or gpt2) needs a network; say so rather than trace back
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except OSError as err:
+            raise UsageError(f"model.name_or_path {name}: not a local model directory, and "
+                             f"loading it by name failed ({str(err).splitlines()[0]})") from None
         tokenizer_json = path / "tokenizer.json"
         index.check_vocab(model.config.vocab_size,
                           file_sha256(tokenizer_json) if tokenizer_json.exists() else None)
