@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from train.model import FusedLossLinear, PackedCausalLM
+from train.model import FusedLossLinear, PackedModel
 
 VOCAB, EOS = 97, 0
 # fp32 on CPU. The packed and per-document computations differ only in summation order (online
@@ -81,7 +81,7 @@ def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend):
     ref_loss = per_document_reference(reference_model, docs)
     ref_loss.backward()
 
-    wired = PackedCausalLM(copy.deepcopy(base), attention=backend, cross_entropy=backend)
+    wired = PackedModel(copy.deepcopy(base), attention=backend, cross_entropy=backend)
     assert wired.wired and isinstance(wired.hf_model.lm_head, FusedLossLinear)
     loss_sum, tokens = wired(**batch)
     assert tokens.item() == sum(len(d) - 1 for d in docs)
@@ -95,7 +95,7 @@ def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend):
 
 
 def test_tied_embeddings_stay_tied_and_export_is_a_plain_model():
-    wired = PackedCausalLM(tiny_gpt2())
+    wired = PackedModel(tiny_gpt2())
     hf = wired.hf_model
     assert hf.lm_head.weight is hf.transformer.wte.weight
     batch, docs = packed_batch([[10, 6]], seq_len=16)
@@ -122,9 +122,9 @@ def test_unsupported_model_keeps_its_own_attention_with_a_warning(caplog):
                                              num_attention_heads=2, intermediate_size=64,
                                              vocab_size=VOCAB, max_position_embeddings=64))
     with caplog.at_level(logging.WARNING):
-        wired = PackedCausalLM(model)
+        wired = PackedModel(model)
     assert not wired.wired
-    assert "gpt_neox" in caplog.text and "keeps its own attention and loss" in caplog.text
+    assert "GPTNeoXForCausalLM" in caplog.text and "keeps its own attention and loss" in caplog.text
     batch, docs = packed_batch([[6, 10]], seq_len=16)
     loss_sum, tokens = wired(**batch)
     assert tokens.item() == 14

@@ -36,6 +36,10 @@ class DataSection:
     seq_len: int = 1024
     verify: str = "sample"            # sample | full | none: shard integrity check at start
     validation_split: str = "validation"
+    mlm_probability: float = 0.15     # task: mlm, the share of tokens (or words) selected
+    whole_word_masking: bool = False  # task: mlm, select whole words rather than tokens
+    label_all_tokens: bool = False    # task: token-classification, label a word's continuation
+                                      # sub-tokens (B-X becomes I-X) rather than ignore them
 
 
 @dataclass
@@ -216,6 +220,8 @@ def check(cfg: Config) -> None:
                 "gradient_accumulation_steps", "logging_steps", "save_steps"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"config key {key} must be at least 1, got {getattr(cfg, key)}")
+    if not 0.0 < cfg.data.mlm_probability < 1.0:
+        raise UsageError(f"data.mlm_probability must be in (0, 1), got {cfg.data.mlm_probability}")
     if cfg.data.seq_len < 2:
         raise UsageError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
     if cfg.max_steps < 1 and cfg.num_train_epochs <= 0:

@@ -22,17 +22,17 @@ def perplexity(model_dir: str, data_dir: str, split: str = "validation", seq_len
 
     from train.generate import load
     from train.loader import PackedLoader, as_torch
-    from train.model import PackedCausalLM
+    from train.model import PackedModel
     from train.shards import file_sha256
     from train.trainer import max_positions
 
     model, _ = load(model_dir)
     tokenizer_json = Path(model_dir) / "tokenizer.json"
     loader = PackedLoader(data_dir, split, seq_len=seq_len, micro_batch_size=batch_size,
-                          shuffle=False, max_positions=max_positions(model.config))
+                          shuffle=False, max_positions=max_positions(model))
     loader.index.check_vocab(model.config.vocab_size,
                              file_sha256(tokenizer_json) if tokenizer_json.exists() else None)
-    wrapped = PackedCausalLM(model)
+    wrapped = PackedModel(model)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(loader.one_pass()):

@@ -79,24 +79,18 @@ class FeistelPermutation:
         return out.astype(np.int64)
 
 
-class TokenStream:
-    """The shards of one split as one memory-mapped token stream, with its document ends."""
+class MappedStream:
+    """Shard files of one split as one memory-mapped array."""
 
-    def __init__(self, index: ShardIndex, split: str):
-        records = index.shards(split)
-        self.eos_id = index.eos_id
-        self.maps = [np.memmap(index.root / r.file, dtype=index.dtype.newbyteorder("<"), mode="r")
+    def __init__(self, root: Path, records, dtype: np.dtype):
+        self.maps = [np.memmap(root / r.file, dtype=dtype.newbyteorder("<"), mode="r")
                      for r in records]
         sizes = np.array([len(m) for m in self.maps], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.num_tokens = int(self.offsets[-1])
-        # Where each document ends (its EOS), across the whole stream: 8 bytes per document, one
-        # sequential read at open. It gives the document start of a window's first token.
-        self.doc_ends = np.concatenate([np.flatnonzero(m == self.eos_id) + off
-                                        for m, off in zip(self.maps, self.offsets[:-1])])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, min(stop, num_tokens)) as int64, across shard boundaries."""
+        """Values [start, min(stop, num_tokens)) as int64, across shard boundaries."""
         stop = min(stop, self.num_tokens)
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         parts = []
@@ -108,10 +102,33 @@ class TokenStream:
             first += 1
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
+
+class TokenStream(MappedStream):
+    """The token shards of one split, with its document ends."""
+
+    def __init__(self, index: ShardIndex, split: str):
+        super().__init__(index.root, index.shards(split), index.dtype)
+        self.eos_id = index.eos_id
+        # Where each document ends (its EOS), across the whole stream: 8 bytes per document, one
+        # sequential read at open. It gives the document start of a window's first token.
+        self.doc_ends = np.concatenate([np.flatnonzero(m == self.eos_id) + off
+                                        for m, off in zip(self.maps, self.offsets[:-1])])
+
     def doc_start(self, positions: np.ndarray) -> np.ndarray:
         """The stream offset where the document holding each position begins."""
         before = np.searchsorted(self.doc_ends, positions, side="left") - 1
         return np.where(before >= 0, self.doc_ends[np.maximum(before, 0)] + 1, 0)
+
+    def whole_document_windows(self, seq_len: int) -> np.ndarray:
+        """Window starts (and the stream end) for windows of whole documents: each window takes
+        as many consecutive documents as fit in seq_len; a longer document is cut every seq_len
+        tokens. Greedy and in order, so the windows depend only on the data."""
+        starts, start, ends = [0], 0, self.doc_ends
+        while start < self.num_tokens:
+            last = int(np.searchsorted(ends, start + seq_len - 1, side="right")) - 1
+            start = int(ends[last]) + 1 if last >= 0 and ends[last] >= start else start + seq_len
+            starts.append(min(start, self.num_tokens))
+        return np.array(starts, dtype=np.int64)
 
 
 @dataclass
@@ -128,7 +145,8 @@ class PackedLoader:
 
     def __init__(self, data_dir: str | Path, split: str = "train", *, seq_len: int,
                  micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, max_positions: int | None = None, verify: str = "sample"):
+                 shuffle: bool = True, max_positions: int | None = None, verify: str = "sample",
+                 whole_documents: bool = False, label_codes: bool = False):
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must "
                             f"be at least 1")
@@ -141,7 +159,17 @@ class PackedLoader:
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.max_positions = max_positions
-        self.num_samples = math.ceil(self.stream.num_tokens / seq_len)
+        if whole_documents:
+            self.window_starts = self.stream.whole_document_windows(seq_len)
+        else:
+            self.window_starts = np.append(np.arange(0, self.stream.num_tokens, seq_len),
+                                           self.stream.num_tokens)
+        self.whole_documents = whole_documents
+        self.num_samples = len(self.window_starts) - 1
+        self.labels = None
+        if label_codes:  # token classification: the label stream beside the tokens
+            self.labels = MappedStream(self.index.root, self.index.label_shards(split),
+                                       self.index.label_dtype)
         self.consumed = 0
         self._perm_epoch, self._perm = None, None
 
@@ -163,7 +191,7 @@ class PackedLoader:
         while True:
             positions = self.consumed + self.rank + self.world_size * np.arange(self.micro_batch_size)
             self.consumed += step
-            yield self.batch(self.sample_ids(positions))
+            yield self.batch(self.sample_ids(positions), positions // self.num_samples)
 
     def one_pass(self):
         """Each sample of the split once, in order, shared across ranks (for evaluation). The
@@ -189,17 +217,25 @@ class PackedLoader:
         self.consumed = int(state["consumed"])
 
     # ---- assembly ---------------------------------------------------------------------------
-    def batch(self, sample_ids: np.ndarray) -> dict:
+    def batch(self, sample_ids: np.ndarray, epochs: np.ndarray | None = None) -> dict:
         """Build the packed batch for these samples (numpy; torch tensors via `as_torch`)."""
         L, stream = self.seq_len, self.stream
         B = len(sample_ids)
-        starts = np.asarray(sample_ids, dtype=np.int64) * L
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        starts = self.window_starts[sample_ids]
+        # A fixed window reads one token more, the last position's next-token target; a window
+        # of whole documents ends where the next begins.
+        stops = self.window_starts[sample_ids + 1] if self.whole_documents else starts + L + 1
         window = np.full((B, L + 1), stream.eos_id, dtype=np.int64)
-        valid = np.zeros((B, L + 1), dtype=bool)  # False: padding past the end of the stream
-        for row, start in enumerate(starts):
-            tokens = stream.read(int(start), int(start) + L + 1)
+        valid = np.zeros((B, L + 1), dtype=bool)  # False: padding
+        codes = np.full((B, L), -1, dtype=np.int64) if self.labels is not None else None
+        for row, (start, stop) in enumerate(zip(starts, stops)):
+            tokens = stream.read(int(start), int(stop))
             window[row, :len(tokens)] = tokens
             valid[row, :len(tokens)] = True
+            if codes is not None:
+                row_codes = self.labels.read(int(start), min(int(stop), int(start) + L))
+                codes[row, :len(row_codes)] = row_codes
         input_ids, targets = window[:, :L], window[:, 1:]
         is_eos = (input_ids == stream.eos_id) & valid[:, :L]
 
@@ -224,9 +260,13 @@ class PackedLoader:
         boundary[:, 0] = True
         flat = np.flatnonzero(boundary.reshape(-1))
         cu_seqlens = np.append(flat, B * L).astype(np.int32)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "cu_seqlens": cu_seqlens, "max_seqlen": int(np.diff(cu_seqlens).max()),
-                "sample_ids": np.asarray(sample_ids, dtype=np.int64)}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 "cu_seqlens": cu_seqlens, "max_seqlen": int(np.diff(cu_seqlens).max()),
+                 "sample_ids": sample_ids,
+                 "epochs": np.zeros(B, np.int64) if epochs is None else np.asarray(epochs, np.int64)}
+        if codes is not None:
+            batch["label_codes"] = codes
+        return batch
 
 
 def as_torch(batch: dict, device=None) -> dict:

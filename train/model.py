@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,21 +35,54 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Family:
-    """Where the pieces of one model family live."""
+    """Where the pieces of one model architecture live."""
 
-    head: str                      # the output projection whose weight the fused loss uses
+    head: str                        # the output projection whose weight the fused loss uses
     softcap_attr: str | None = None  # config attribute holding a final-logit softcap, if any
+    # What runs between the encoder's hidden states and the head: BERT's MLM transform (dense,
+    # activation, LayerNorm), a classifier's dropout. Called on the labelled rows only.
+    pre_head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # RoBERTa numbers positions from pad_token_id + 1; the offset added to position_ids.
+    position_offset: Callable[[object], int] | None = None
 
 
-# model_type -> family. Llama-family models share Llama's attention code path.
+def _roberta_mlm_transform(model, hidden):
+    head = model.lm_head
+    return head.layer_norm(F.gelu(head.dense(hidden)))
+
+
+def _dropout(model, hidden):
+    return model.dropout(hidden)
+
+
+def _roberta_positions(config) -> int:
+    return config.pad_token_id + 1
+
+
+# Architecture (the model's class name) -> family. Llama-family models share Llama's attention.
 FAMILIES = {
-    "gpt2": Family(head="lm_head"),
-    "llama": Family(head="lm_head"),
-    "mistral": Family(head="lm_head"),
-    "qwen2": Family(head="lm_head"),
-    "qwen3": Family(head="lm_head"),
-    "gemma2": Family(head="lm_head", softcap_attr="final_logit_softcapping"),
+    **{name: Family(head="lm_head") for name in (
+        "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM")},
+    "Gemma2ForCausalLM": Family(head="lm_head", softcap_attr="final_logit_softcapping"),
+    "BertForMaskedLM": Family(head="cls.predictions.decoder",
+                              pre_head=lambda m, h: m.cls.predictions.transform(h)),
+    "DistilBertForMaskedLM": Family(
+        head="vocab_projector",
+        pre_head=lambda m, h: m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+    **{name: Family(head="lm_head.decoder", pre_head=_roberta_mlm_transform,
+                    position_offset=_roberta_positions)
+       for name in ("RobertaForMaskedLM", "XLMRobertaForMaskedLM")},
+    "BertForTokenClassification": Family(head="classifier", pre_head=_dropout),
+    "DistilBertForTokenClassification": Family(head="classifier", pre_head=_dropout),
+    **{name: Family(head="classifier", pre_head=_dropout, position_offset=_roberta_positions)
+       for name in ("RobertaForTokenClassification", "XLMRobertaForTokenClassification")},
 }
+
+
+def position_offset(hf_model) -> int:
+    family = FAMILIES.get(type(hf_model).__name__)
+    return family.position_offset(hf_model.config) if family and family.position_offset else 0
 
 
 def attention_name(backend: str) -> str:
@@ -86,8 +120,9 @@ def register_attention(backend: str = "auto") -> str:
 
 
 class FusedLossLinear(nn.Linear):
-    """An LM head that, given targets, returns (sum of token losses, number of labelled tokens)
-    computed by the fused kernel, and otherwise behaves as nn.Linear."""
+    """An output head that, given targets (rows of hidden[N, H] and targets[N]), returns (sum of
+    token losses, number of labelled tokens) computed by the fused kernel, and otherwise behaves
+    as nn.Linear."""
 
     ce_backend: str = "auto"
     softcap: float | None = None
@@ -95,19 +130,10 @@ class FusedLossLinear(nn.Linear):
     def forward(self, hidden, targets=None):
         if targets is None:
             return super().forward(hidden)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = targets.reshape(-1)
-        keep = targets != IGNORE_INDEX
-        n_labelled = keep.sum()
-        # When most rows are unlabelled (MLM: 85%), only the labelled ones reach the head. When
-        # few are (CLM: the EOS positions, ~3%), gathering costs more than it saves: the
-        # gather's backward (index_put) was 8% of a CPU step, so the kernel skips them itself.
-        if 2 * int(n_labelled) < len(targets):
-            hidden, targets = hidden[keep], targets[keep]
         loss_sum = fused_linear_cross_entropy(hidden, self.weight, targets, bias=self.bias,
                                               reduction="sum", softcap=self.softcap,
                                               backend_name=self.ce_backend)
-        return loss_sum, n_labelled
+        return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -116,8 +142,10 @@ def _get(module: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
-class PackedCausalLM(nn.Module):
-    """A Hugging Face causal LM that takes packed batches and returns (loss sum, token count).
+class PackedModel(nn.Module):
+    """A Hugging Face model (causal LM, masked LM or token classifier) that takes packed batches
+    and returns (loss sum, labelled token count), plus the predicted class of each labelled
+    token when asked (token-classification eval).
 
     The caller divides by the token count of the whole step (all micro-batches and ranks), which
     is what makes the loss a true token average.
@@ -126,11 +154,12 @@ class PackedCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module, attention: str = "auto", cross_entropy: str = "auto"):
         super().__init__()
         self.hf_model = hf_model
-        model_type = hf_model.config.model_type
-        self.family = FAMILIES.get(model_type)
+        architecture = type(hf_model).__name__
+        self.family = FAMILIES.get(architecture)
+        self.position_offset = position_offset(hf_model)
         if self.family is None:
-            log.warning("model type %r has no kernel wiring (supported: %s); it keeps its own "
-                        "attention and loss", model_type, ", ".join(sorted(FAMILIES)))
+            log.warning("%s has no kernel wiring (supported: %s); it keeps its own attention and "
+                        "loss", architecture, ", ".join(sorted(FAMILIES)))
             return
         hf_model.config._attn_implementation = register_attention(attention)
         head = _get(hf_model, self.family.head)
@@ -140,25 +169,54 @@ class PackedCausalLM(nn.Module):
             head.softcap = getattr(hf_model.config, self.family.softcap_attr, None)
 
     @property
+    def _no_cache(self) -> dict:
+        # decoders would build a KV cache no one reads; encoders take no such argument
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = type(self.hf_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return {"use_cache": False} if causal else {}
+
+    @property
     def wired(self) -> bool:
         return self.family is not None
 
-    def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen):
+    def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen,
+                return_predictions: bool = False):
+        position_ids = position_ids + self.position_offset if self.position_offset else position_ids
         if not self.wired:
-            return self._unwired_forward(input_ids, labels, position_ids)
+            return self._unwired_forward(input_ids, labels, position_ids, return_predictions)
         hidden = self.hf_model.base_model(
             input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
             cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen,
-            use_cache=False).last_hidden_state
-        return _get(self.hf_model, self.family.head)(hidden, labels)
+            **self._no_cache).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = labels.reshape(-1)
+        keep = targets != IGNORE_INDEX
+        # When most rows are unlabelled (MLM: 85%) or predictions are wanted, only the labelled
+        # rows go on to the head (and its transform). When few are unlabelled (CLM: the EOS
+        # positions, ~3%), gathering costs more than it saves (the gather's backward, index_put,
+        # was 8% of a CPU step), so the kernel skips them itself.
+        if return_predictions or 2 * int(keep.sum()) < len(targets):
+            hidden, targets = hidden[keep], targets[keep]
+        if self.family.pre_head:
+            hidden = self.family.pre_head(self.hf_model, hidden)
+        head = _get(self.hf_model, self.family.head)
+        if return_predictions:  # [labelled, classes] logits: small for a token classifier
+            logits = head(hidden).float()
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            return loss_sum, keep.sum(), logits.argmax(-1)
+        return head(hidden, targets)
 
-    def _unwired_forward(self, input_ids, labels, position_ids):
+    def _unwired_forward(self, input_ids, labels, position_ids, return_predictions):
         logits = self.hf_model(input_ids=input_ids, position_ids=position_ids,
-                               use_cache=False).logits
+                               **self._no_cache).logits
         labels = labels.reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels,
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        keep = labels != IGNORE_INDEX
+        if return_predictions:
+            return loss_sum, keep.sum(), logits[keep].argmax(-1)
+        return loss_sum, keep.sum()
 
     def unwrap_for_export(self) -> nn.Module:
         """The plain Hugging Face model: nn.Linear head, SDPA attention (what loads anywhere)."""

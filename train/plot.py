@@ -2,7 +2,8 @@
 
     python -m train.plot RUN_DIR [--out RUN_DIR/metrics.png]
 
-Draws train and eval loss, eval perplexity and the learning rate against steps.
+Draws train and eval loss, eval perplexity (token classification: entity F1) and the learning
+rate against steps.
 """
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, (ax_loss, ax_ppl, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    metric = "eval_f1" if any("eval_f1" in r for r in evals) else "perplexity"
+    fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-        ax_ppl.plot([r["step"] for r in evals], [r["perplexity"] for r in evals], "o-")
+        ax_metric.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     ax_loss.legend()
-    ax_ppl.set(xlabel="step", ylabel="perplexity", title="eval perplexity")
+    label = "entity F1" if metric == "eval_f1" else "perplexity"
+    ax_metric.set(xlabel="step", ylabel=label, title=f"eval {label}")
     ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()

@@ -33,11 +33,13 @@ from typing import Iterator
 
 import numpy as np
 
+from train import ner_data
 from train import sources as src
 from train.errors import UsageError, exits_cleanly_on_usage_error
-from train.shards import (FORMAT_VERSION, INDEX_NAME, ShardWriter, completed_shards,
+from train.shards import (FORMAT_VERSION, INDEX_NAME, ShardIndex, ShardWriter, completed_shards,
                           dtype_for_vocab, file_sha256, write_json_atomic)
-from train.tokenizer import install_tokenizer, save_pretrained, tokenizer_facts, train_bpe
+from train.tokenizer import (ENCODER_TASKS, install_tokenizer, save_pretrained, special_token_ids,
+                             tokenizer_facts, train_bpe, train_wordpiece)
 
 STATE_NAME = ".prepare-state.json"
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16: a lost shard costs about a minute to redo
@@ -67,7 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="fraction of whole documents held out for validation (default 0.01)")
     val.add_argument("--validation-input", action="append", metavar="SRC",
                      help="a separate validation source (repeatable)")
-    p.add_argument("--task", choices=("clm", "mlm", "token-classification"), default="clm")
+    p.add_argument("--task", choices=("clm", "mlm", "token-classification"), default="clm",
+                   help="mlm and token-classification put the tokenizer's CLS token before each "
+                        "document and, with --train-tokenizer, train a WordPiece tokenizer; "
+                        "token-classification reads CoNLL column files or JSONL tokens/ner_tags")
+    p.add_argument("--label-names", metavar="NAMES",
+                   help="token-classification with integer ner_tags: the tag names in id order, "
+                        "comma-separated or a file with one per line")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--txt-docs", choices=("file", "line", "blankline"), default="file",
                    help="what one document is in a .txt file (default: the whole file)")
@@ -86,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.val_fraction = 0.01
     if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    if args.label_names and args.task != "token-classification":
+        p.error("--label-names is for --task token-classification")
     return args
 
 
@@ -135,34 +145,66 @@ def split_documents(train_sources, val_sources, val_fraction, counts: Counts
 
 _tokenizer = None
 _eos_id = None
+_prefix = []  # [CLS id] for the encoder tasks: a document reads [CLS] text [SEP], as BERT's do
 _dtype = None
 
 
-def _init_tokenizer(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _init_tokenizer(tokenizer_json: str, eos_id: int, dtype: str, prefix_id: int | None = None) -> None:
     # One Rust thread per worker process: the parallelism is the processes.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    global _tokenizer, _eos_id, _dtype
+    global _tokenizer, _eos_id, _dtype, _prefix
     _tokenizer = Tokenizer.from_file(tokenizer_json)
     # A document that contains the literal text of a special token (this very file names
     # "<|endoftext|>") must not be cut in two by it: special tokens are matched as plain text.
     _tokenizer.encode_special_tokens = True
     _eos_id, _dtype = eos_id, np.dtype(dtype)
+    _prefix = [] if prefix_id is None else [prefix_id]
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Documents -> (their concatenated ids, each followed by EOS; tokens per document)."""
     encodings = _tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
+    return _concatenate([e.ids for e in encodings])
+
+
+def _concatenate(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (prefix + tokens + EOS of each, concatenated; tokens per document)."""
+    extra = len(_prefix) + 1
+    lengths = np.fromiter((len(ids) + extra for ids in docs), dtype=np.int64, count=len(docs))
     tokens = np.empty(int(lengths.sum()), dtype=_dtype)
-    eos_at = np.cumsum(lengths) - 1
+    ends = np.cumsum(lengths)
     is_text = np.ones(len(tokens), dtype=bool)
-    is_text[eos_at] = False
-    tokens[eos_at] = _eos_id
-    if len(tokens) > len(texts):
-        tokens[is_text] = np.concatenate([np.asarray(e.ids, dtype=_dtype) for e in encodings])
+    is_text[ends - 1] = False
+    tokens[ends - 1] = _eos_id
+    if _prefix:
+        is_text[ends - lengths] = False
+        tokens[ends - lengths] = _prefix[0]
+    if len(tokens) > extra * len(docs):
+        tokens[is_text] = np.concatenate([np.asarray(ids, dtype=_dtype) for ids in docs])
     return tokens, lengths
+
+
+def _tokenize_words(sentences: list[tuple[list[str], list[int]]]):
+    """Sentences of (words, label ids) -> (tokens, tokens per sentence, label codes), the codes
+    as ShardIndex describes them: -1 on the special tokens, 2 * label on a word's first
+    sub-token, 2 * label + 1 on its continuations. A word that tokenizes to nothing (a lone
+    zero-width character) has no token to carry its label."""
+    encodings = _tokenizer.encode_batch([words for words, _ in sentences], is_pretokenized=True,
+                                        add_special_tokens=False)
+    tokens, lengths = _concatenate([e.ids for e in encodings])
+    codes = np.full(len(tokens), -1, dtype=np.int16)
+    at = 0
+    for encoding, (_, labels), length in zip(encodings, sentences, lengths):
+        word_ids = np.asarray(encoding.word_ids, dtype=np.int64)
+        if len(word_ids):
+            first = np.ones(len(word_ids), dtype=bool)
+            first[1:] = word_ids[1:] != word_ids[:-1]
+            start = at + len(_prefix)
+            codes[start:start + len(word_ids)] = 2 * np.asarray(labels)[word_ids] + ~first
+        at += int(length)
+    return tokens, lengths, codes
 
 
 class InProcess:
@@ -183,11 +225,11 @@ class InProcess:
         pass
 
 
-def tokenize_in_order(batches, pool, workers: int):
+def tokenize_in_order(batches, pool, workers: int, tokenize=_tokenize):
     """Submit batches, keep at most 2 x workers in flight, yield results in submission order."""
     pending = collections.deque()
     for meta, texts in batches:
-        pending.append((meta, pool.submit(_tokenize, texts)))
+        pending.append((meta, pool.submit(tokenize, texts)))
         while len(pending) >= 2 * workers:
             meta_done, future = pending.popleft()
             yield meta_done, future.result()
@@ -233,17 +275,18 @@ def fingerprint(args, train_sources, val_sources) -> str:
             "inputs": [s.describe() for s in train_sources],
             "validation_inputs": [s.describe() for s in val_sources],
             "val_fraction": args.val_fraction, "text_field": args.text_field,
-            "txt_docs": args.txt_docs, "dtype": args.dtype, "shard_tokens": args.shard_tokens}
+            "txt_docs": args.txt_docs, "dtype": args.dtype, "shard_tokens": args.shard_tokens,
+            "label_names": args.label_names}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def clear_outputs(out: Path) -> None:
-    for pattern in ("train-*", "validation-*", INDEX_NAME, STATE_NAME, "*.tmp"):
+    for pattern in ("train-*", "validation-*", "*_labels-*", INDEX_NAME, STATE_NAME, "*.tmp"):
         for f in out.glob(pattern):
             f.unlink()
 
 
-def prepare_tokenizer(args, out: Path, state: dict | None, train_sources) -> str:
+def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_text=None) -> str:
     """Install the tokenizer into out (reusing an interrupted run's, when it has the same
     fingerprint) and return its sha256."""
     if state and (out / "tokenizer.json").exists() and \
@@ -257,10 +300,11 @@ def prepare_tokenizer(args, out: Path, state: dict | None, train_sources) -> str
         for split, text, _ in split_documents(train_sources, [], args.val_fraction, Counts()):
             if split == TRAIN:
                 docs_seen[0] += 1
-                yield text
-    print(f"training a byte-level BPE of {args.train_tokenizer} ids on the training inputs",
-          file=sys.stderr)
-    tok = train_bpe(texts(), args.train_tokenizer)
+                yield as_text(text) if as_text else text
+    encoder = args.task in ENCODER_TASKS
+    print(f"training a {'WordPiece' if encoder else 'byte-level BPE'} tokenizer of "
+          f"{args.train_tokenizer} ids on the training inputs", file=sys.stderr)
+    tok = (train_wordpiece if encoder else train_bpe)(texts(), args.train_tokenizer)
     if docs_seen[0] == 0:  # refused before any tokenizer is installed
         raise empty_corpus_error(args.input)
     save_pretrained(tok, out)
@@ -272,10 +316,62 @@ def empty_corpus_error(inputs) -> UsageError:
                       f"paths, --text-field and --txt-docs")
 
 
-def make_progress(total_bytes, disabled: bool):
+def splits_record(records) -> dict:
+    """index.json's per-split entries for the shard records of each split."""
+    return {name: {"num_tokens": sum(r.num_tokens for r in records[i]),
+                   "num_docs": sum(r.num_docs for r in records[i]),
+                   "shards": [r.__dict__ for r in records[i]]}
+            for i, name in enumerate(SPLIT_NAMES) if records[i]}
+
+
+def label_split(name: str) -> str:
+    return f"{name}_labels"
+
+
+class SentenceSource:
+    """A token-classification input (CoNLL columns or JSONL tokens/ner_tags) as a Source: its
+    documents are sentences, (words, tags)."""
+
+    def __init__(self, spec: str, label_names: list[str] | None):
+        self.spec, self.label_names = spec, label_names
+        # python-stdlib: the embedded corpus, tagged by Python's own tokenizer (train/code_ner.py)
+        if spec == src.STDLIB:
+            from train.code_ner import stdlib_modules
+            self.files = stdlib_modules()
+        else:
+            self.files = ner_data.resolve_files(spec)
+        self.total_bytes = None  # progress counts sentences
+
+    def describe(self) -> dict:
+        return src.Source(self.spec, self.files).describe()
+
+    def iter_docs(self):
+        if self.spec == src.STDLIB:
+            from train.code_ner import sentences
+            found = sentences(self.files)
+        else:
+            found = ner_data.read_sentences(self.spec, self.label_names)
+        for sentence in found:
+            yield (sentence.words, sentence.tags), 1
+
+
+def discover_labels(train_sources, val_sources) -> list[str]:
+    """The label set of the training inputs (id2label order); validation tags must be in it."""
+    seen = set()
+    for source in train_sources:
+        for (_, tags), _ in source.iter_docs():
+            seen.update(tags)
+    labels = ner_data.label_list(seen)
+    for source in val_sources:
+        tags = (tag for (_, sentence_tags), _ in source.iter_docs() for tag in sentence_tags)
+        ner_data.check_validation_labels(labels, tags, source.spec)
+    return labels
+
+
+def make_progress(total_bytes, disabled: bool, unit: str = "B"):
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+    return tqdm(total=total_bytes, unit=unit, unit_scale=True, unit_divisor=1024, desc="prepare",
                 disable=disabled, mininterval=1.0, smoothing=0.1, file=sys.stderr)
 
 
@@ -283,9 +379,15 @@ def make_progress(total_bytes, disabled: bool):
 def main(argv=None) -> int:
     args = parse_args(argv)
     src.REPLACED.reset()
-    train_sources = [src.resolve(s, args.text_field, args.txt_docs) for s in args.input]
-    val_sources = [src.resolve(s, args.text_field, args.txt_docs)
-                   for s in args.validation_input or []]
+    ner = args.task == "token-classification"
+    if ner:
+        label_names = ner_data.parse_label_names(args.label_names)
+        train_sources = [SentenceSource(s, label_names) for s in args.input]
+        val_sources = [SentenceSource(s, label_names) for s in args.validation_input or []]
+    else:
+        train_sources = [src.resolve(s, args.text_field, args.txt_docs) for s in args.input]
+        val_sources = [src.resolve(s, args.text_field, args.txt_docs)
+                       for s in args.validation_input or []]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     print_ = lambda *a: print(*a, file=sys.stderr)  # noqa: E731 - stdout stays for the summary
@@ -308,26 +410,50 @@ def main(argv=None) -> int:
         clear_outputs(out)
         state = None
 
-    tokenizer_sha = prepare_tokenizer(args, out, state, train_sources)
+    labels = None
+    if ner:  # the label set first: it must be known before any sentence is encoded
+        labels = discover_labels(train_sources, val_sources)
+    tokenizer_sha = prepare_tokenizer(args, out, state, train_sources,
+                                      as_text=(lambda doc: " ".join(doc[0])) if ner else None)
     vocab_size, eos_id = tokenizer_facts(out)
+    special_ids = special_token_ids(out)
+    prefix_id = special_ids.get("cls_token") if args.task in ENCODER_TASKS else None
+    if args.task == "mlm" and "mask_token" not in special_ids:
+        raise UsageError(f"the tokenizer has no mask token, which --task mlm needs: use a BERT- "
+                         f"or RoBERTa-style tokenizer, or --train-tokenizer VOCAB_SIZE")
     dtype = dtype_for_vocab(vocab_size, args.dtype)
     write_json_atomic(state_path, {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha})
 
     done = [completed_shards(out, name, dtype) for name in SPLIT_NAMES]
+    if ner:  # tokens and labels resume from the shards complete in both
+        done_labels = [completed_shards(out, label_split(name), ShardIndex.label_dtype)
+                       for name in SPLIT_NAMES]
+        for split, name in enumerate(SPLIT_NAMES):
+            common = min(len(done[split]), len(done_labels[split]))
+            for extra in done[split][common:] + done_labels[split][common:]:
+                (out / extra.file).unlink()
+                (out / extra.file).with_suffix(".json").unlink(missing_ok=True)
+            done[split], done_labels[split] = done[split][:common], done_labels[split][:common]
     skip = [sum(r.num_docs for r in records) for records in done]
     if any(skip):
         print_(f"resuming: {len(done[0])} train and {len(done[1])} validation shards are complete "
                f"({skip[0]} + {skip[1]} documents)")
     writers = [ShardWriter(out, name, dtype, args.shard_tokens, done[i])
                for i, name in enumerate(SPLIT_NAMES)]
+    label_writers = [ShardWriter(out, label_split(name), ShardIndex.label_dtype, args.shard_tokens,
+                                 done_labels[i]) for i, name in enumerate(SPLIT_NAMES)] if ner else []
 
     started = time.time()  # the tokenization pass: tokenizer training is reported apart
     total_bytes = sum(s.total_bytes or 0 for s in train_sources + val_sources) or None
-    progress = make_progress(total_bytes, args.no_progress)
+    progress = make_progress(total_bytes, args.no_progress, " sentences" if ner else "B")
     counts = Counts()
     docs = split_documents(train_sources, val_sources, args.val_fraction, counts)
+    if ner:
+        label_ids = {name: i for i, name in enumerate(labels)}
+        docs = ((split, (doc[0], [label_ids[t] for t in doc[1]]) if split is not None else doc, n)
+                for split, doc, n in docs)
     batches = batch_documents(docs, skip)
-    init = (str(out / "tokenizer.json"), eos_id, dtype.name)
+    init = (str(out / "tokenizer.json"), eos_id, dtype.name, prefix_id)
     if args.workers == 1:
         pool = InProcess(*init)
     else:
@@ -335,18 +461,22 @@ def main(argv=None) -> int:
                                    initializer=_init_tokenizer, initargs=init)
     tokens_done = 0
     try:
-        for (splits, nbytes), (tokens, lengths) in tokenize_in_order(batches, pool, args.workers):
+        tokenize = _tokenize_words if ner else _tokenize
+        for (splits, nbytes), (tokens, lengths, *codes) in tokenize_in_order(
+                batches, pool, args.workers, tokenize):
             ends = np.cumsum(lengths)
             starts = ends - lengths
             for split in (TRAIN, VALIDATION):
                 chosen = np.flatnonzero(splits == split)
                 if len(chosen) == 0:
                     continue
-                if len(chosen) == len(splits):
-                    writers[split].add(tokens, lengths)
-                else:
-                    parts = [tokens[starts[i]:ends[i]] for i in chosen]
-                    writers[split].add(np.concatenate(parts), lengths[chosen])
+                # the label codes, when there are any, go to their shards in the same cuts
+                for stream, split_writers in zip([tokens, *codes], (writers, label_writers)):
+                    if len(chosen) == len(splits):
+                        split_writers[split].add(stream, lengths)
+                    else:
+                        parts = [stream[starts[i]:ends[i]] for i in chosen]
+                        split_writers[split].add(np.concatenate(parts), lengths[chosen])
             tokens_done += len(tokens)
             progress.update(nbytes)
             elapsed = max(time.time() - started, 1e-9)
@@ -356,17 +486,13 @@ def main(argv=None) -> int:
         progress.close()
 
     records = [w.finish() for w in writers]
+    label_records = [w.finish() for w in label_writers]
     if counts.docs[TRAIN] == 0:
         raise empty_corpus_error(args.input)
     if args.validation_input and counts.docs[VALIDATION] == 0:
         raise UsageError(f"the validation inputs {', '.join(args.validation_input)} hold no "
                          f"non-empty document")
-    splits_json = {}
-    for i, name in enumerate(SPLIT_NAMES):
-        if records[i]:
-            splits_json[name] = {"num_tokens": sum(r.num_tokens for r in records[i]),
-                                 "num_docs": sum(r.num_docs for r in records[i]),
-                                 "shards": [r.__dict__ for r in records[i]]}
+    splits_json = splits_record(records)
     if "validation" not in splits_json and args.val_fraction:
         print_(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
                f"selects none; there is no validation split")
@@ -382,10 +508,14 @@ def main(argv=None) -> int:
                        sys.argv[1:] if argv is None else list(argv))},
         "stats": {"empty_docs_skipped": counts.empty, "replaced_bytes": replaced.count,
                   "files_with_replaced_bytes": replaced.files},
+        "special_ids": special_ids,
     }
+    if ner:
+        index["labels"] = {"names": labels, "dtype": ShardIndex.label_dtype.name,
+                           "splits": splits_record(label_records)}
     write_json_atomic(index_path, index)
     state_path.unlink(missing_ok=True)
-    for split_records, name in zip(records, SPLIT_NAMES):
+    for split_records in records + label_records:
         for r in split_records:  # the sidecars' job (resume) is done; index.json holds it all
             (out / r.file).with_suffix(".json").unlink(missing_ok=True)
 

@@ -200,6 +200,27 @@ class ShardIndex:
     splits: dict[str, list[ShardRecord]]
     raw: dict
 
+    # Token classification: a label stream parallel to the tokens (index.json "labels"), one
+    # int16 code per token: -1 for no label (special tokens), else 2 * label id + 1 if the token
+    # continues a word (a word's later sub-tokens), 2 * label id on a word's first sub-token.
+    # Alignment (-100 or B- -> I- on continuations) is chosen at training time from the codes.
+    label_dtype = np.dtype("int16")
+
+    @property
+    def task(self) -> str:
+        return self.raw.get("task", "clm")
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.raw.get("labels", {}).get("names", []))
+
+    def label_shards(self, split: str) -> list[ShardRecord]:
+        labels = self.raw.get("labels", {}).get("splits", {})
+        if split not in labels:
+            raise DataError(f"{self.root} has no token labels for its {split!r} split: it was not "
+                            f"prepared with --task token-classification")
+        return [ShardRecord.from_dict(r) for r in labels[split]["shards"]]
+
     @classmethod
     def load(cls, root: str | os.PathLike) -> "ShardIndex":
         root = Path(root)
@@ -231,15 +252,18 @@ class ShardIndex:
     def verify(self, split: str, full: bool = False) -> None:
         """Check each shard's size (truncation) and a hash: sampled blocks by default, the whole
         file's sha256 with full=True. Raises DataError naming the shard."""
-        for record in self.shards(split):
+        records = [(r, self.dtype) for r in self.shards(split)]
+        if "labels" in self.raw:
+            records += [(r, self.label_dtype) for r in self.label_shards(split)]
+        for record, dtype in records:
             path = self.root / record.file
             if not path.exists():
                 raise DataError(f"shard {path} listed in {INDEX_NAME} is missing; prepare again")
-            expected = record.num_tokens * self.dtype.itemsize
+            expected = record.num_tokens * dtype.itemsize
             actual = path.stat().st_size
             if actual != expected:
                 raise DataError(f"shard {path} is {actual} bytes, expected {expected} "
-                                f"({record.num_tokens} tokens of {self.dtype}): it is truncated or "
+                                f"({record.num_tokens} values of {dtype}): it is truncated or "
                                 f"was overwritten; prepare the data again")
             got = file_sha256(path) if full else sample_sha256(path)
             want = record.sha256 if full else record.sample_sha256

@@ -19,6 +19,10 @@ from train.errors import UsageError
 from train.shards import file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
+# The encoder tasks' tokenizer (BERT's conventions): [CLS] opens a document, [SEP] ends it.
+ENCODER_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                    "sep_token": "[SEP]", "mask_token": "[MASK]"}
+ENCODER_TASKS = ("mlm", "token-classification")
 # What a fast Hugging Face tokenizer needs; vocab/merges files are only for slow tokenizers.
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -85,25 +89,63 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
                                    unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False)
 
 
+def train_wordpiece(texts: Iterable[str], vocab_size: int):
+    """A cased WordPiece tokenizer with BERT's specials, for the encoder tasks (MLM, token
+    classification): `##` marks a word's continuation pieces, which is what whole-word masking
+    and label alignment need, and it splits pre-tokenized words as BertTokenizerFast does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(ENCODER_SPECIALS.values())
+    if vocab_size < len(specials) + 1:
+        raise UsageError(f"--train-tokenizer {vocab_size}: a WordPiece vocabulary needs more than "
+                         f"its {len(specials)} special tokens")
+    wordpiece = Tokenizer(models.WordPiece(unk_token=ENCODER_SPECIALS["unk_token"]))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                        show_progress=False)
+    wordpiece.train_from_iterator(texts, trainer)
+    cls_id, sep_id = (wordpiece.token_to_id(ENCODER_SPECIALS[k]) for k in ("cls_token", "sep_token"))
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    # No token_type_ids: BERT defaults them to zeros and DistilBERT has none.
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"],
+                                   **ENCODER_SPECIALS)
+
+
+def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """{"cls_token": id, "mask_token": id, ...} for the special tokens the tokenizer's configs
+    name and its vocabulary holds."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids = {}
+    for config_name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tokenizer_dir / config_name
+        if not path.exists():
+            continue
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, dict):
+                value = value.get("content")
+            if key.endswith("_token") and isinstance(value, str) and key not in ids \
+                    and tok.token_to_id(value) is not None:
+                ids[key] = tok.token_to_id(value)
+    return ids
+
+
 def tokenizer_facts(tokenizer_dir: Path, where: str = "the tokenizer") -> tuple[int, int]:
     """(vocabulary size with added tokens, id of the document separator: EOS, else SEP)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    names = {}
-    for config_name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = tokenizer_dir / config_name
-        if path.exists():
-            config = json.loads(path.read_text())
-            for key in ("eos_token", "sep_token"):
-                value = config.get(key)
-                if isinstance(value, dict):
-                    value = value.get("content")
-                if value:
-                    names.setdefault(key, value)
+    ids = special_token_ids(tokenizer_dir)
     for key in ("eos_token", "sep_token"):
-        if key in names and tok.token_to_id(names[key]) is not None:
-            return tok.get_vocab_size(with_added_tokens=True), tok.token_to_id(names[key])
+        if key in ids:
+            return tok.get_vocab_size(with_added_tokens=True), ids[key]
     raise UsageError(f"{where} has neither an EOS nor a SEP token to separate documents; set "
                      f"eos_token in its tokenizer_config.json or use --train-tokenizer")
 

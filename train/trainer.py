@@ -26,7 +26,8 @@ from train.config import Config, deepspeed_config, warmup_steps
 from train.errors import DataError, UsageError
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
 from train.preemption import StopRequest
-from train.model import PackedCausalLM
+from train.model import PackedModel, position_offset
+from train.tasks import make_task
 from train.shards import ShardIndex, file_sha256
 
 
@@ -38,9 +39,13 @@ class NonFiniteError(RuntimeError):
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def build_hf_model(cfg: Config, index: ShardIndex):
-    """A local Hugging Face model to fine-tune, or a new one from model.config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_hf_model(cfg: Config, index: ShardIndex, task):
+    """A local Hugging Face model to fine-tune, or a new one from model.config, with the head
+    of the task (a token classifier gets the data's label set)."""
+    import transformers
+    from transformers import AutoConfig
+
+    auto_model = getattr(transformers, task.auto_class)
 
     if cfg.model.name_or_path:
         name = cfg.model.name_or_path
@@ -48,7 +53,10 @@ def build_hf_model(cfg: Config, index: ShardIndex):
         if not path.exists() and name.startswith(("/", ".", "~")):  # a local path, not a hub name
             raise UsageError(f"model.name_or_path {name} does not exist")
         try:  # a hub name (org/model or gpt2) needs a network; say so rather than trace back
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            # a new label set replaces a classifier head of another size
+            extra = {"ignore_mismatched_sizes": True} if task.model_kwargs() else {}
+            model = auto_model.from_pretrained(name, dtype=torch.float32, **task.model_kwargs(),
+                                               **extra)
         except OSError as err:
             raise UsageError(f"model.name_or_path {name}: not a local model directory, and "
                              f"loading it by name failed ({str(err).splitlines()[0]})") from None
@@ -61,20 +69,24 @@ def build_hf_model(cfg: Config, index: ShardIndex):
     spec.setdefault("vocab_size", index.vocab_size)
     for key in ("bos_token_id", "eos_token_id"):
         spec.setdefault(key, index.eos_id)
+    special = index.raw.get("special_ids", {})
+    if "pad_token" in special:  # BERT-style embeddings reserve the pad row
+        spec.setdefault("pad_token_id", special["pad_token"])
     try:
-        hf_config = AutoConfig.for_model(model_type, **spec)
+        hf_config = AutoConfig.for_model(model_type, **spec, **task.model_kwargs())
     except (ValueError, KeyError) as err:
         raise UsageError(f"model.config: {err}") from None
     index.check_vocab(hf_config.vocab_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
-    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return auto_model.from_config(hf_config, dtype=torch.float32)
 
 
-def max_positions(hf_config) -> int | None:
+def max_positions(hf_model) -> int | None:
+    """How many positions the model's position table holds (RoBERTa's first ones are reserved)."""
     for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(hf_config, attr, None)
+        value = getattr(hf_model.config, attr, None)
         if isinstance(value, int):
-            return value
+            return value - position_offset(hf_model)
     return None
 
 
@@ -116,15 +128,17 @@ class Run:
 
         # Everything that can be wrong with the inputs is found before the process group exists.
         self.index = ShardIndex.load(cfg.data.path)
-        self.hf_model = build_hf_model(cfg, self.index)
-        self.max_pos = max_positions(self.hf_model.config)
+        self.task = make_task(cfg, self.index)
+        self.hf_model = build_hf_model(cfg, self.index, self.task)
+        self.max_pos = max_positions(self.hf_model)
         if self.max_pos and cfg.data.seq_len > self.max_pos:
             raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's "
                              f"{self.max_pos} positions; lower data.seq_len")
         self.loader = PackedLoader(cfg.data.path, "train", seq_len=cfg.data.seq_len,
                                    micro_batch_size=cfg.per_device_train_batch_size,
                                    rank=self.rank, world_size=self.world, seed=cfg.seed,
-                                   max_positions=self.max_pos, verify=cfg.data.verify)
+                                   max_positions=self.max_pos, verify=cfg.data.verify,
+                                   **self.task.loader_options)
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
@@ -154,7 +168,7 @@ class Run:
                                    verbose=False)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = PackedCausalLM(self.hf_model, self.cfg.kernels.attention,
+        self.model = PackedModel(self.hf_model, self.cfg.kernels.attention,
                                     self.cfg.kernels.cross_entropy)
         optimizer = lr_scheduler = None
         if "optimizer" not in self.ds_config:
@@ -216,13 +230,14 @@ class Run:
 
     # -- the loop -------------------------------------------------------------------------------
     def micro_batches(self):
-        return [next(self.train_iter) for _ in range(self.cfg.gradient_accumulation_steps)]
+        return [self.task.train_batch(next(self.train_iter))
+                for _ in range(self.cfg.gradient_accumulation_steps)]
 
-    def forward(self, batch):
+    def forward(self, batch, return_predictions: bool = False):
         t = as_torch(batch, self.device)
         return self.engine(input_ids=t["input_ids"], labels=t["labels"],
                            position_ids=t["position_ids"], cu_seqlens=t["cu_seqlens"],
-                           max_seqlen=t["max_seqlen"])
+                           max_seqlen=t["max_seqlen"], return_predictions=return_predictions)
 
     def train_step(self):
         """One optimizer step. Returns (loss sum, tokens) summed over ranks, as tensors."""
@@ -255,35 +270,49 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """eval_loss and perplexity = exp(token-averaged loss) over the validation split. Every
-        rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): a rank
-        with fewer batches repeats its last one with every label ignored."""
+        """eval_loss and perplexity = exp(token-averaged loss) over the validation split (token
+        classification: seqeval's entity precision, recall, F1 and token accuracy instead of
+        perplexity). Every rank runs the same number of forwards (ZeRO-3 gathers parameters
+        collectively): a rank with fewer batches repeats its last one with every label ignored."""
+        from train.ner_metrics import EntityCounter
+
         self.engine.eval()
         if self.eval_loader is None:  # opened once: it scans the split's EOSes
             self.eval_loader = PackedLoader(
                 self.cfg.data.path, self.cfg.data.validation_split, seq_len=self.cfg.data.seq_len,
                 micro_batch_size=self.cfg.per_device_eval_batch_size, rank=self.rank,
-                world_size=self.world, shuffle=False, max_positions=self.max_pos, verify="none")
+                world_size=self.world, shuffle=False, max_positions=self.max_pos, verify="none",
+                **self.task.loader_options)
         loader = self.eval_loader
-        mine = list(loader.one_pass())
+        mine = [self.task.eval_batch(b) for b in loader.one_pass()]
         per_rank = math.ceil(math.ceil(loader.num_samples / self.world) / loader.micro_batch_size)
         if self.cfg.eval_max_batches:
             per_rank = min(per_rank, self.cfg.eval_max_batches)
             mine = mine[:per_rank]
+        entities = EntityCounter() if self.task.reports_entities else None
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for i in range(per_rank):
             if i < len(mine):
                 batch = mine[i]
             else:
-                batch = dict(mine[-1] if mine else loader.batch(np.array([0])))
+                batch = dict(mine[-1] if mine else self.task.eval_batch(loader.batch(np.array([0]))))
                 batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
-            loss_sum, tokens = self.forward(batch)
+            loss_sum, tokens, *predicted = self.forward(batch, return_predictions=bool(entities))
             total += torch.stack([loss_sum.double(), tokens.double()])
+            if entities is not None:
+                self.task.update_entities(entities, batch, predicted[0].cpu().numpy())
         self.all_reduce(total)
         self.engine.train()
         loss = (total[0] / total[1].clamp(min=1)).item()
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700)),
-                "eval_tokens": int(total[1].item())}
+        record = {"eval_loss": loss, "eval_tokens": int(total[1].item())}
+        if entities is None:
+            record["perplexity"] = math.exp(min(loss, 700))
+        else:
+            counts = self.all_reduce(torch.tensor(entities.counts(), device=self.device,
+                                                  dtype=torch.float64))
+            scores = EntityCounter.scores([int(c) for c in counts.tolist()])
+            record.update({f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")})
+        return record
 
     def log(self, record: dict):
         if self.rank != 0:
@@ -398,12 +427,13 @@ class Run:
         return 0
 
     def summary(self):
+        metric = "eval_f1" if self.task.reports_entities else "perplexity"
         evals = [r for r in map(json.loads, (self.out / "metrics.jsonl").read_text().splitlines())
-                 if "perplexity" in r]
+                 if metric in r]
         line = f"done: {self.step} steps, {self.tokens_seen:,} tokens; model in {self.out / 'final'}"
         if evals:
-            line += (f"; eval perplexity {evals[0]['perplexity']:.1f} at step {evals[0]['step']} "
-                     f"-> {evals[-1]['perplexity']:.1f} at step {evals[-1]['step']}")
+            line += (f"; eval {metric.removeprefix('eval_')} {evals[0][metric]:.3f} at step "
+                     f"{evals[0]['step']} -> {evals[-1][metric]:.3f} at step {evals[-1]['step']}")
         print(line, file=sys.stderr)
 
     def agree_to_stop(self, local_reason: str | None) -> str | None:
