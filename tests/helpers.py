@@ -54,3 +54,44 @@ def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
     return path
+
+
+def synthetic_ner(n: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """An easy NER set: template sentences with persons, places and organisations drawn from
+    fixed lists (several of them two words long, so there are B- and I- tags), IOB2."""
+    import random
+
+    rng = random.Random(seed)
+    persons = [["Alice"], ["Bob", "Smithsonian"], ["Carla", "Jones"], ["Dmitri"], ["Eve", "Okafor"]]
+    places = [["Paris"], ["New", "York"], ["Kraków"], ["Buenos", "Aires"], ["Oslo"]]
+    orgs = [["Acme", "Corp"], ["Globex"], ["Initech", "Labs"], ["Umbrella"]]
+    templates = [
+        ("PER", "visited", "LOC", "on", "Monday", "."),
+        ("ORG", "hired", "PER", "in", "LOC", "."),
+        ("the", "office", "of", "ORG", "is", "in", "LOC"),
+        ("PER", "and", "PER", "work", "for", "ORG", "."),
+        ("nothing", "happened", "today", "."),
+    ]
+    pools = {"PER": persons, "LOC": places, "ORG": orgs}
+    sentences = []
+    for _ in range(n):
+        words, tags = [], []
+        for slot in rng.choice(templates):
+            if slot in pools:
+                entity = rng.choice(pools[slot])
+                words += entity
+                tags += [f"B-{slot}"] + [f"I-{slot}"] * (len(entity) - 1)
+            else:
+                words.append(slot)
+                tags.append("O")
+        sentences.append((words, tags))
+    return sentences
+
+
+def write_conll(path: Path, sentences) -> Path:
+    """CoNLL-2003 layout: -DOCSTART-, four columns, blank lines between sentences."""
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for words, tags in sentences:
+        lines += [f"{w} NN O {t}" for w, t in zip(words, tags)] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
