@@ -67,6 +67,7 @@ def validate(args):
     """The checks a job would fail on, run here. Returns (config, DeepSpeed config, world size)."""
     from train.config import deepspeed_config, load_config
     from train.shards import ShardIndex
+    from train.tasks import make_task
 
     cfg = load_config(args.config, args.overrides)
     tasks = args.gpus_per_node or args.tasks_per_node or 1
@@ -75,6 +76,7 @@ def validate(args):
         index = ShardIndex.load(cfg.data.path)
         model_vocab, hidden = model_sizes(cfg, index)
         index.check_vocab(model_vocab)
+        make_task(cfg, index)  # the data fits the task: a mask token for mlm, labels for NER
     else:
         model_vocab, hidden = model_sizes(cfg, None)
     out = Path(cfg.output_dir)

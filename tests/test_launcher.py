@@ -26,6 +26,8 @@ OK = [TINY, "data.path={data}", "output_dir={out}"]
      "/nonexistent/shards does not exist"),
     ("batch arithmetic", [*OK, 'deepspeed.config={{"train_batch_size": 7}}'],
      "batch arithmetic does not divide"),
+    ("mlm on clm shards", [*OK, "task=mlm"], "has no mask token"),
+    ("ner on clm shards", [*OK, "task=token-classification"], "has no label set"),
 ])
 def test_bad_input_exits_2_and_submits_nothing(prepared, tmp_path, case, args, expected):
     args = [a.format(data=prepared, out=tmp_path / "o") for a in args]

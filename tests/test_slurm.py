@@ -167,3 +167,23 @@ def test_sbatch_refusal_is_one_readable_line(cluster, data, tmp_path):
     assert res.returncode == 2
     assert "sbatch refused the job:" in res.stderr and "Traceback" not in res.stderr
     assert "partition" in res.stderr.lower()
+
+
+@NEEDS_SLURM
+def test_mlm_sbatch_script_trains_bert_on_two_nodes(cluster, corpus_dir, tmp_path):
+    data = tmp_path / "mlm-data"
+    res = run_cli("-m", "train.prepare", "--task", "mlm", "--input", str(corpus_dir / "a.jsonl"),
+                  "--output", str(data), "--train-tokenizer", "400", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "mlm"
+    out.mkdir()
+    job = slurm(cluster, "sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1",
+                f"--output={out}/slurm-%j.out", str(REPO / "slurm" / "mlm.sh"),
+                str(REPO / "configs" / "tiny-mlm.yaml"), f"data.path={data}",
+                f"output_dir={out / 'run'}", "max_steps=30", "logging_steps=5", "eval_steps=15",
+                "data.seq_len=64", "per_device_train_batch_size=8").strip().split(";")[0]
+    assert wait(cluster, job) == "COMPLETED", (out / f"slurm-{job}.out").read_text()[-3000:]
+    got = losses(out / "run")
+    assert sorted(got) == list(range(5, 31, 5)) and got[30] < got[5] - 0.5
+    from transformers import AutoModelForMaskedLM
+    assert AutoModelForMaskedLM.from_pretrained(out / "run" / "final").config.model_type == "bert"
