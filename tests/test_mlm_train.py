@@ -80,6 +80,12 @@ def test_two_ranks_masked_lm(mlm_corpus, tmp_path, stage):
     again = exported_eval_loss(out / "final", mlm_corpus, seq_len=64, seed=42)
     assert abs(again - evals[-1]["eval_loss"]) < 1e-4, (again, evals[-1])
 
+    # train.evaluate on the export reproduces it too (the same code path as the run's eval)
+    res = run_cli("-m", "train.evaluate", "--model", str(out / "final"), "--data", str(mlm_corpus),
+                  "--seq-len", "64")  # the masking settings come from the export
+    assert res.returncode == 0, res.stderr
+    assert abs(json.loads(res.stdout)["eval_loss"] - evals[-1]["eval_loss"]) < 1e-4
+
     from transformers import pipeline
 
     fill = pipeline("fill-mask", model=str(out / "final"))

@@ -149,6 +149,12 @@ def test_two_ranks_reach_high_f1_and_the_export_works_in_the_pipeline(ner_data, 
     assert evals[0]["eval_f1"] < 0.5  # an untrained head
     assert evals[-1]["eval_f1"] > 0.95, evals  # the set is easy: names come from short lists
     assert "eval f1" in res.stderr
+    res = run_cli("-m", "train.evaluate", "--model", str(out / "final"), "--data", str(ner_data),
+                  "--seq-len", "64")
+    assert res.returncode == 0, res.stderr
+    again = json.loads(res.stdout)
+    for key in ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"):
+        assert abs(again[key] - evals[-1][key]) < 1e-4, key
 
     from transformers import pipeline
 

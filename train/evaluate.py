@@ -1,64 +1,120 @@
-"""Perplexity of a model directory on a prepared shard directory.
+"""Evaluate a model directory on a prepared shard directory, the way the run's own eval does.
 
     python -m train.evaluate --model runs/tiny-clm/final --data data/stdlib [--split validation]
+    python -m train.evaluate --model runs/tiny-mlm/final --data data/stdlib-mlm --whole-word-masking
+    python -m train.evaluate --model runs/tiny-token-classification/final --data data/stdlib-ner
 
-Prints one JSON line: eval_loss (mean nats per predicted token, documents never seeing each
-other) and perplexity = exp(eval_loss), as the Hugging Face course computes it.
+The task follows from the model's architecture. Prints one JSON line: eval_loss (mean nats per
+labelled token, documents never seeing each other) and perplexity = exp(eval_loss), as the
+Hugging Face course computes it; a masked LM is scored under the same fixed masking the run's eval
+uses, and a token classifier with the run's label alignment, both read from the export's
+train_config.json (flags override them); a token classifier reports entity precision, recall,
+F1 and accuracy instead of perplexity.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from train.errors import exits_cleanly_on_usage_error
+from train.errors import UsageError, exits_cleanly_on_usage_error
 
 
-def perplexity(model_dir: str, data_dir: str, split: str = "validation", seq_len: int = 128,
-               batch_size: int = 8, max_batches: int | None = None) -> dict:
+def task_of(model_dir: str) -> str:
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        raise UsageError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
+    architecture = (json.loads(config.read_text()).get("architectures") or [""])[0]
+    if architecture.endswith("ForMaskedLM"):
+        return "mlm"
+    if architecture.endswith("ForTokenClassification"):
+        return "token-classification"
+    return "clm"
+
+
+# What eval depends on besides the model and the data: the masking and the label alignment.
+EVAL_SETTINGS = ("seed", "data.mlm_probability", "data.whole_word_masking", "data.label_all_tokens")
+
+
+def run_config(model_dir: str, **overrides):
+    """The exporting run's eval settings (from train_config.json; defaults when absent), with
+    overrides given as dotted keys whose value is not None."""
+    from train.config import Config
+    from train.export import TRAIN_CONFIG
+
+    saved = Path(model_dir) / TRAIN_CONFIG
+    raw = json.loads(saved.read_text()) if saved.exists() else {}
+    cfg = Config(task=task_of(model_dir))
+    for key in EVAL_SETTINGS:
+        section, _, name = key.rpartition(".")
+        value = overrides.get(key)
+        if value is None:
+            value = (raw.get(section, {}) if section else raw).get(name)
+        if value is not None:
+            setattr(getattr(cfg, section) if section else cfg, name, value)
+    return cfg
+
+
+def evaluate(model_dir: str, data_dir: str, split: str = "validation", seq_len: int = 128,
+             batch_size: int = 8, max_batches: int | None = None, **overrides) -> dict:
     import torch
+    import transformers
 
-    from train.generate import load
     from train.loader import PackedLoader, as_torch
     from train.model import PackedModel
-    from train.shards import file_sha256
+    from train.ner_metrics import EntityCounter
+    from train.shards import ShardIndex, file_sha256
+    from train.tasks import eval_record, make_task
     from train.trainer import max_positions
 
-    model, _ = load(model_dir)
+    cfg = run_config(model_dir, **overrides)
+    task = make_task(cfg, ShardIndex.load(data_dir))
+    model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
     tokenizer_json = Path(model_dir) / "tokenizer.json"
     loader = PackedLoader(data_dir, split, seq_len=seq_len, micro_batch_size=batch_size,
-                          shuffle=False, max_positions=max_positions(model))
+                          shuffle=False, max_positions=max_positions(model), **task.loader_options)
     loader.index.check_vocab(model.config.vocab_size,
                              file_sha256(tokenizer_json) if tokenizer_json.exists() else None)
     wrapped = PackedModel(model)
+    entities = EntityCounter() if task.reports_entities else None
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(loader.one_pass()):
             if max_batches is not None and i >= max_batches:
                 break
+            batch = task.eval_batch(batch)
             t = as_torch(batch)
-            loss_sum, n = wrapped(t["input_ids"], t["labels"], t["position_ids"], t["cu_seqlens"],
-                                  t["max_seqlen"])
+            loss_sum, n, *predicted = wrapped(t["input_ids"], t["labels"], t["position_ids"],
+                                              t["cu_seqlens"], t["max_seqlen"],
+                                              return_predictions=entities is not None)
             total += loss_sum.item()
             tokens += int(n)
-    loss = total / max(tokens, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": tokens}
+            if entities is not None:
+                task.update_entities(entities, batch, predicted[0].numpy())
+    return eval_record(total, tokens, entities.counts() if entities else None)
 
 
 @exits_cleanly_on_usage_error
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="validation")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batches", type=int)
+    # default: the exporting run's values, from the export's train_config.json
+    ap.add_argument("--seed", type=int, help="masked LM: the seed of the eval masking")
+    ap.add_argument("--mlm-probability", type=float)
+    ap.add_argument("--whole-word-masking", action=argparse.BooleanOptionalAction)
+    ap.add_argument("--label-all-tokens", action=argparse.BooleanOptionalAction)
     args = ap.parse_args(argv)
-    print(json.dumps(perplexity(args.model, args.data, args.split, args.seq_len, args.batch_size,
-                                args.max_batches)))
+    print(json.dumps(evaluate(args.model, args.data, args.split, args.seq_len, args.batch_size,
+                              args.max_batches, **{
+                                  "seed": args.seed, "data.mlm_probability": args.mlm_probability,
+                                  "data.whole_word_masking": args.whole_word_masking,
+                                  "data.label_all_tokens": args.label_all_tokens})))
     return 0
 
 

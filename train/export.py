@@ -4,10 +4,13 @@ The weights are the engine's: under ZeRO-3 each rank holds a shard, so they are 
 one full state dict on rank 0 first (DeepSpeed's `zero_to_fp32` route breaks on tied weights with
 safetensors; `save_pretrained` with the gathered dict knows the model's tied keys). The head and
 attention are put back to plain nn.Linear and SDPA, and the shards' tokenizer is copied beside
-the weights. The directory is written under a temporary name and renamed when complete.
+the weights, with the run's resolved config as train_config.json (what `train.evaluate` needs to
+score the export exactly as the run did: seed, masking, label alignment). The directory is
+written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +20,11 @@ from train.tokenizer import HF_FILES
 PREFIX = "hf_model."
 
 
-def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barrier) -> None:
+TRAIN_CONFIG = "train_config.json"
+
+
+def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barrier,
+                 config: dict | None = None) -> None:
     gathered = None
     if engine.zero_optimization_stage() == 3:
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
@@ -32,6 +39,8 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
         for name in HF_FILES:
             if (data_dir / name).exists():
                 shutil.copyfile(data_dir / name, tmp / name)
+        if config is not None:
+            (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.rename(tmp, final_dir)

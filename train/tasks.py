@@ -111,6 +111,23 @@ class TokenClassification(CausalLM):
             counter.update([self.names[i] for i in true[at]], [self.names[i] for i in pred[at]])
 
 
+def eval_record(loss_sum: float, tokens: int, entity_counts: list[int] | None = None) -> dict:
+    """What an eval reports: eval_loss (mean nats per labelled token) and perplexity, or, for a
+    token classifier, seqeval's entity precision, recall, F1 and token accuracy."""
+    import math
+
+    from train.ner_metrics import EntityCounter
+
+    loss = loss_sum / max(tokens, 1)
+    record = {"eval_loss": loss, "eval_tokens": int(tokens)}
+    if entity_counts is None:
+        record["perplexity"] = math.exp(min(loss, 700))
+    else:
+        scores = EntityCounter.scores([int(c) for c in entity_counts])
+        record.update({f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")})
+    return record
+
+
 TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification)}
 
 

@@ -27,7 +27,7 @@ from train.errors import DataError, UsageError
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
 from train.preemption import StopRequest
 from train.model import PackedModel, position_offset
-from train.tasks import make_task
+from train.tasks import eval_record, make_task
 from train.shards import ShardIndex, file_sha256
 
 
@@ -303,16 +303,11 @@ class Run:
                 self.task.update_entities(entities, batch, predicted[0].cpu().numpy())
         self.all_reduce(total)
         self.engine.train()
-        loss = (total[0] / total[1].clamp(min=1)).item()
-        record = {"eval_loss": loss, "eval_tokens": int(total[1].item())}
-        if entities is None:
-            record["perplexity"] = math.exp(min(loss, 700))
-        else:
+        counts = None
+        if entities is not None:
             counts = self.all_reduce(torch.tensor(entities.counts(), device=self.device,
-                                                  dtype=torch.float64))
-            scores = EntityCounter.scores([int(c) for c in counts.tolist()])
-            record.update({f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")})
-        return record
+                                                  dtype=torch.float64)).tolist()
+        return eval_record(total[0].item(), int(total[1].item()), counts)
 
     def log(self, record: dict):
         if self.rank != 0:
@@ -467,7 +462,7 @@ class Run:
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
         from train.export import export_final
         export_final(self.engine, self.model, self.out / "final", Path(self.cfg.data.path),
-                     self.rank, self.barrier)
+                     self.rank, self.barrier, config=self.cfg.to_dict())
 
 
 def run(cfg: Config) -> int:
