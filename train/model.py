@@ -157,6 +157,10 @@ class PackedModel(nn.Module):
         architecture = type(hf_model).__name__
         self.family = FAMILIES.get(architecture)
         self.position_offset = position_offset(hf_model)
+        # decoders would build a KV cache no one reads; encoders take no such argument
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self._no_cache = {"use_cache": False} if causal else {}
         if self.family is None:
             log.warning("%s has no kernel wiring (supported: %s); it keeps its own attention and "
                         "loss", architecture, ", ".join(sorted(FAMILIES)))
@@ -167,14 +171,6 @@ class PackedModel(nn.Module):
         head.ce_backend = cross_entropy
         if self.family.softcap_attr:
             head.softcap = getattr(hf_model.config, self.family.softcap_attr, None)
-
-    @property
-    def _no_cache(self) -> dict:
-        # decoders would build a KV cache no one reads; encoders take no such argument
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        causal = type(self.hf_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        return {"use_cache": False} if causal else {}
 
     @property
     def wired(self) -> bool:

@@ -207,10 +207,6 @@ class ShardIndex:
     label_dtype = np.dtype("int16")
 
     @property
-    def task(self) -> str:
-        return self.raw.get("task", "clm")
-
-    @property
     def label_names(self) -> list[str]:
         return list(self.raw.get("labels", {}).get("names", []))
 

@@ -27,7 +27,7 @@ class CausalLM:
     reports_entities = False
 
     def __init__(self, cfg, index: ShardIndex):
-        self.cfg, self.index = cfg, index
+        self.cfg = cfg
 
     def model_kwargs(self) -> dict:
         """Extra config values for a model built or loaded for this task."""

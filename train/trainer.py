@@ -11,6 +11,7 @@ Read top to bottom in the order things happen in `run`:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -284,11 +285,11 @@ class Run:
                 world_size=self.world, shuffle=False, max_positions=self.max_pos, verify="none",
                 **self.task.loader_options)
         loader = self.eval_loader
-        mine = [self.task.eval_batch(b) for b in loader.one_pass()]
         per_rank = math.ceil(math.ceil(loader.num_samples / self.world) / loader.micro_batch_size)
         if self.cfg.eval_max_batches:
             per_rank = min(per_rank, self.cfg.eval_max_batches)
-            mine = mine[:per_rank]
+        # only the batches this eval uses are built (and masked)
+        mine = [self.task.eval_batch(b) for b in itertools.islice(loader.one_pass(), per_rank)]
         entities = EntityCounter() if self.task.reports_entities else None
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for i in range(per_rank):
@@ -297,7 +298,7 @@ class Run:
             else:
                 batch = dict(mine[-1] if mine else self.task.eval_batch(loader.batch(np.array([0]))))
                 batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
-            loss_sum, tokens, *predicted = self.forward(batch, return_predictions=bool(entities))
+            loss_sum, tokens, *predicted = self.forward(batch, return_predictions=entities is not None)
             total += torch.stack([loss_sum.double(), tokens.double()])
             if entities is not None:
                 self.task.update_entities(entities, batch, predicted[0].cpu().numpy())
