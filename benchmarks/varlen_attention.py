@@ -8,7 +8,9 @@ Documents with lengths drawn like the python-stdlib corpus's (many short, a long
   * ours: kernels.varlen_attention (Triton on CUDA, the grouped-SDPA fallback on CPU);
   * padded SDPA: one row per document, padded to the longest, causal + key-padding mask (what a
     padded Hugging Face batch does);
-  * FlexAttention with a document mask (a BlockMask from document ids), compiled.
+  * FlexAttention with a document mask (a BlockMask from document ids), compiled;
+  * flash-attn's flash_attn_varlen_func, where the flash-attn package is installed (GPU).
+--kv-heads below --heads makes it grouped-query attention (every variant gets the same K/V).
 Correctness first (each against the fp32 reference on a small problem), then p20/p50/p80 and the
 peak memory each adds. FLOPs (causal): 4 * sum(L_i^2 / 2) * H * D forward, 2.5x that backward.
 Target (issue 3): on an H100, at least as fast as FlexAttention's document mask.
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RssSampler, machine, write_results  # noqa: E402
+from benchmarks.roofline import napkin, napkin_line  # noqa: E402
+from kernels.testing import assert_close_scaled  # noqa: E402
 from kernels.varlen_attention import reference_varlen_attention, varlen_attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +52,8 @@ def padded_sdpa(q, k, v, cu, lengths):
     idx = cu[:-1].long()[:, None] + torch.arange(Lmax, device=q.device)
     valid = torch.arange(Lmax, device=q.device)[None, :] < lens[:, None]   # [S, Lmax]
     idx = torch.where(valid, idx, 0)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)     # GQA: [T, Hq, D]
     qs, ks, vs = (x[idx].transpose(1, 2) for x in (q, k, v))                # [S, H, Lmax, D]
     mask = valid[:, None, None, :] & torch.ones(Lmax, Lmax, dtype=torch.bool,
                                                 device=q.device).tril()
@@ -71,9 +77,24 @@ def make_flex(cu):
     def run(q, k, v):
         # [T, H, D] -> [1, H, T, D]
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask)
+                       block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
         return out[0].transpose(0, 1)
     return run
+
+
+def make_flash_attn(cu, lengths):
+    from flash_attn import flash_attn_varlen_func  # GQA natively
+
+    return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths),
+                                                  causal=True)
+
+
+def attention_bytes(T, Hq, Hkv, D, itemsize):
+    """HBM bytes of FlashAttention-2's minimum: forward reads Q, K, V and writes O and the lse;
+    backward reads Q, K, V, O, dO and the lse and writes dQ, dK, dV (K/V re-reads per query
+    block stay in L2 at best and are not counted)."""
+    q, kv, lse = T * Hq * D * itemsize, T * Hkv * D * itemsize, T * Hq * 4
+    return (q + 2 * kv + q + lse) + (3 * q + 2 * kv + lse + q + 2 * kv)
 
 
 def time_variant(fn, q, k, v, repeats, device):
@@ -103,6 +124,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (GQA); default: --heads")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--dtype", default="fp32", choices=DTYPES)
@@ -112,14 +134,15 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     H, D = args.heads, args.head_dim
+    Hkv = args.kv_heads or H
 
     def tensors(lengths, seed=0):
         g = torch.Generator().manual_seed(seed)
         T = sum(lengths)
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                           device=device)
-        return [torch.randn(T, H, D, generator=g).to(device, dtype).requires_grad_()
-                for _ in range(3)], cu
+        return [torch.randn(T, h, D, generator=g).to(device, dtype).requires_grad_()
+                for h in (H, Hkv, Hkv)], cu
 
     variants = {"ours": lambda cu, lengths: (lambda q, k, v: varlen_attention(
                     q, k, v, cu, max(lengths))),
@@ -127,25 +150,38 @@ def main():
     flex_note = "skipped (--no-flex)"
     if not args.no_flex:
         variants["flex_document_mask"] = lambda cu, lengths: make_flex(cu)
+    try:
+        import flash_attn  # noqa: F401
+        flash_note = f"flash-attn {flash_attn.__version__}"
+        if device == "cuda":
+            variants["flash_attn_varlen"] = make_flash_attn
+    except ImportError:
+        flash_note = "not installed"
 
     # Correctness: 300 tokens in documents of lengths up to 100, fp32 reference.
     small = doc_lengths(300, 100, seed=1)
     (q, k, v), cu = tensors(small, seed=1)
-    ref = reference_varlen_attention(q.float(), k.float(), v.float(), cu.cpu())
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = reference_varlen_attention(*ref_in, cu.cpu())
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad)
     checks = {}
     for name, make in list(variants.items()):
         try:
             out = make(cu, small)(q, k, v)
-            err = (out.float() - ref).abs().max().item()
-            checks[name] = f"max error {err:.1e}"
-            if err > tol:
-                sys.exit(f"{name} is wrong: max error {err}")
+            got_grads = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
         except Exception as exc:  # FlexAttention may not compile on this machine
             if name != "flex_document_mask":
                 raise
             flex_note = f"unavailable here: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             del variants[name]
+            continue
+        try:  # output and every gradient, relative to each one's scale (kernels/testing.py)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *got_grads), (ref, *ref_grads)):
+                assert_close_scaled(a.float(), b, dtype, what)
+        except AssertionError as err:
+            sys.exit(f"{name} is wrong: {err}")
+        checks[name] = "ok"
     if "flex_document_mask" in variants:
         flex_note = "compiled with torch.compile"
 
@@ -156,6 +192,7 @@ def main():
         results[name] = time_variant(make(cu, lengths), q, k, v, args.repeats, device)
     attended = sum(n * (n + 1) // 2 for n in lengths)
     flops = 4 * attended * H * D * 3.5  # forward 1x + backward 2.5x
+    traffic = attention_bytes(sum(lengths), H, Hkv, D, torch.finfo(dtype).bits // 8)
     info = machine()
     base = results["padded_sdpa"][0][len(results["padded_sdpa"][0]) // 2]
     rows = []
@@ -168,17 +205,22 @@ def main():
 Machine: {info.get('gpu', info['cpu'])}, {info['cores']} cores, {info['memory_gib']} GiB; torch
 {info.get('torch')}; {info['date']}, commit {info['commit']}.
 Problem: {args.tokens} tokens in {len(lengths)} documents (longest {max(lengths)}, mean
-{sum(lengths) / len(lengths):.0f}), {H} heads, head dim {D}, {args.dtype}; {args.repeats} repeats
+{sum(lengths) / len(lengths):.0f}), {H} query heads, {Hkv} key/value heads, head dim {D},
+{args.dtype}; {args.repeats} repeats
 after one warm-up. {'GPU: none was available to this session; CPU figures (ours = the grouped-SDPA fallback).' if device == 'cpu' else ''}
 Correctness (300 tokens, against the fp32 reference): {', '.join(f'{k}: {v}' for k, v in checks.items())}.
-FlexAttention: {flex_note}.
+FlexAttention: {flex_note}. flash-attn: {flash_note}.
+Napkin math, per variant at p50 (causal FLOPs 4 * sum(L^2 / 2) * H * D * 3.5 for forward and
+backward; bytes: FlashAttention-2's minimum traffic):
+{chr(10).join(f"- {name}: " + napkin_line(napkin(flops, traffic, t[len(t) // 2], info.get('gpu', ''), 'fp32' if dtype == torch.float32 else 'bf16')) for name, (t, _) in results.items())}
 
 | variant | p20 ms | p50 ms | p80 ms | peak MiB added | TFLOP/s | speed vs padded SDPA |
 |---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """
-    write_results(f"varlen_attention_{device}", {
-        "machine": info, "args": vars(args), "checks": checks, "flex": flex_note,
+    suffix = "" if device == "cpu" else f"_d{D}" + (f"_gqa{H // Hkv}" if Hkv != H else "")
+    write_results(f"varlen_attention_{device}{suffix}", {
+        "machine": info, "args": vars(args), "checks": checks, "flex": flex_note, "flash_attn": flash_note,
         "results": {k: {"times": t, "peak_bytes": m} for k, (t, m) in results.items()}}, md)
 
 

@@ -17,11 +17,13 @@ the public function, and the fp32 reference used by tests and benchmarks.
 """
 from __future__ import annotations
 
-import math
+import logging
 
 import torch
 
 from kernels import backend
+
+log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -91,6 +93,27 @@ if triton is not None:
                 tl.store(row_ptr + cols, d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# (BLOCK_V, num_warps) choices of the row kernel: the smallest block that holds the whole row,
+# else the largest. One program per row. Liger's 32K columns on 32 warps spill registers on
+# sm_80 and sm_90 (32 fp32 values per thread under the 64-register cap of a 1024-thread block;
+# `python -m kernels.aot` shows it): 8K columns on 16 warps keep 16 per thread in at most 108
+# registers, no spills, and V = 128K takes 16 iterations per pass. Small vocabularies (a token
+# classifier's labels) get a small block rather than 8K masked lanes. The interpreter stops at
+# 4K to stay quick.
+ROW_BLOCKS = {"cuda": ((1024, 4), (8192, 16)), "interpreter": ((1024, 4), (4096, 8))}
+
+
+def row_kernel_launch(V: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel for a vocabulary of V."""
+    blocks = ROW_BLOCKS["cuda" if on_gpu else "interpreter"]
+    return next((b for b in blocks if V <= b[0]), blocks[-1])
+
+
+def row_kernel_launches() -> tuple[tuple[int, int], ...]:
+    """Every (BLOCK_V, num_warps) row_kernel_launch can choose on a GPU."""
+    return ROW_BLOCKS["cuda"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Row functions: (logits chunk, targets, per-row gradient scale) -> loss, lse; grads in place
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +123,10 @@ def ce_rows_triton(logits, target, scale, *, ignore_index, label_smoothing, z_lo
     C, V = logits.shape
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
     lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    # One program per row; 32K columns per block keeps a row's two passes to a handful of
-    # iterations even at V = 128K (Liger measured the same sweet spot).
-    block_v = min(triton.next_power_of_2(V), 32768 if logits.is_cuda else 4096)
+    block_v, warps = row_kernel_launch(V, logits.is_cuda)
     _ce_rows_kernel[(C,)](logits, logits.stride(0), target, scale, loss, lse, V, ignore_index,
                           label_smoothing, z_loss, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
-                          COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-                          num_warps=32 if block_v >= 8192 else 8)
+                          COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=warps)
     return loss, lse
 
 
@@ -147,27 +167,61 @@ def ce_rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_los
 # Chunked driver
 # ---------------------------------------------------------------------------------------------
 
-# Logits per chunk: 2**25 elements (128 MiB in fp32, 64 MiB in bf16). Measured on the 2-core
+# Logits per chunk, by device. CPU: 2**25 elements (128 MiB in fp32). Measured on the 2-core
 # CPU at N=8192, H=256, V=50257 (fp32, forward + backward, vs. materialized logits): 64-row
 # chunks 0.98x the speed, 256 rows 1.07x, 512 rows 1.21x at 1/17 of the peak memory, 1024 rows
-# 1.21x at only 1/10 (logsumexp's temporary doubles a chunk). An H100 at V=128256 gets 256 rows.
-CHUNK_ELEMENTS = 2**25
+# 1.21x at only 1/10 (logsumexp's temporary doubles a chunk).
+# GPU: 2**28 elements (512 MiB in bf16), i.e. 2048 rows at V = 128256 and 4096 at V = 50257.
+# Each chunk runs three GEMMs; the grad_weight one, [V, C] x [C, H], has the chunk's rows as
+# its inner dimension, and cuBLAS needs that to be >= 1-2K to stay near peak on A100/H100
+# (at 256 rows it is a thin, bandwidth-bound product that rereads all of grad_weight, V*H*4
+# bytes, for 2*C*V*H FLOPs). The chunk's logits are ~1/8 of the fp32 grad_weight at H = 4096.
+CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}
 
 
-def rows_per_chunk(N: int, H: int, V: int) -> int:
-    """Rows per chunk: the largest power of two whose logits fit CHUNK_ELEMENTS, at least 1."""
-    rows = 1 << max(0, (CHUNK_ELEMENTS // max(V, 1)).bit_length() - 1)
+def rows_per_chunk(N: int, H: int, V: int, device_type: str = "cpu") -> int:
+    """Rows per chunk: the largest power of two whose logits fit the device's CHUNK_ELEMENTS,
+    at least 1, at most N."""
+    budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"])
+    rows = 1 << max(0, (budget // max(V, 1)).bit_length() - 1)
     return max(1, min(N, rows))
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, from low-precision inputs without rounding the product."""
+_addmm_out_dtype_works: dict[torch.device, bool] = {}
+
+
+def _addmm_out_dtype(device: torch.device) -> bool:
+    """Whether torch.addmm(acc_fp32, a_16bit, b_16bit, out_dtype=float32, out=acc) accumulates in
+    place on this device (CUDA, with torch's out_dtype matmuls). Probed once per device."""
+    if device not in _addmm_out_dtype_works:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(4, 8, dtype=torch.bfloat16, device=device)
+                acc = torch.ones(4, 4, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a.T, out_dtype=torch.float32, out=acc)
+                ok = bool((acc == 9).all())
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+            if not ok:
+                log.warning("torch %s cannot accumulate 16-bit matmuls into fp32 in place "
+                            "(addmm out_dtype); the fused cross-entropy adds a [V, H] 16-bit "
+                            "product per chunk instead (slower; torch >= 2.8 avoids it)",
+                            torch.__version__)
+        _addmm_out_dtype_works[device] = ok
+    return _addmm_out_dtype_works[device]
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 accumulator, in place, with the product accumulated in fp32."""
     if a.dtype == torch.float32:
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # older torch, or a device without out_dtype support
-        return (a.float() @ b.float())
+        acc.addmm_(a, b)
+    elif _addmm_out_dtype(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:  # cuBLAS accumulates in fp32 and rounds the product once
+        acc += a @ b
+    else:  # CPU: an fp32 product, exact (the CPU fallback rarely sees 16-bit weights)
+        acc.addmm_(a.float(), b.float())
 
 
 def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_fn,
@@ -181,7 +235,7 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
     grad_weight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if compute_grad else None
     grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
                  if compute_grad and bias is not None else None)
-    step = rows_per_chunk(N, H, V)
+    step = rows_per_chunk(N, H, V, hidden.device.type)
     for start in range(0, N, step):
         h = hidden[start:start + step]
         logits = h @ weight.T  # [C, V] in the input dtype, fp32 accumulation in the matmul
@@ -193,12 +247,9 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
         loss[start:start + step] = chunk_loss
         if compute_grad:  # `logits` now holds d loss / d logits, scaled per row
             torch.mm(logits, weight, out=grad_hidden[start:start + step])
-            if logits.dtype == torch.float32:
-                grad_weight.addmm_(logits.T, h)  # in place: no [V, H] temporary per chunk
-            else:
-                grad_weight += _mm_fp32(logits.T, h)
+            _accumulate(grad_weight, logits.T, h)  # in place: no [V, H] temporary per chunk
             if grad_bias is not None:
-                grad_bias += logits.float().sum(0)
+                grad_bias += logits.sum(0, dtype=torch.float32)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
@@ -207,19 +258,23 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
 # ---------------------------------------------------------------------------------------------
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
+    """The loss comes back in fp32 whatever the inputs' dtype: a bf16 sum over 10^4 tokens would
+    round by ~0.4%, and the logged loss and eval NLL are read from it."""
+
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, which):
+                z_loss, softcap, which, needs_grad):
         rows_fn = ce_rows_triton if which == "triton" else ce_rows_torch
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                        softcap=softcap)
         valid = target != ignore_index
         # A tensor, not .item(): no host sync. All-ignored batches divide by 1, giving 0.
         n_valid = valid.sum().clamp(min=1).float()
-        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
         ctx.reduction = reduction
-        ctx.has_bias = bias is not None
-        if reduction == "none" or not needs_grad:
+        if not needs_grad:  # eval, or nothing requires grad: a forward pass and nothing more
+            loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
+                                         rows_fn=rows_fn, compute_grad=False)
+        elif reduction == "none":
             loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
                                          rows_fn=rows_fn, compute_grad=False)
             ctx.save_for_backward(hidden, weight, target, bias)
@@ -232,9 +287,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(gh, gw, gb)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":
-            return loss.to(hidden.dtype)
+            return loss
         total = loss.sum()
-        return (total / n_valid if reduction == "mean" else total).to(hidden.dtype)
+        return total / n_valid if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -246,12 +301,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                                               options=options, rows_fn=rows_fn, compute_grad=True)
             grads = (gh, gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
         else:
+            # The forward computed the gradients of the loss itself; scale them by the incoming
+            # gradient in place (no new [V, H] buffer), then cast to the parameters' dtypes.
             gh, gw, gb = ctx.saved_tensors
             g = grad_output.float()
             wdtype, bdtype = ctx.dtypes
-            grads = ((gh * g).to(gh.dtype), (gw * g).to(wdtype),
-                     None if gb is None else (gb * g).to(bdtype))
-        return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
+            gh.mul_(g)
+            gw.mul_(g)
+            if gb is not None:
+                gb.mul_(g)
+            grads = (gh, gw.to(wdtype), None if gb is None else gb.to(bdtype))
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100,
@@ -261,7 +321,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     materializing the [N, V] logits. `reduction` is "mean" (over non-ignored tokens), "sum" or
     "none"; `label_smoothing` as in torch.nn.functional.cross_entropy; `z_loss` adds
     z_loss * lse**2 per valid token; `softcap` caps logits with softcap * tanh(logits / softcap).
-    A batch whose tokens are all ignored has loss 0."""
+    A batch whose tokens are all ignored has loss 0. The loss is fp32 for any input dtype."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction {reduction!r} is not one of mean, sum, none")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -270,9 +330,13 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     if target.shape != (hidden.shape[0],):
         raise ValueError(f"target {tuple(target.shape)} must be [N] = [{hidden.shape[0]}]")
     which = backend.resolve(backend_name, hidden.device)
+    # Decided here: inside Function.forward grad mode is always off, and ctx.needs_input_grad
+    # follows requires_grad, not torch.no_grad(), so eval would pay for the gradient GEMMs.
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
     return FusedLinearCrossEntropy.apply(hidden, weight, target.long().contiguous(), bias,
                                          ignore_index, reduction, float(label_smoothing),
-                                         float(z_loss), softcap, which)
+                                         float(z_loss), softcap, which, needs_grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,14 +9,19 @@ A token attends only within its own sequence (causally, or bidirectionally for M
 multiple of Hkv (grouped-query attention: query head h reads key/value head h // (Hq / Hkv)).
 
 Triton: FlashAttention-2. The forward runs one program per (query block, sequence, head) with an
-online softmax and saves the log-sum-exp; no [T, T] matrix exists. The backward recomputes the
-probabilities block by block: one kernel accumulates dK and dV per key block, another dQ per
-query block, so that no atomics are needed and results are deterministic.
+online softmax in base 2 (log2(e) folded into the scale) and saves the log-sum-exp; no [T, T]
+matrix exists. Whole key blocks run without masks; only the causal diagonal and a sequence's
+ragged last block are masked. The backward recomputes the probabilities block by block: one
+kernel accumulates dK and dV per key block and key/value head (summing its GQA group in
+registers), another dQ per query block, so that no atomics are needed and results are
+deterministic. Tiles are autotuned on GPUs per head dim, causal, dtype and precision.
 CPU fallback, exact either way: short sequences are packed into a few equal chunks and attended
 in one scaled_dot_product_attention call with a block-diagonal mask; long ones are grouped by
 exact length, one mask-free call per group (PyTorch's fused CPU kernel).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,219 +35,427 @@ except Exception:  # noqa: BLE001 - the torch backend works without triton
     triton = None
 
 # ---------------------------------------------------------------------------------------------
+# Tile configurations
+# ---------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2), with log2(e) folded into the scale
+MAX_HEAD_DIM = 128  # see the tile lists below
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration: BLOCK_M query rows by BLOCK_N key rows per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidate tiles per kernel and BLOCK_D (the head dim rounded up to a power of two, at least 64),
+# for GPUs; autotuning picks one per (GPU, head dim, causal, dtype, precision), never per
+# sequence length. Every tile here compiles for sm_80 and sm_90 with no register spills, within
+# shared memory, with tensor-core (wgmma on sm_90) and async-copy instructions
+# (kernels/test_aot.py checks it). They were chosen from a sweep of 130 candidates with
+# `kernels.aot`: FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128
+# dK/dV tiles) spill on sm_80 at head dim 128, and on both at 256; 8 warps hold the fp32
+# accumulators without spilling. No dK/dV tile for head dim 256 compiles without spills, so the
+# Triton kernels stop at 128 (MAX_HEAD_DIM) and larger heads use the torch backend.
+# The forward and dQ kernels walk key blocks inside a query block: BLOCK_M % BLOCK_N == 0, so
+# the causal diagonal is a whole number of key blocks. The dK/dV kernel walks query blocks inside
+# a key block: BLOCK_N % BLOCK_M == 0, and BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
+FWD_TILES = {
+    64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
+    128: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 64, 8, 3)),
+}
+DKDV_TILES = {
+    64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
+    128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2)),
+}
+DQ_TILES = {
+    64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
+    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3)),
+}
+TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+# fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
+# the CUDA cores with both operands in registers: one small tile each, chosen so that no
+# configuration spills (tests/test_kernels_aot.py). fp32 attention is for checking, not speed.
+FP32_TILES = {
+    "fwd": {64: (Tile(32, 16, 8, 2),), 128: (Tile(32, 16, 8, 2),)},
+    "dkdv": {64: (Tile(16, 32, 4, 2),), 128: (Tile(16, 32, 4, 2),)},
+    "dq": {64: (Tile(32, 16, 4, 2),), 128: (Tile(32, 16, 4, 2),)},
+}
+# Under TRITON_INTERPRET=1 (CPU tests) small tiles keep numpy quick, and still put the causal
+# diagonal across two blocks (32 x 16 and 16 x 32), which the GPU tiles do too.
+INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "dkdv": Tile(16, 32, 4, 1),
+                     "dq": Tile(32, 16, 4, 1)}
+DELTA_BLOCK_T = 64  # rows per program of the rowsum(dO * O) kernel: memory-bound, any size works
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def tile_candidates(kernel: str, head_dim: int, dtype) -> tuple[Tile, ...]:
+    """The tiles autotuning chooses from, for kernel "fwd", "dkdv" or "dq"."""
+    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES
+    return tiles[kernel][max(64, block_d(head_dim))]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """How tl.dot multiplies fp32 tiles: exactly ("ieee"), unless the user let torch use TF32 for
+    fp32 matmuls (torch.set_float32_matmul_precision("high"/"medium")), as cuBLAS would. The
+    default, "tf32", would otherwise differ from the interpreter and from torch by ~1e-3.
+    fp16/bf16 tiles use the tensor cores either way."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
     @triton.jit
-    def _load_tile(ptr, rows, stride_t, head, stride_h, offs_d, row_ok, d_ok):
-        """A [len(rows), BLOCK_D] tile of one head; zeros outside the sequence and head dim."""
-        return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :],
-                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    def _load_rows(ptr, rows, stride_t, head, stride_h, offs_d, row_ok, CHECK_ROWS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A [len(rows), BLOCK_D] tile of one head: zeros past the head dim, and, when
+        CHECK_ROWS, at the rows where row_ok is false. Interior tiles skip the row mask."""
+        ptrs = ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
+        if CHECK_ROWS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        elif HEAD_DIM < BLOCK_D:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
 
     @triton.jit
-    def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, sm_scale,
+    def _fwd_inner(acc, l_i, m_i, q, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                   stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, lo, hi,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Online softmax over the key blocks lo:hi. MASKED blocks are the causal diagonal or the
+        sequence's ragged last block; all others are whole and need no mask at all."""
+        for n_start in range(lo, hi, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < seqlen
+            k = _load_rows(K, start + cols, stride_kt, kv_head, stride_kh, offs_d, col_ok, MASKED,
+                           HEAD_DIM, BLOCK_D)
+            v = _load_rows(V, start + cols, stride_vt, kv_head, stride_vh, offs_d, col_ok, MASKED,
+                           HEAD_DIM, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
+            if MASKED:
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= cols[None, :])
+                s = tl.where(keep, s, float("-inf"))
+            # Every row has a finite score in its first block (its own diagonal, or column 0),
+            # so m_new is finite from the first step and no -inf - -inf arises.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_ot, stride_oh, stride_lt, head_dim,
-                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         stride_ot, stride_oh, stride_lt, group,
+                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per (query block, sequence, query head). Query blocks run last-first: under
+        # a causal mask the late blocks have the most work, and starting them first evens out
+        # the tail of the launch.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq, head = tl.program_id(1), tl.program_id(2)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         m_start = pid_m * BLOCK_M
         if m_start >= seqlen:
             return
-        kv_head = head // GROUP
+        kv_head = head // group
         offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < head_dim
-        rows = (start + offs_m).to(tl.int64)
-        q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, offs_m < seqlen, d_ok)
+        row_ok = offs_m < seqlen
+        q = _load_rows(Q, start + offs_m, stride_qt, head, stride_qh, offs_d, row_ok, True,
+                       HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum(seqlen, m_start + BLOCK_M) if CAUSAL else seqlen
-        for n_start in range(0, hi, BLOCK_N):
-            cols = n_start + offs_n
-            col_rows = (start + cols).to(tl.int64)
-            kv_ok = cols < seqlen
-            k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
-            v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
-            s = tl.dot(q, tl.trans(k)) * sm_scale  # [BLOCK_M, BLOCK_N] fp32
-            keep = (cols < seqlen)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= cols[None, :])
-            s = tl.where(keep, s, float("-inf"))
-            # Column 0 is in every row's first block, so m_new is finite from the first step.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # Key blocks below `mid` are whole and unmasked: strictly left of the diagonal (causal),
+        # or every whole block of the sequence (bidirectional). mid:hi needs the mask.
+        if CAUSAL:
+            mid = m_start
+            hi = tl.minimum(seqlen, m_start + BLOCK_M)
+        else:
+            mid = seqlen - seqlen % BLOCK_N
+            hi = seqlen
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                                   stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, 0, mid,
+                                   False, CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                                   stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, mid, hi,
+                                   True, CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
         acc = acc / l_i[:, None]
-        row_ok = offs_m < seqlen
+        rows = (start + offs_m).to(tl.int64)
         tl.store(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + rows * stride_lt + head, m_i + tl.log(l_i), mask=row_ok)
+                 acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        tl.store(LSE + rows * stride_lt + head, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, sm_scale,
+    def _attn_bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
+                               stride_lt, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+        """DELTA[t, h] = rowsum(dO * O), FlashAttention-2's D, in fp32 without [T, H, D] copies."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        head = tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = rows < T
+        o = _load_rows(O, rows, stride_ot, head, stride_oh, offs_d, ok, True, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO, rows, stride_dot, head, stride_doh, offs_d, ok, True, HEAD_DIM,
+                        BLOCK_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + rows.to(tl.int64) * stride_lt + head, delta, mask=ok)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, start, seqlen, head, offs_n, offs_d,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, qk_scale, lo, hi,
+                    MASKED: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dK and dV of one key block from the query blocks lo:hi of one query head, computed
+        transposed ([N, M] tiles) so that no probability tile is transposed. Query rows past
+        the sequence load as zeros (q, dO, lse, delta), which makes their share exactly 0."""
+        for m_start in range(lo, hi, BLOCK_M):
+            rows = m_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen
+            q = _load_rows(Q, start + rows, stride_qt, head, stride_qh, offs_d, row_ok, True,
+                           HEAD_DIM, BLOCK_D)
+            do = _load_rows(DO, start + rows, stride_dot, head, stride_doh, offs_d, row_ok, True,
+                            HEAD_DIM, BLOCK_D)
+            at = (start + rows).to(tl.int64) * stride_lt + head
+            lse = tl.load(LSE + at, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            if MASKED:  # the causal diagonal
+                p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale, sm_scale,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
-                              head_dim, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per (key block, sequence, *query* head): dK, dV of that query head's share;
-        # the launcher sums the GROUP shares of each key/value head.
-        pid_n, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                              stride_dvt, stride_dvh, group,
+                              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per (key block, sequence, key/value head). It walks the query blocks of
+        # every query head of its GQA group, so dK and dV are summed in registers and written
+        # once, in the input dtype: no per-query-head buffers, no atomics, deterministic.
+        pid_n, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         n_start = pid_n * BLOCK_N
         if n_start >= seqlen:
             return
-        kv_head = head // GROUP
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < head_dim
-        col_rows = (start + offs_n).to(tl.int64)
-        kv_ok = offs_n < seqlen
-        k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
-        v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
+        col_ok = offs_n < seqlen
+        k = _load_rows(K, start + offs_n, stride_kt, kv_head, stride_kh, offs_d, col_ok, True,
+                       HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, start + offs_n, stride_vt, kv_head, stride_vh, offs_d, col_ok, True,
+                       HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo = (n_start // BLOCK_M) * BLOCK_M if CAUSAL else 0
-        for m_start in range(lo, seqlen, BLOCK_M):
-            rows_m = m_start + offs_m
-            rows = (start + rows_m).to(tl.int64)
-            q_ok = rows_m < seqlen
-            q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_ok, d_ok)
-            do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_ok, d_ok)
-            lse = tl.load(LSE + rows * stride_lt + head, mask=rows_m < seqlen, other=0.0)
-            delta = tl.load(DELTA + rows * stride_lt + head, mask=rows_m < seqlen, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * sm_scale  # [BLOCK_M, BLOCK_N]
-            keep = (rows_m < seqlen)[:, None] & (offs_n < seqlen)[None, :]
-            if CAUSAL:
-                keep = keep & (rows_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        out_mask = kv_ok[:, None] & d_ok[None, :]
-        tl.store(DK + col_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-                 dk * sm_scale, mask=out_mask)
-        tl.store(DV + col_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-                 dv, mask=out_mask)
+        # Causal: query blocks n_start:n_start + BLOCK_N straddle the diagonal (masked); later
+        # ones see the whole key block. Earlier ones see none of it and are skipped.
+        lo = n_start if CAUSAL else 0
+        mid = tl.minimum(n_start + BLOCK_N, seqlen) if CAUSAL else 0
+        for g in range(0, group):
+            head = kv_head * group + g
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, start, seqlen, head, offs_n,
+                                 offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                                 qk_scale, lo, mid, True, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, start, seqlen, head, offs_n,
+                                 offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                                 qk_scale, mid, seqlen, False, PRECISION, HEAD_DIM, BLOCK_M,
+                                 BLOCK_D)
+        rows = (start + offs_n).to(tl.int64)
+        out_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, sm_scale,
+    def _dq_inner(dq, q, do, lse, delta, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                  stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, lo, hi,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        for n_start in range(lo, hi, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < seqlen
+            k = _load_rows(K, start + cols, stride_kt, kv_head, stride_kh, offs_d, col_ok, MASKED,
+                           HEAD_DIM, BLOCK_D)
+            v = _load_rows(V, start + cols, stride_vt, kv_head, stride_vh, offs_d, col_ok, MASKED,
+                           HEAD_DIM, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            if MASKED:
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= cols[None, :])
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_scale,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, head_dim,
-                            GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                            stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, group,
+                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier) blocks first
+        seq, head = tl.program_id(1), tl.program_id(2)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         m_start = pid_m * BLOCK_M
         if m_start >= seqlen:
             return
-        kv_head = head // GROUP
+        kv_head = head // group
         offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < head_dim
+        row_ok = offs_m < seqlen
         rows = (start + offs_m).to(tl.int64)
-        q_ok = offs_m < seqlen
-        q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_ok, d_ok)
-        do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_ok, d_ok)
-        lse = tl.load(LSE + rows * stride_lt + head, mask=offs_m < seqlen, other=0.0)
-        delta = tl.load(DELTA + rows * stride_lt + head, mask=offs_m < seqlen, other=0.0)
+        q = _load_rows(Q, rows, stride_qt, head, stride_qh, offs_d, row_ok, True, HEAD_DIM,
+                       BLOCK_D)
+        do = _load_rows(DO, rows, stride_dot, head, stride_doh, offs_d, row_ok, True, HEAD_DIM,
+                        BLOCK_D)
+        lse = tl.load(LSE + rows * stride_lt + head, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + rows * stride_lt + head, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum(seqlen, m_start + BLOCK_M) if CAUSAL else seqlen
-        for n_start in range(0, hi, BLOCK_N):
-            cols = n_start + offs_n
-            col_rows = (start + cols).to(tl.int64)
-            kv_ok = cols < seqlen
-            k = _load_tile(K, col_rows, stride_kt, kv_head, stride_kh, offs_d, kv_ok, d_ok)
-            v = _load_tile(V, col_rows, stride_vt, kv_head, stride_vh, offs_d, kv_ok, d_ok)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
-            keep = (offs_m < seqlen)[:, None] & (cols < seqlen)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= cols[None, :])
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+        if CAUSAL:
+            mid = m_start
+            hi = tl.minimum(seqlen, m_start + BLOCK_M)
+        else:
+            mid = seqlen - seqlen % BLOCK_N
+            hi = seqlen
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                       stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, 0, mid, False,
+                       CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, start, seqlen, kv_head, offs_m, offs_d,
+                       stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, mid, hi, True,
+                       CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
         tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+                 (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+    KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
-def _blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). 64x64 tiles are FlashAttention-2's default for
-    head dims up to 128 on A100/H100-class GPUs; the interpreter gets 16x16 to stay quick."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    if not q.is_cuda:
-        return 16, 16, block_d, 4
-    return 64, 64, block_d, 4 if block_d <= 64 else 8
+# ---------------------------------------------------------------------------------------------
+# Launch functions
+# ---------------------------------------------------------------------------------------------
+
+_autotuned: dict = {}
 
 
-def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
+def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch.dtype,
+            on_gpu: bool) -> None:
+    """Run kernel `name` with an explicit tile, or, on a GPU, the autotuned best of its
+    candidates (tuned once per head dim, causal, dtype and precision: the key never includes a
+    sequence length, so new batches never retune). grid(BLOCK_M, BLOCK_N) -> launch grid."""
+    kernel = KERNELS[name]
+    if tile is None and on_gpu:
+        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype)
+        tuned = _autotuned.get((name, candidates))
+        if tuned is None:
+            configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
+                                     num_warps=t.num_warps, num_stages=t.num_stages)
+                       for t in candidates]
+            tuned = _autotuned[(name, candidates)] = triton.autotune(
+                configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(kernel)
+        tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    tile = tile or INTERPRETER_TILES[name]
+    kernel[grid(tile.block_m, tile.block_n)](*args, **consts, BLOCK_M=tile.block_m,
+                                             BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+                                             num_stages=tile.num_stages)
+
+
+def _consts(q: torch.Tensor, causal: bool) -> dict:
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D))
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, tile=None):
+    """-> out [T, Hq, D], lse [T, Hq] fp32 in base 2 (log2 of the softmax denominator)."""
     T, Hq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d, warps = _blocks(q)
-    grid = (triton.cdiv(max_seqlen, block_m), len(cu_seqlens) - 1, Hq)
-    _attn_fwd_kernel[grid](q, k, v, out, lse, cu_seqlens, sm_scale,
-                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                           v.stride(1), out.stride(0), out.stride(1), lse.stride(0), D,
-                           GROUP=Hq // k.shape[1], CAUSAL=causal, BLOCK_M=block_m,
-                           BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    seqs = len(cu_seqlens) - 1
+    _launch("fwd", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+            (q, k, v, out, lse, cu_seqlens, sm_scale * LOG2E, q.stride(0), q.stride(1),
+             k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+             lse.stride(0), Hq // k.shape[1]),
+            _consts(q, causal), tile, q.dtype, q.is_cuda)
     return out, lse
 
 
-def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, sm_scale):
+def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, sm_scale,
+                              tiles=None):
+    """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "dkdv"/"dq" to a Tile (tests)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     do = do.contiguous()
-    delta = (out.float() * do.float()).sum(-1)  # [T, Hq]: rowsum(dO * O), FA-2's "D"
-    dq = torch.empty_like(q)
-    # Per query head, fp32; summed over each GQA group below.
-    dk = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
-    dv = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d, warps = _blocks(q)
-    seqs = len(cu_seqlens) - 1
-    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, num_warps=warps)
+    consts = _consts(q, causal)
+    delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_T), Hq)](
+        out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        delta.stride(0), HEAD_DIM=D, BLOCK_T=DELTA_BLOCK_T, BLOCK_D=consts["BLOCK_D"])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), seqs, Hq)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale, *strides, dk.stride(0),
-        dk.stride(1), D, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), seqs, Hq)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, sm_scale, *strides, dq.stride(0), dq.stride(1),
-        D, **common)
-    dk = dk.view(T, Hkv, Hq // Hkv, D).sum(2).to(k.dtype)
-    dv = dv.view(T, Hkv, Hq // Hkv, D).sum(2).to(v.dtype)
+    _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn), seqs, Hkv),
+            (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv),
+            consts, tiles.get("dkdv"), q.dtype, q.is_cuda)
+    _launch("dq", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+            (q, k, v, do, lse, delta, dq, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
+             dq.stride(0), dq.stride(1), Hq // Hkv),
+            consts, tiles.get("dq"), q.dtype, q.is_cuda)
     return dq, dk, dv
 
 
 class VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, tiles):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale)
+        tiles = tiles or {}
+        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale,
+                                            tiles.get("fwd"))
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.causal, ctx.sm_scale = max_seqlen, causal, sm_scale
+        ctx.max_seqlen, ctx.causal, ctx.sm_scale, ctx.tiles = max_seqlen, causal, sm_scale, tiles
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                               ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None, None, None
+                                               ctx.causal, ctx.sm_scale, ctx.tiles)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +560,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     which = backend.resolve(backend_name, q.device)
     if which == "triton":
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {q.shape[-1]} is above the Triton kernel's {MAX_HEAD_DIM}; "
+                             f"use the torch attention backend (kernels.attention: torch)")
         return VarlenAttention.apply(q, k, v, cu_seqlens.to(q.device), int(max_seqlen), causal,
-                                     float(scale))
+                                     float(scale), None)
     return varlen_attention_torch(q, k, v, cu_seqlens, causal, scale)
 
 
@@ -364,7 +580,7 @@ def reference_varlen_attention(q, k, v, cu_seqlens, *, causal=True, softmax_scal
         vs = v[a:b].float().transpose(0, 1).repeat_interleave(group, 0)
         scores = qs @ ks.transpose(1, 2) * scale                             # [Hq, L, L]
         if causal:
-            scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1),
-                                        float("-inf"))
+            future = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))               # [L, Hq, D]
     return torch.cat(outs)

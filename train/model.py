@@ -89,6 +89,52 @@ def attention_name(backend: str) -> str:
     return f"kernels_varlen_{backend}"
 
 
+# Config attributes of attention features the varlen kernels do not implement, per family:
+# attention dropout (GPT-2, Llama-family, BERT, DistilBERT names) and Gemma-2's score softcap.
+ATTENTION_DROPOUT_ATTRS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+ATTENTION_SOFTCAP_ATTRS = ("attn_logit_softcapping",)
+
+
+class UnsupportedAttention(ValueError):
+    """A model asks for an attention feature the varlen kernels do not compute."""
+
+
+def unsupported_attention_features(config, *, seq_len: int | None = None,
+                                   training: bool = True) -> list[str]:
+    """What in a Hugging Face config the varlen attention would silently drop, as phrases that
+    name the attribute and how to change it; empty when nothing is. Dropout matters only when
+    training, a sliding window only when windows are longer than it."""
+    found = []
+    for attr in ATTENTION_DROPOUT_ATTRS if training else ():
+        p = getattr(config, attr, 0.0) or 0.0
+        if isinstance(p, (int, float)) and p > 0:
+            found.append(f"attention dropout {attr}={p} (set model.overrides.{attr}=0)")
+    for attr in ATTENTION_SOFTCAP_ATTRS:
+        if getattr(config, attr, None):
+            found.append(f"attention score softcapping {attr}={getattr(config, attr)}")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and seq_len and window < seq_len:
+        found.append(f"sliding-window attention sliding_window={window} < data.seq_len={seq_len}")
+    return found
+
+
+def refuse_unsupported_attention(dropout, softcap, sliding_window, max_seqlen: int) -> None:
+    """The same check at call time, from what the model passes to the attention function: a
+    model that would get different attention from the kernels fails loudly, never silently."""
+    problems = []
+    if dropout:
+        problems.append(f"attention dropout p={dropout}")
+    if softcap:
+        problems.append(f"attention score softcapping {softcap}")
+    if sliding_window and sliding_window < max_seqlen:
+        problems.append(f"sliding-window attention (window {sliding_window} < {max_seqlen} tokens)")
+    if problems:
+        raise UnsupportedAttention(
+            f"the varlen attention kernels do not implement {', '.join(problems)}: turn it off "
+            f"in the model's config (model.overrides in the run's config), or use a shorter "
+            f"data.seq_len for a sliding window")
+
+
 def register_attention(backend: str = "auto") -> str:
     """Register the varlen attention under a name for this backend choice; returns the name."""
     from transformers import AttentionInterface
@@ -104,6 +150,8 @@ def register_attention(backend: str = "auto") -> str:
             # No packed batch (generation, or a plain forward): the model's usual SDPA path.
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           scaling=scaling, dropout=dropout, **kwargs)
+        refuse_unsupported_attention(dropout, kwargs.get("softcap"), kwargs.get("sliding_window"),
+                                     int(kwargs["max_length_q"]))
         B, Hq, L, D = query.shape
         # [B, H, L, D] -> [B * L, H, D]: the flattened batch that cu_seqlens indexes.
         q = query.transpose(1, 2).reshape(B * L, Hq, D)
@@ -165,6 +213,10 @@ class PackedModel(nn.Module):
             log.warning("%s has no kernel wiring (supported: %s); it keeps its own attention and "
                         "loss", architecture, ", ".join(sorted(FAMILIES)))
             return
+        unsupported = unsupported_attention_features(hf_model.config, training=False)
+        if unsupported:
+            raise UnsupportedAttention(f"{architecture}: the varlen attention kernels do not "
+                                       f"implement {'; '.join(unsupported)}")
         hf_model.config._attn_implementation = register_attention(attention)
         head = _get(hf_model, self.family.head)
         head.__class__ = FusedLossLinear

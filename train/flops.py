@@ -1,0 +1,92 @@
+"""Model FLOPs of a training step, and MFU against the device's peak.
+
+Counted the way PaLM (appendix B), Megatron-LM and nanoGPT count them, per real token:
+  * 6 FLOPs per matmul parameter (2 forward, 4 backward). Matmul parameters are every weight
+    of two or more dimensions outside the embedding tables (token, position, type lookups cost
+    no FLOPs); the output head counts even when tied to the token embedding, since its matmul
+    runs, but only for the tokens that reach it (a masked LM sends ~15% of its rows).
+  * attention: QK^T and PV are 2 * 2 * L * d FLOPs per query token forward and twice that
+    backward, so a document of length L costs 12 * L^2 * d per layer (d = query heads x head
+    dim), half of it under a causal mask. Documents are what the packed batch attends within, so
+    the sum runs over document lengths squared, not over the window length.
+Padding is not counted: only the tokens of real documents are.
+
+MFU = achieved model FLOP/s / the device's dense peak at the run's precision. The peak comes
+from PEAK_TFLOPS by device name, or from the run's `mfu_peak_tflops`; on an unknown device or
+on a CPU there is no MFU, never a guess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# Dense (no sparsity) peak TFLOP/s per GPU from the vendors' datasheets, by the substring of
+# torch.cuda.get_device_name() that identifies the part; the first match wins, so the more
+# specific names come first. "bf16" also serves fp16; "fp32" is the non-tensor-core rate.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("GH200", {"bf16": 989.4, "fp32": 67.0}),
+    ("H200", {"bf16": 989.4, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp32": 67.0}),      # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H800", {"bf16": 989.4, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp32": 90.5}),
+    ("A10G", {"bf16": 70.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "fp32": 31.2}),
+    ("L4", {"bf16": 121.0, "fp32": 30.3}),
+    ("B200", {"bf16": 2250.0, "fp32": 80.0}),
+)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The dense peak of a named device at "bf16" (also fp16) or "fp32", or None if unknown."""
+    for key, peaks in PEAK_TFLOPS:
+        if key in device_name:
+            return peaks.get(precision)
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """What a step's FLOPs depend on, read once from the model."""
+
+    body_params: int        # matmul parameters every token goes through
+    head_params: int        # the output head's, for the tokens that reach it
+    attention_width: int    # query heads x head dim, summed over layers
+    causal: bool
+
+    def step_flops(self, tokens: int, head_tokens: int, sum_sq_doc_lengths: int) -> float:
+        """Model FLOPs of one optimizer step's forward and backward, on this rank's share:
+        `tokens` real tokens, `head_tokens` of them through the head, and the sum of squared
+        document lengths of the packed batches."""
+        attention = 12 * self.attention_width * sum_sq_doc_lengths
+        if self.causal:
+            attention /= 2
+        return 6 * (self.body_params * tokens + self.head_params * head_tokens) + attention
+
+
+def model_flops(model: nn.Module, head: nn.Module, *, num_layers: int, num_heads: int,
+                head_dim: int, causal: bool) -> ModelFlops:
+    """Count a model's matmul parameters (see the module docstring); `head` is its output layer,
+    whose weight may be the token embedding's."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head_ids = {id(p) for p in head.parameters()}
+    seen, body = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() >= 2 and id(p) not in embedding_weights and id(p) not in head_ids:
+            body += p.numel()
+    head_params = sum(p.numel() for p in head.parameters() if p.dim() >= 2)
+    return ModelFlops(body, head_params, num_layers * num_heads * head_dim, causal)
+
+
+def sum_sq_doc_lengths(cu_seqlens: torch.Tensor) -> int:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return int((lengths * lengths).sum())
