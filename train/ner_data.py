@@ -49,7 +49,7 @@ class Sentence:
 
 @dataclass
 class ReadStats:
-    """What `read_sentences` went through, for prepare's summary and progress bar (optional)."""
+    """What `read_sentences` went through, filled in when a caller passes one (the tests do)."""
 
     files: int = 0
     sentences: int = 0

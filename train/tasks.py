@@ -49,7 +49,7 @@ class MaskedLM(CausalLM):
         from train.masking import VocabularyTables
 
         self.tables = VocabularyTables.from_tokenizer(
-            index.root, index.vocab_size, index.raw.get("special_ids", {}).get("mask_token"))
+            index.root, index.vocab_size, index.special_ids.get("mask_token"))
 
     def train_batch(self, batch: dict) -> dict:
         from train.masking import mask_tokens

@@ -70,7 +70,7 @@ def build_hf_model(cfg: Config, index: ShardIndex, task):
     spec.setdefault("vocab_size", index.vocab_size)
     for key in ("bos_token_id", "eos_token_id"):
         spec.setdefault(key, index.eos_id)
-    special = index.raw.get("special_ids", {})
+    special = index.special_ids
     if "pad_token" in special:  # BERT-style embeddings reserve the pad row
         spec.setdefault("pad_token_id", special["pad_token"])
     try:
