@@ -95,11 +95,6 @@ def resolve_files(spec: str) -> list[Path]:
     return [path]
 
 
-def file_size(spec: str) -> int:
-    """Total bytes of the input's files: the total for a progress bar fed by bytes_read."""
-    return sum(p.stat().st_size for p in resolve_files(spec))
-
-
 # ---------------------------------------------------------------------------------------------
 # Tags and the label set
 # ---------------------------------------------------------------------------------------------

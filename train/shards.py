@@ -26,6 +26,8 @@ from train.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+# The tokenizer a shard directory carries in Hugging Face format (copied into every export).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SPLIT_NAMES = ("train", "validation")
 # The cheap integrity check hashes this many evenly spaced blocks of this size (first and last
 # included): it catches truncation, appended bytes and most corruption for a few MB of reads,
