@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from train.errors import UsageError
+
 NAME = "metrics.jsonl"
 
 
@@ -68,8 +70,6 @@ class MetricsLog:
         """The plot and the summary line: first and last eval of `metric`."""
         if not self.active:
             return
-        from train.plot import plot_run
-
         plot_run(self.out)
         evals = [r for r in self.records() if metric in r]
         line = f"done: {step} steps, {tokens_seen:,} tokens; model in {final_dir}"
@@ -77,3 +77,33 @@ class MetricsLog:
             line += (f"; eval {metric.removeprefix('eval_')} {evals[0][metric]:.3f} at step "
                      f"{evals[0]['step']} -> {evals[-1][metric]:.3f} at step {evals[-1]['step']}")
         print(line, file=sys.stderr)
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        raise UsageError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    metric = "eval_f1" if any("eval_f1" in r for r in evals) else "perplexity"
+    fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+        ax_metric.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_loss.legend()
+    label = "entity F1" if metric == "eval_f1" else "perplexity"
+    ax_metric.set(xlabel="step", ylabel=label, title=f"eval {label}")
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    out = out or Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
