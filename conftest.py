@@ -12,7 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).parent / "tests"))  # test helpers import `conftest` utilities
+sys.path.insert(0, str(Path(__file__).parent / "tests"))  # the tests import `helpers`
 
 
 # Lines a test wants shown at the end of the run even when it passes (kernels/test_aot.py's

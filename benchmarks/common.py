@@ -1,4 +1,8 @@
-"""Helpers every benchmark uses: what machine this is, and a process tree's peak memory."""
+"""Helpers every benchmark uses: what machine this is, peak memory (of a process tree, or added
+by a piece of code), and the results files.
+
+Run the benchmarks as modules from the repository root (`python -m benchmarks.NAME`), so that
+`benchmarks`, `train` and `kernels` import without any sys.path change."""
 from __future__ import annotations
 
 import datetime
@@ -73,34 +77,13 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                tree = [root] + root.children(recursive=True)
-                total = 0
-                for p in tree:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak[0] = max(peak[0], total)
-            except psutil.Error:
-                pass
-            time.sleep(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = RssSampler(proc.pid, tree=True, interval=interval)
     out, err = proc.communicate()
-    done.set()
-    sampler.join()
+    peak = sampler.stop()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20, "stdout": out, "stderr": err}
+    return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "stdout": out, "stderr": err}
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
@@ -111,23 +94,61 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
 
 
 class RssSampler:
-    """Peak resident memory of this process, sampled by a thread."""
+    """Peak resident memory of a process (this one by default), or of it and all its children
+    (tree=True), sampled by a thread until `stop()`, which returns the peak in bytes."""
 
-    def __init__(self, interval=0.0005):
-        self.proc, self.peak, self.interval = psutil.Process(), 0, interval
+    def __init__(self, pid: int | None = None, tree: bool = False, interval: float = 0.0005):
+        self.proc, self.tree, self.peak, self.interval = psutil.Process(pid), tree, 0, interval
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def current(self):
-        return self.proc.memory_info().rss
+    def current(self) -> int:
+        procs = [self.proc] + (self.proc.children(recursive=True) if self.tree else [])
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:  # a worker that just exited
+                pass
+        return total
 
     def _run(self):
         while not self.done.is_set():
-            self.peak = max(self.peak, self.current())
+            try:
+                self.peak = max(self.peak, self.current())
+            except psutil.Error:  # the process itself has exited
+                pass
             time.sleep(self.interval)
 
-    def stop(self):
+    def stop(self) -> int:
         self.done.set()
         self.thread.join()
         return self.peak
+
+
+class PeakMemory:
+    """The peak memory a piece of code adds: CUDA's allocator statistics on a GPU, the sampled
+    resident size on CPU (the process's own high-water mark already holds set-up transients).
+
+        meter = PeakMemory(device); ...run it...; added_bytes = meter.stop()
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.sampler = RssSampler()
+            self.base = self.sampler.current()
+
+    def stop(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() - self.base
+        return self.sampler.stop() - self.base

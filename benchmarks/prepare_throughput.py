@@ -1,6 +1,6 @@
 """train.prepare against the Hugging Face course's tokenization pipeline, on the same corpus.
 
-    python benchmarks/prepare_throughput.py [--workers 2] [--scale 4]
+    python -m benchmarks.prepare_throughput [--workers 2] [--scale 4]
 
 In one run, on the same documents (the interpreter's standard library as JSON lines), the same
 8,192-id BPE and the same worker count:
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import COURSE_PIPELINE, machine, run_measured, write_results  # noqa: E402
+from benchmarks.common import COURSE_PIPELINE, machine, run_measured, write_results
+from train.shards import ShardIndex
 
 SEED_PIPELINE = r'''
 import sys, time
@@ -59,9 +59,9 @@ def bench_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dic
     r = run_measured([sys.executable, "-m", "train.prepare", "--input", str(corpus), "--output",
                       str(out), "--tokenizer", str(tokenizer), "--workers", str(workers),
                       "--val-fraction", "0", "--no-progress"])
-    index = json.loads((out / "index.json").read_text())
-    r["tokens"] = index["splits"]["train"]["num_tokens"]
-    r["docs"] = index["splits"]["train"]["num_docs"]
+    shards = ShardIndex.load(out).shards("train")
+    r["tokens"] = sum(s.num_tokens for s in shards)
+    r["docs"] = sum(s.num_docs for s in shards)
     r["tokens_per_s"] = r["tokens"] / r["wall_s"]
     return r
 
@@ -81,9 +81,9 @@ def check_same_ids(docs: list[str], shard_dir: Path, tokenizer_dir: Path, sample
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    index = json.loads((shard_dir / "index.json").read_text())
-    ids = np.memmap(shard_dir / index["splits"]["train"]["shards"][0]["file"], dtype=index["dtype"])
-    ends = np.flatnonzero(ids == index["eos_id"])
+    index = ShardIndex.load(shard_dir)
+    ids = np.memmap(shard_dir / index.shards("train")[0].file, dtype=index.dtype)
+    ends = np.flatnonzero(ids == index.eos_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     assert len(ends) == len(docs), (len(ends), len(docs))
     checked = [i for i in range(len(docs)) if "<|endoftext|>" not in docs[i]][:sample]

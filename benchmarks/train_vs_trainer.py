@@ -1,6 +1,6 @@
 """python -m train against the Hugging Face course's Trainer path, same model, data and budget.
 
-    python benchmarks/train_vs_trainer.py [--steps 300]
+    python -m benchmarks.train_vs_trainer [--steps 300]
 
 Both train the same from-scratch GPT-2 (2 layers, 128 wide, 2,048-id BPE from data/stdlib) on the
 standard-library corpus, 8 x 128 tokens per step, the same steps, LR schedule and seed, in one
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import COURSE_PIPELINE, REPO, machine, write_results  # noqa: E402
+from benchmarks.common import COURSE_PIPELINE, REPO, machine, write_results
+from train.shards import ShardIndex
 
 TRAINER_SCRIPT = r'''
 import json, sys, torch
@@ -78,12 +78,12 @@ def main():
         # The seeds' input: the same training documents as JSON lines, decoded from our shards
         # so that both see exactly the same text.
         from tokenizers import Tokenizer
-        index = json.loads((data / "index.json").read_text())
+        index = ShardIndex.load(data)
         tok = Tokenizer.from_file(str(data / "tokenizer.json"))
         with open(tmp / "train.jsonl", "w") as f:
-            for shard in index["splits"]["train"]["shards"]:
-                ids = np.memmap(data / shard["file"], dtype=index["dtype"], mode="r")
-                ends = np.flatnonzero(ids == index["eos_id"])
+            for shard in index.shards("train"):
+                ids = np.memmap(data / shard.file, dtype=index.dtype, mode="r")
+                ends = np.flatnonzero(ids == index.eos_id)
                 for a, b in zip(np.concatenate([[0], ends[:-1] + 1]), ends):
                     f.write(json.dumps({"text": tok.decode(ids[a:b].tolist())}) + "\n")
 

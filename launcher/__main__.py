@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -64,43 +63,16 @@ def minutes(text: str) -> int:
 
 
 def validate(args):
-    """The checks a job would fail on, run here. Returns (config, DeepSpeed config, world size)."""
-    from train.config import deepspeed_config, load_config
-    from train.shards import ShardIndex
-    from train.tasks import make_task
+    """The checks a job would fail on, run here by the same preflight every rank runs. Returns
+    (config, DeepSpeed config, world size)."""
+    from train.config import load_config
+    from train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
-    tasks = args.gpus_per_node or args.tasks_per_node or 1
-    world = args.nodes * tasks
-    if not args.prepare:  # with --prepare the data is made by the first job
-        index = ShardIndex.load(cfg.data.path)
-        model_vocab, hidden = model_sizes(cfg, index)
-        index.check_vocab(model_vocab)
-        make_task(cfg, index)  # the data fits the task: a mask token for mlm, labels for NER
-    else:
-        model_vocab, hidden = model_sizes(cfg, None)
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"output_dir {out} cannot be created: {err.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"output_dir {out} is not writable")
-    ds = deepspeed_config(cfg, world, hidden, max(cfg.max_steps, 1))
-    return cfg, ds, world
-
-
-def model_sizes(cfg, index) -> tuple[int, int]:
-    """(vocab size, hidden size) without building the model: from model.config or config.json."""
-    if cfg.model.config:
-        spec = cfg.model.config
-        vocab = spec.get("vocab_size", index.vocab_size if index else 0)
-        return vocab, spec.get("hidden_size", spec.get("n_embd", 768))
-    path = Path(cfg.model.name_or_path) / "config.json"
-    if not path.exists():
-        return (index.vocab_size if index else 0), 768  # a hub name: checked on the cluster
-    spec = json.loads(path.read_text())
-    return spec.get("vocab_size", 0), spec.get("hidden_size", spec.get("n_embd", 768))
+    world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
+    # with --prepare the data is made by the first job: what needs it is checked there
+    plan = preflight(cfg, world, data_ready=not args.prepare)
+    return cfg, plan.ds_config, world
 
 
 def main(argv=None) -> int:

@@ -27,9 +27,9 @@ class TrainJob:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from train.config import load_config
-        from train.trainer import run
+        from train.trainer import run_training
 
-        code = run(load_config(self.config, self.overrides))
+        code = run_training(load_config(self.config, self.overrides))
         if code:
             raise RuntimeError(f"python -m train exited with status {code}")
         return code
@@ -48,7 +48,6 @@ class Resources:
     constraint: str | None = None
     exclude: str | None = None
     job_name: str = "train"
-    dependency: str | None = None
 
 
 def make_executor(res: Resources, folder: str):
@@ -61,8 +60,6 @@ def make_executor(res: Resources, folder: str):
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     extra = {"requeue": True, "open-mode": "append"}
-    if res.dependency:
-        extra["dependency"] = res.dependency
     params = dict(job_name=res.job_name, nodes=res.nodes, ntasks_per_node=res.tasks_per_node,
                   time=res.minutes, signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra,
                   # one failed rank ends the job at once, not at the collective timeout

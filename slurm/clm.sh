@@ -1,7 +1,10 @@
 #!/bin/bash
-# Causal LM training on Slurm: one task per GPU (or per --ntasks-per-node on CPU nodes).
+# Training on Slurm, any task (`task:` in the config): one task per GPU (or per
+# --ntasks-per-node on CPU nodes). slurm/mlm.sh is a link to this script; the job is named
+# after the script (clm.sh, mlm.sh) unless --job-name says otherwise.
 #
 #   sbatch slurm/clm.sh configs/tiny-clm.yaml                       # the defaults below
+#   sbatch slurm/mlm.sh configs/tiny-mlm.yaml
 #   sbatch --nodes 4 --gpus-per-node 8 --ntasks-per-node 8 slurm/clm.sh configs/llama-1b.yaml
 #   sbatch --nodes 2 --ntasks-per-node 1 slurm/clm.sh configs/tiny-clm.yaml max_steps=200
 #
@@ -9,7 +12,6 @@
 # then saves a checkpoint and the job requeues itself (--requeue), to resume where it stopped.
 # Without a signal the trainer also stops in time by reading the job's end time. Logs append
 # across requeues (--open-mode=append).
-#SBATCH --job-name=clm
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=1

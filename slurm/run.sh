@@ -5,11 +5,9 @@
 set -euo pipefail
 module_name=$1; shift
 PYTHON=${SLURM_LM_PYTHON:-python}
-first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-# The node's address as Slurm knows it (NodeAddr), which need not be its name.
-MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
-MASTER_ADDR=${MASTER_ADDR:-$first_node}
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # every task derives the same port from the job id
+# The first node's address (its NodeAddr when its name does not resolve) and a port every task
+# derives from the job id: train/distributed.py is the one place that knows how.
+read -r MASTER_ADDR MASTER_PORT <<< "$("$PYTHON" -m train.distributed)"
 export MASTER_ADDR MASTER_PORT
 if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     export DS_ACCELERATOR=cpu

@@ -25,7 +25,7 @@ def mlm_data(tmp_path_factory, corpus_dir):
 
 def tables_of(data) -> tuple[VocabularyTables, PackedLoader]:
     loader = PackedLoader(data, "train", seq_len=64, micro_batch_size=64, shuffle=False)
-    ids = loader.index.raw["special_ids"]
+    ids = loader.index.special_ids
     return VocabularyTables.from_tokenizer(data, loader.index.vocab_size, ids["mask_token"]), loader
 
 

@@ -264,3 +264,16 @@ def test_stdlib_corpus_is_the_interpreters_own_sources():
     assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in source.files)
     assert resolve("python-stdlib").files == source.files  # a fixed order, run after run
     assert any(f.name == "os.py" for f in source.files)
+
+
+def test_batching_counts_the_characters_of_sentences_too():
+    """The batching bound counts a sentence's characters (its words'), not its tuple's length."""
+    from train.prepare import batch_documents, doc_chars
+
+    assert doc_chars("héllo") == 5
+    assert doc_chars((["def", "main"], [0, 1])) == 7
+    import train.prepare as prepare
+
+    big = (["x" * (prepare.BATCH_CHARS // 2)], [0])
+    batches = list(batch_documents([(0, big, 1)] * 4, skip=[0, 0]))
+    assert [len(texts) for _, texts in batches] == [2, 2]

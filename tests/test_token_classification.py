@@ -89,7 +89,7 @@ def test_labels_are_aligned_to_sub_tokens(ner_data, label_all_tokens):
 def test_windows_hold_whole_sentences(ner_data):
     loader = PackedLoader(ner_data, "train", seq_len=48, micro_batch_size=8, shuffle=False,
                           whole_documents=True)
-    cls_id = loader.index.raw["special_ids"]["cls_token"]
+    cls_id = loader.index.special_ids["cls_token"]
     for batch in loader.one_pass():
         assert (batch["input_ids"][:, 0] == cls_id).all()  # a window starts a sentence
         assert (batch["position_ids"][:, 0] == 0).all()

@@ -253,7 +253,7 @@ def test_distributed_environment_from_each_launcher():
 
 
 def test_lr_schedules():
-    from train.trainer import lr_lambda
+    from train.engine import lr_lambda
 
     lin, cos, const = (lr_lambda(k, 10, 110) for k in ("linear", "cosine", "constant"))
     assert lin(0) == pytest.approx(1 / 11) and lin(9) == pytest.approx(10 / 11)

@@ -1,1 +1,24 @@
-"""What runs on every rank: data preparation, the packed loader, the engine."""
+"""Training on one rank, in layers; each imports only from the layers below it.
+
+prepare time (no torch; `python -m train.prepare`, once, before any job)
+    sources     where documents come from: files, HF datasets, python-stdlib; SentenceSource
+    ner_data    CoNLL / JSONL token-classification input;  code_ner: the stdlib, tagged
+    tokenizer   install or train the tokenizer
+    shards      the shard format; ShardIndex, the only reader and writer of index.json
+    prepare     the phases: resume or clear, tokenizer, open writers, tokenize, write the index
+batches
+    loader      packed batches, resumable under any world size
+    masking     MLM masking at batch time
+    tasks       the Task interface: clm, mlm, token-classification
+model
+    model       build the HF model; route its attention and loss to kernels/ (PackedModel)
+the run (`python -m train`)
+    preflight   preflight(cfg, world) -> Plan: every check before a job (the launcher's too)
+    engine      process group, DeepSpeed engine, optimizer, LR schedule
+    trainer     run_training(cfg): the loop
+    eval        the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
+    checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
+    distributed, preemption, faults, config, errors
+tools
+    evaluate, generate, plot
+"""

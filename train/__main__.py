@@ -22,11 +22,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from kernels import KernelBackendError
     from train.config import load_config
-    from train.trainer import NonFiniteError, run
+    from train.trainer import NonFiniteError, run_training
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        return run(cfg)
+        return run_training(load_config(args.config, args.overrides))
     except (UsageError, KernelBackendError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT_CODE

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from kernels.backend import BACKENDS
 from train.errors import UsageError
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -105,8 +106,8 @@ CHOICES = {
     "nonfinite": ("stop", "skip"),
     "report_to": ("none", "tensorboard"),
     "data.verify": ("sample", "full", "none"),
-    "kernels.attention": ("auto", "triton", "torch"),
-    "kernels.cross_entropy": ("auto", "triton", "torch"),
+    "kernels.attention": BACKENDS,
+    "kernels.cross_entropy": BACKENDS,
 }
 
 

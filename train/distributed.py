@@ -66,12 +66,16 @@ def from_environment(env: dict | None = None) -> DistEnv:
                        port_for_job(str(job.job_id)), "submitit")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                       int(env["SLURM_NTASKS"]),
-                       env.get("MASTER_ADDR")
-                       or node_address(first_host(env.get("SLURM_JOB_NODELIST", "localhost"))),
-                       int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))),
-                       "slurm")
+                       int(env["SLURM_NTASKS"]), *slurm_rendezvous(env), "slurm")
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def slurm_rendezvous(env) -> tuple[str, int]:
+    """(MASTER_ADDR, MASTER_PORT) of a Slurm job: as set, else the first node's address and the
+    port derived from the job id. slurm/run.sh prints it with `python -m train.distributed`."""
+    addr = env.get("MASTER_ADDR") or node_address(first_host(env.get("SLURM_JOB_NODELIST",
+                                                                      "localhost")))
+    return addr, int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0")))
 
 
 def node_address(node: str) -> str:
@@ -94,3 +98,7 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+if __name__ == "__main__":  # slurm/run.sh: "ADDR PORT" of this job's rendezvous
+    print(*slurm_rendezvous(os.environ))

@@ -56,43 +56,34 @@ def run_config(model_dir: str, **overrides):
     return cfg
 
 
-def evaluate(model_dir: str, data_dir: str, split: str = "validation", seq_len: int = 128,
-             batch_size: int = 8, max_batches: int | None = None, **overrides) -> dict:
-    import torch
+def evaluate_export(model_dir: str, data_dir: str, split: str = "validation", seq_len: int = 128,
+                    batch_size: int = 8, max_batches: int | None = None, **overrides) -> dict:
+    """The run's eval (train/eval.py) of an exported model on a shard directory."""
     import transformers
 
+    from train.eval import evaluate
     from train.loader import PackedLoader, as_torch
-    from train.model import PackedModel
-    from train.ner_metrics import EntityCounter
+    from train.model import PackedModel, max_positions
     from train.shards import ShardIndex, file_sha256
-    from train.tasks import eval_record, make_task
-    from train.trainer import max_positions
+    from train.tasks import make_task
 
     cfg = run_config(model_dir, **overrides)
     task = make_task(cfg, ShardIndex.load(data_dir))
     model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
     tokenizer_json = Path(model_dir) / "tokenizer.json"
     loader = PackedLoader(data_dir, split, seq_len=seq_len, micro_batch_size=batch_size,
-                          shuffle=False, max_positions=max_positions(model), **task.loader_options)
+                          shuffle=False, **task.loader_options(),
+                          max_positions=max_positions(model.config, type(model).__name__))
     loader.index.check_vocab(model.config.vocab_size,
                              file_sha256(tokenizer_json) if tokenizer_json.exists() else None)
     wrapped = PackedModel(model)
-    entities = EntityCounter() if task.reports_entities else None
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(loader.one_pass()):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = task.eval_batch(batch)
-            t = as_torch(batch)
-            loss_sum, n, *predicted = wrapped(t["input_ids"], t["labels"], t["position_ids"],
-                                              t["cu_seqlens"], t["max_seqlen"],
-                                              return_predictions=entities is not None)
-            total += loss_sum.item()
-            tokens += int(n)
-            if entities is not None:
-                task.update_entities(entities, batch, predicted[0].numpy())
-    return eval_record(total, tokens, entities.counts() if entities else None)
+
+    def forward(batch, return_predictions):
+        t = as_torch(batch)
+        return wrapped(t["input_ids"], t["labels"], t["position_ids"], t["cu_seqlens"],
+                       t["max_seqlen"], return_predictions=return_predictions)
+
+    return evaluate(forward, loader, task, max_batches=max_batches)
 
 
 @exits_cleanly_on_usage_error
@@ -110,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--whole-word-masking", action=argparse.BooleanOptionalAction)
     ap.add_argument("--label-all-tokens", action=argparse.BooleanOptionalAction)
     args = ap.parse_args(argv)
-    print(json.dumps(evaluate(args.model, args.data, args.split, args.seq_len, args.batch_size,
+    print(json.dumps(evaluate_export(args.model, args.data, args.split, args.seq_len, args.batch_size,
                               args.max_batches, **{
                                   "seed": args.seed, "data.mlm_probability": args.mlm_probability,
                                   "data.whole_word_masking": args.whole_word_masking,

@@ -15,11 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from train.tokenizer import HF_FILES
+from train.shards import TOKENIZER_FILES
 
 PREFIX = "hf_model."
-
-
 TRAIN_CONFIG = "train_config.json"
 
 
@@ -36,7 +34,7 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
         if gathered is not None:
             state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
         hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for name in HF_FILES:
+        for name in TOKENIZER_FILES:
             if (data_dir / name).exists():
                 shutil.copyfile(data_dir / name, tmp / name)
         if config is not None:

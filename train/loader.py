@@ -12,11 +12,12 @@ and resume under W' ranks with no sample lost or repeated (Megatron-LM, torchtit
 tie their loader state to the rank count). The epoch permutation is a keyed Feistel network:
 O(1) memory however many samples there are.
 
-A batch follows the packed-batch contract (ARCHITECTURE):
+A batch follows the packed-batch contract (README.md, "The packed loader"):
   input_ids, labels, position_ids  [B, seq_len] int64; positions restart at each document
   cu_seqlens                       int32 [segments + 1] over the flattened batch
   max_seqlen                       int
   sample_ids                       [B] which windows these are (for logs and tests)
+  labels                           [B, seq_len], unless the task makes its own (next_token_labels=False)
 Labels are the next token within the same document; the position holding a document's EOS
 predicts nothing (-100), so no token is predicted from another document. A document piece that
 starts mid-document (the document was longer than the window) continues its position ids.
@@ -37,7 +38,7 @@ from train.shards import ShardIndex
 IGNORE_INDEX = -100
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: a fast, well-distributed hash of uint64s."""
     with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -59,15 +60,15 @@ class FeistelPermutation:
         self.n = n
         self.half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
         key = (seed * 0x9E3779B97F4A7C15 + epoch) & 0xFFFFFFFFFFFFFFFF
-        base = _mix64(np.array([key], dtype=np.uint64))
-        self.keys = _mix64(base + np.arange(1, self.ROUNDS + 1, dtype=np.uint64))
+        base = mix64(np.array([key], dtype=np.uint64))
+        self.keys = mix64(base + np.arange(1, self.ROUNDS + 1, dtype=np.uint64))
 
     def _rounds(self, x: np.ndarray) -> np.ndarray:
         mask = np.uint64((1 << self.half) - 1)
         left, right = x >> np.uint64(self.half), x & mask
         for key in self.keys:
             with np.errstate(over="ignore"):
-                left, right = right, left ^ (_mix64(right + key) & mask)
+                left, right = right, left ^ (mix64(right + key) & mask)
         return (left << np.uint64(self.half)) | right
 
     def __call__(self, idx: np.ndarray) -> np.ndarray:
@@ -146,7 +147,8 @@ class PackedLoader:
     def __init__(self, data_dir: str | Path, split: str = "train", *, seq_len: int,
                  micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, max_positions: int | None = None, verify: str = "sample",
-                 whole_documents: bool = False, label_codes: bool = False):
+                 whole_documents: bool = False, label_codes: bool = False,
+                 next_token_labels: bool = True):
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must "
                             f"be at least 1")
@@ -165,6 +167,7 @@ class PackedLoader:
             self.window_starts = np.append(np.arange(0, self.stream.num_tokens, seq_len),
                                            self.stream.num_tokens)
         self.whole_documents = whole_documents
+        self.next_token_labels = next_token_labels  # False: the task makes the labels itself
         self.num_samples = len(self.window_starts) - 1
         self.labels = None
         if label_codes:  # token classification: the label stream beside the tokens
@@ -254,19 +257,28 @@ class PackedLoader:
         if self.max_positions:
             position_ids %= self.max_positions
 
-        labels = np.where(is_eos | ~valid[:, 1:] | ~valid[:, :L], IGNORE_INDEX, targets)
         # Attention segments: a new document, a position restart, or the start of a row.
         boundary = position_ids == 0
         boundary[:, 0] = True
         flat = np.flatnonzero(boundary.reshape(-1))
         cu_seqlens = np.append(flat, B * L).astype(np.int32)
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+        batch = {"input_ids": input_ids, "position_ids": position_ids,
                  "cu_seqlens": cu_seqlens, "max_seqlen": int(np.diff(cu_seqlens).max()),
                  "sample_ids": sample_ids,
                  "epochs": np.zeros(B, np.int64) if epochs is None else np.asarray(epochs, np.int64)}
+        if self.next_token_labels:
+            batch["labels"] = np.where(is_eos | ~valid[:, 1:] | ~valid[:, :L], IGNORE_INDEX, targets)
         if codes is not None:
             batch["label_codes"] = codes
         return batch
+
+
+def num_windows(index: ShardIndex, split: str, seq_len: int, whole_documents: bool = False) -> int:
+    """How many samples PackedLoader makes of a split (one pass), without opening a loader:
+    arithmetic for fixed windows; a scan of the document ends for windows of whole documents."""
+    if whole_documents:
+        return len(TokenStream(index, split).whole_document_windows(seq_len)) - 1
+    return -(-sum(r.num_tokens for r in index.shards(split)) // seq_len)
 
 
 def as_torch(batch: dict, device=None) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from train.errors import DataError
-from train.loader import IGNORE_INDEX, _mix64
+from train.loader import IGNORE_INDEX, mix64
 
 # Stream constants: independent draws for word selection, the 80/10/10 choice and the random id.
 _SELECT, _KIND, _RANDOM = (np.uint64(c) for c in (0x5E1EC7, 0x7E4D, 0xA4D0))
@@ -86,7 +86,7 @@ def _word_start_rule(spec: dict):
 
 def _uniform(keys: np.ndarray, stream: np.uint64) -> np.ndarray:
     """Uniform [0, 1) floats, one per uint64 key, for one of the independent streams."""
-    bits = _mix64(_mix64(keys ^ stream) + stream)
+    bits = mix64(mix64(keys ^ stream) + stream)
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -106,9 +106,9 @@ def _mask_tokens(input_ids, position_ids, sample_ids, epochs, tables, probabilit
     B, L = input_ids.shape
     special = tables.special[input_ids]
     # One key per (seed, epoch, sample, position): nothing else influences the draws.
-    row_key = _mix64((np.uint64(seed & 0xFFFFFFFF) << np.uint64(32))
+    row_key = mix64((np.uint64(seed & 0xFFFFFFFF) << np.uint64(32))
                      ^ (epochs.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-                     ^ _mix64(sample_ids.astype(np.uint64)))
+                     ^ mix64(sample_ids.astype(np.uint64)))
     position = np.arange(L, dtype=np.uint64)
     keys = row_key[:, None] + position[None, :]
     if whole_word:

@@ -1,4 +1,5 @@
-"""Hugging Face models with attention and loss routed to the project's kernels.
+"""Hugging Face models: built for a task (`model_config`, `build_hf_model`), and with attention
+and loss routed to the project's kernels (`PackedModel`).
 
 Nothing in transformers is edited. Two mechanisms it provides do the routing:
   * attention: a function registered with `AttentionInterface` (and a mask builder registered
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import fused_linear_cross_entropy, varlen_attention
+from train.errors import UsageError
+from train.loader import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,89 @@ FAMILIES = {
 
 
 def position_offset(hf_model) -> int:
-    family = FAMILIES.get(type(hf_model).__name__)
-    return family.position_offset(hf_model.config) if family and family.position_offset else 0
+    return _position_offset(type(hf_model).__name__, hf_model.config)
+
+
+def _position_offset(architecture: str, config) -> int:
+    family = FAMILIES.get(architecture)
+    return family.position_offset(config) if family and family.position_offset else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the model: its config first (preflight reads sizes from it), the weights later
+# ---------------------------------------------------------------------------------------------
+
+# transformers' Auto class -> its table of model_type -> architecture (class name)
+_AUTO_TABLES = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"}
+
+
+def architecture_of(hf_config, auto_class: str) -> str:
+    """The class name the Auto class builds for this config (the key of FAMILIES)."""
+    from transformers.models.auto import modeling_auto
+
+    name = getattr(modeling_auto, _AUTO_TABLES[auto_class]).get(hf_config.model_type, "")
+    return name[0] if isinstance(name, (tuple, list)) else name
+
+
+def model_config(model_section, auto_class: str, model_kwargs: dict, *, vocab_size=None,
+                 eos_id=None, special_ids=None):
+    """The Hugging Face config of the run's model, without its weights: read from
+    model.name_or_path, or built from model.config (sizes the shards fill in: the vocabulary,
+    EOS and pad ids). UsageError for a missing directory or an unknown model_type."""
+    from transformers import AutoConfig
+
+    if model_section.name_or_path:
+        return _from_dir_or_hub(model_section.name_or_path,
+                                lambda name: AutoConfig.from_pretrained(name, **model_kwargs))
+    spec = dict(model_section.config)
+    model_type = spec.pop("model_type")
+    if vocab_size is not None:
+        spec.setdefault("vocab_size", vocab_size)
+    if eos_id is not None:
+        for key in ("bos_token_id", "eos_token_id"):
+            spec.setdefault(key, eos_id)
+    if "pad_token" in (special_ids or {}):  # BERT-style embeddings reserve the pad row
+        spec.setdefault("pad_token_id", special_ids["pad_token"])
+    try:
+        return AutoConfig.for_model(model_type, **spec, **model_kwargs)
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"model.config: {err}") from None
+
+
+def _from_dir_or_hub(name: str, load):
+    if not Path(name).exists() and name.startswith(("/", ".", "~")):  # a path, not a hub name
+        raise UsageError(f"model.name_or_path {name} does not exist")
+    try:  # a hub name (org/model or gpt2) needs a network; say so rather than trace back
+        return load(name)
+    except OSError as err:
+        raise UsageError(f"model.name_or_path {name}: not a local model directory, and "
+                         f"loading it by name failed ({str(err).splitlines()[0]})") from None
+
+
+def build_hf_model(model_section, hf_config, auto_class: str, model_kwargs: dict, seed: int):
+    """The Hugging Face model with the task's head: the local (or hub) model to fine-tune, or a
+    new one from `hf_config` with the same initial weights on every rank and every rerun."""
+    import transformers
+
+    auto_model = getattr(transformers, auto_class)
+    if model_section.name_or_path:
+        # a new label set replaces a classifier head of another size
+        extra = {"ignore_mismatched_sizes": True} if model_kwargs else {}
+        return _from_dir_or_hub(model_section.name_or_path, lambda name: auto_model.from_pretrained(
+            name, dtype=torch.float32, **model_kwargs, **extra))
+    torch.manual_seed(seed)
+    return auto_model.from_config(hf_config, dtype=torch.float32)
+
+
+def max_positions(hf_config, architecture: str) -> int | None:
+    """How many positions the model's position table holds (RoBERTa's first ones are reserved)."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int):
+            return value - _position_offset(architecture, hf_config)
+    return None
 
 
 def attention_name(backend: str) -> str:

@@ -90,13 +90,3 @@ class EntityCounter:
                 "f1": 2 * p * r / (p + r) if p + r else 0.0,  # same operation order as seqeval
                 "accuracy": correct_tokens / n_tokens if n_tokens else 0.0,
                 "true_entities": n_true, "pred_entities": n_pred, "correct_entities": correct}
-
-
-def entity_scores(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]]) -> dict:
-    """seqeval's default-mode micro precision/recall/f1 and accuracy_score, plus entity counts."""
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} true sentences but {len(y_pred)} predicted sentences")
-    counter = EntityCounter()
-    for true_tags, pred_tags in zip(y_true, y_pred):
-        counter.update(true_tags, pred_tags)
-    return EntityCounter.scores(counter.counts())

@@ -14,6 +14,7 @@ it after step K (a planned stop; no requeue).
 from __future__ import annotations
 
 import datetime
+import enum
 import os
 import signal
 import subprocess
@@ -21,6 +22,20 @@ import sys
 import time
 
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopReason(enum.IntEnum):
+    """Why a run stops before its last step. The ranks agree by max-reducing the values, so a
+    higher one wins: a signal over the walltime over a planned exit."""
+
+    EXIT_AFTER_STEPS = 1
+    WALLTIME = 2
+    SIGNAL = 3
+
+    @property
+    def label(self) -> str:
+        return {StopReason.EXIT_AFTER_STEPS: "exit_after_steps", StopReason.WALLTIME: "walltime",
+                StopReason.SIGNAL: "warning signal"}[self]
 
 
 class StopRequest:
@@ -37,23 +52,24 @@ class StopRequest:
     def _on_signal(self, signum, frame):
         self.signalled = signal.Signals(signum).name
 
-    def local_reason(self, step: int) -> str | None:
+    def local_reason(self, step: int) -> StopReason | None:
         """Why this rank wants to stop after `step`, if it does."""
         if self.signalled:
-            return f"warning signal {self.signalled}"
+            return StopReason.SIGNAL
         if self.deadline is not None and time.time() + self.margin >= self.deadline:
-            return "walltime"
+            return StopReason.WALLTIME
         if self.exit_after is not None and step >= self.exit_after:
-            return "exit_after_steps"
+            return StopReason.EXIT_AFTER_STEPS
         return None
 
-    def requeue(self, reason: str) -> None:
+    def requeue(self, reason: StopReason) -> None:
         """Put the job back in the queue (rank 0, after the checkpoint is complete)."""
-        if self.rank != 0 or reason == "exit_after_steps" or not self.job_id:
+        if self.rank != 0 or reason == StopReason.EXIT_AFTER_STEPS or not self.job_id:
             return
         result = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True, text=True)
         status = "requeued" if result.returncode == 0 else f"could not requeue: {result.stderr.strip()}"
-        print(f"job {self.job_id}: {reason}; checkpoint saved; {status}", file=sys.stderr, flush=True)
+        print(f"job {self.job_id}: {reason.label}; checkpoint saved; {status}", file=sys.stderr,
+              flush=True)
 
 
 def job_end_time(job_id: str) -> float | None:

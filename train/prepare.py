@@ -5,15 +5,19 @@
         --tokenizer models/gpt2 --val-fraction 0.01 --output data/eli5 --workers 16
     sbatch slurm/prepare.sh ...      # the same as a CPU job on the cluster
 
-How it runs, in order:
-  1. resolve the inputs (a missing path is an error before anything is written);
-  2. fingerprint inputs and options; a rerun with the same fingerprint resumes, keeping the
-     tokenizer and every shard that is complete and verifies;
-  3. load the tokenizer, or train a byte-level BPE on the training inputs, and save it;
-  4. stream documents in input order, tokenize batches on `--workers` processes with a bounded
-     number in flight (memory stays flat whatever the corpus size), and append them in order to
-     per-split shards: the output is byte-identical whatever the worker count;
-  5. write index.json last: its presence is what marks the directory complete.
+How it runs, in order (one function per phase, called from `main`):
+  0. resolve the inputs (a missing path is an error before anything is written); plain text or,
+     for token classification, sentences (`TextInputs` / `SentenceInputs` hold every difference);
+  1. `resume_or_clear`: fingerprint inputs and options; a rerun with the same fingerprint
+     resumes, keeping the tokenizer and every shard that is complete and verifies;
+  2. `install_and_check_tokenizer`: load the tokenizer, or train one on the training inputs;
+  3. `open_writers`: one shard writer per stream (tokens, and labels for token classification)
+     and split, after the shards already complete;
+  4. `tokenize_into`: stream documents in input order, tokenize batches on `--workers` processes
+     with a bounded number in flight (memory stays flat whatever the corpus size), and append
+     them in order: the output is byte-identical whatever the worker count;
+  5. `write_index`: index.json last (through ShardIndex, its only writer); its presence is what
+     marks the directory complete.
 """
 from __future__ import annotations
 
@@ -26,18 +30,19 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from train import ner_data
-from train import sources as src
+from train import ner_data, sources
 from train.errors import UsageError, exits_cleanly_on_usage_error
-from train.shards import (FORMAT_VERSION, INDEX_NAME, ShardIndex, ShardWriter, completed_shards,
-                          dtype_for_vocab, file_sha256, write_json_atomic)
+from train.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
+                          ShardIndex, ShardWriter, completed_shards, dtype_for_vocab, file_sha256,
+                          label_split, write_json_atomic)
 from train.tokenizer import (ENCODER_TASKS, install_tokenizer, save_pretrained, special_token_ids,
                              tokenizer_facts, train_bpe, train_wordpiece)
 
@@ -47,8 +52,8 @@ DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16: a lost shard costs about a mi
 # 2 x workers of them in flight stay in the tens of MB.
 BATCH_CHARS = 1 << 20
 BATCH_DOCS = 4096
-TRAIN, VALIDATION = 0, 1
-SPLIT_NAMES = ("train", "validation")
+TRAIN, VALIDATION = 0, 1  # indexes into SPLIT_NAMES
+VALIDATION_NAME = SPLIT_NAMES[VALIDATION]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,40 +108,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Documents, in input order, each assigned to a split
 # ---------------------------------------------------------------------------------------------
 
-class Counts:
+class DocCounts:
+    """Documents per split, and empty documents skipped, as split_documents goes."""
+
     def __init__(self):
         self.docs = [0, 0]
         self.empty = 0
 
 
-def split_documents(train_sources, val_sources, val_fraction, counts: Counts
+def split_documents(train_sources, val_sources, val_fraction, counts: DocCounts
                     ) -> Iterator[tuple[int | None, str, int]]:
     """Yield (split, text, input bytes). split None carries only progress (an empty document or
     a file's trailing bytes). Every val_fraction-th document goes to validation, evenly spaced,
     so the choice depends on nothing but the document order."""
-    seen = 0
     # Exact decimal arithmetic: with floats, (i + 1) * 0.1 can fall just short of an integer.
     frac = Fraction(str(val_fraction)) if val_fraction else None
-    for source in train_sources:
-        for text, nbytes in source.iter_docs():
-            if not text:
-                counts.empty += text is not None
-                yield None, "", nbytes
-                continue
-            split = TRAIN
-            if frac and int((seen + 1) * frac) > int(seen * frac):
-                split = VALIDATION
-            seen += 1
-            counts.docs[split] += 1
-            yield split, text, nbytes
-    for source in val_sources:
-        for text, nbytes in source.iter_docs():
-            if not text:
-                counts.empty += text is not None
-                yield None, "", nbytes
-                continue
-            counts.docs[VALIDATION] += 1
-            yield VALIDATION, text, nbytes
+    seen = 0
+
+    def train_split() -> int:
+        nonlocal seen
+        seen += 1
+        return VALIDATION if frac and int(seen * frac) > int((seen - 1) * frac) else TRAIN
+
+    for group, choose in ((train_sources, train_split), (val_sources, lambda: VALIDATION)):
+        for source in group:
+            for text, nbytes in source.iter_docs():
+                if not text:
+                    counts.empty += text is not None
+                    yield None, "", nbytes
+                    continue
+                split = choose()
+                counts.docs[split] += 1
+                yield split, text, nbytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,19 +210,24 @@ def _tokenize_words(sentences: list[tuple[list[str], list[int]]]):
     return tokens, lengths, codes
 
 
-class InProcess:
-    """The --workers 1 path: the same functions, no pool."""
+class _Ready:
+    """A finished future: what SerialPool.submit returns."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class SerialPool:
+    """The --workers 1 path: the same functions as the process pool, run here, no pool."""
 
     def __init__(self, *init_args):
         _init_tokenizer(*init_args)
 
-    def submit(self, fn, *args):
-        result = fn(*args)
-
-        class Done:
-            def result(self):
-                return result
-        return Done()
+    def submit(self, fn, *args) -> _Ready:
+        return _Ready(fn(*args))
 
     def shutdown(self, cancel_futures=False):
         pass
@@ -238,6 +246,11 @@ def tokenize_in_order(batches, pool, workers: int, tokenize=_tokenize):
         yield meta_done, future.result()
 
 
+def doc_chars(doc) -> int:
+    """A document's size in characters: a text, or a sentence (words, labels)."""
+    return len(doc) if isinstance(doc, str) else sum(len(word) for word in doc[0])
+
+
 def batch_documents(docs, skip: list[int]):
     """Group (split, text) into batches; drop documents already in complete shards (resume)."""
     splits, texts, chars, pending_bytes = [], [], 0, 0
@@ -252,7 +265,7 @@ def batch_documents(docs, skip: list[int]):
             continue
         splits.append(split)
         texts.append(text)
-        chars += len(text)
+        chars += doc_chars(text)
         if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
             yield (np.array(splits, dtype=np.int8), pending_bytes), texts
             splits, texts, chars, pending_bytes = [], [], 0, 0
@@ -261,8 +274,81 @@ def batch_documents(docs, skip: list[int]):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# What differs between plain text and token-classification input, in one place
 # ---------------------------------------------------------------------------------------------
+
+class TextInputs:
+    """--task clm / mlm: each document is a text; one output stream, the tokens."""
+
+    progress_unit = "B"
+    tokenize = staticmethod(_tokenize)
+    labels: list[str] | None = None
+
+    def __init__(self, args):
+        self.args = args
+
+    def source(self, spec: str):
+        return sources.resolve(spec, self.args.text_field, self.args.txt_docs)
+
+    def find_labels(self, train_sources, val_sources) -> None:
+        pass
+
+    def as_text(self, doc) -> str:
+        return doc
+
+    def encode(self, doc):
+        return doc
+
+    def streams(self, dtype: np.dtype) -> list[tuple[Callable[[str], str], np.dtype]]:
+        """(split name -> shard name prefix, dtype) of each stream written beside the others."""
+        return [(str, dtype)]
+
+
+class SentenceInputs(TextInputs):
+    """--task token-classification: each document is a sentence (words, tags); the label codes
+    go to a second stream, cut into shards exactly as the tokens are."""
+
+    progress_unit = " sentences"
+    tokenize = staticmethod(_tokenize_words)
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.label_names = ner_data.parse_label_names(args.label_names)
+        self.label_ids: dict[str, int] = {}
+
+    def source(self, spec: str):
+        return sources.SentenceSource(spec, self.label_names)
+
+    def find_labels(self, train_sources, val_sources) -> None:
+        """The label set of the training inputs (id2label order); validation tags must be in
+        it. It must be known before any sentence is encoded."""
+        seen = set()
+        for source in train_sources:
+            for (_, tags), _ in source.iter_docs():
+                seen.update(tags)
+        self.labels = ner_data.label_list(seen)
+        for source in val_sources:
+            tags = (tag for (_, sentence_tags), _ in source.iter_docs() for tag in sentence_tags)
+            ner_data.check_validation_labels(self.labels, tags, source.spec)
+        self.label_ids = {name: i for i, name in enumerate(self.labels)}
+
+    def as_text(self, doc) -> str:
+        return " ".join(doc[0])
+
+    def encode(self, doc):
+        return doc[0], [self.label_ids[t] for t in doc[1]]
+
+    def streams(self, dtype: np.dtype):
+        return [(str, dtype), (label_split, LABEL_DTYPE)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases
+# ---------------------------------------------------------------------------------------------
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr)  # stdout stays for the summary line
+
 
 def fingerprint(args, train_sources, val_sources) -> str:
     tokenizer = {"train_bpe": args.train_tokenizer}
@@ -286,7 +372,32 @@ def clear_outputs(out: Path) -> None:
             f.unlink()
 
 
-def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_text=None) -> str:
+def resume_or_clear(args, out: Path, fp: str) -> dict | None:
+    """Phase 1. A complete directory for the same fingerprint: raises AlreadyComplete. Another
+    complete one: an error, or cleared under --overwrite. An interrupted prepare with the same
+    fingerprint: its state, to resume; with another: cleared."""
+    existing = ShardIndex.existing_fingerprint(out)
+    if existing is not None or (out / INDEX_NAME).exists():
+        if existing == fp and not args.overwrite:
+            raise AlreadyComplete
+        if not args.overwrite:
+            raise UsageError(f"{out} already holds a complete shard directory made from other "
+                             f"inputs or options; pass --overwrite to replace it, or choose "
+                             f"another --output")
+        clear_outputs(out)
+    state_path = out / STATE_NAME
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state and state.get("fingerprint") != fp:
+        clear_outputs(out)
+        state = None
+    return state
+
+
+class AlreadyComplete(Exception):
+    """The output directory is complete for these inputs and options: nothing to do."""
+
+
+def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_text) -> str:
     """Install the tokenizer into out (reusing an interrupted run's, when it has the same
     fingerprint) and return its sha256."""
     if state and (out / "tokenizer.json").exists() and \
@@ -297,13 +408,13 @@ def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_tex
     docs_seen = [0]
 
     def texts():  # the training split only: validation documents stay unseen
-        for split, text, _ in split_documents(train_sources, [], args.val_fraction, Counts()):
+        for split, text, _ in split_documents(train_sources, [], args.val_fraction, DocCounts()):
             if split == TRAIN:
                 docs_seen[0] += 1
-                yield as_text(text) if as_text else text
+                yield as_text(text)
     encoder = args.task in ENCODER_TASKS
-    print(f"training a {'WordPiece' if encoder else 'byte-level BPE'} tokenizer of "
-          f"{args.train_tokenizer} ids on the training inputs", file=sys.stderr)
+    note(f"training a {'WordPiece' if encoder else 'byte-level BPE'} tokenizer of "
+         f"{args.train_tokenizer} ids on the training inputs")
     tok = (train_wordpiece if encoder else train_bpe)(texts(), args.train_tokenizer)
     if docs_seen[0] == 0:  # refused before any tokenizer is installed
         raise empty_corpus_error(args.input)
@@ -316,56 +427,119 @@ def empty_corpus_error(inputs) -> UsageError:
                       f"paths, --text-field and --txt-docs")
 
 
-def splits_record(records) -> dict:
-    """index.json's per-split entries for the shard records of each split."""
-    return {name: {"num_tokens": sum(r.num_tokens for r in records[i]),
-                   "num_docs": sum(r.num_docs for r in records[i]),
-                   "shards": [r.__dict__ for r in records[i]]}
-            for i, name in enumerate(SPLIT_NAMES) if records[i]}
+@dataclass
+class TokenizerFacts:
+    sha256: str
+    vocab_size: int
+    eos_id: int
+    special_ids: dict[str, int]
+    prefix_id: int | None   # the CLS id every document starts with (encoder tasks)
+    dtype: np.dtype
 
 
-def label_split(name: str) -> str:
-    return f"{name}_labels"
+def install_and_check_tokenizer(args, out: Path, state, train_sources, inputs) -> TokenizerFacts:
+    """Phase 2: the tokenizer in out, and what the shards need from it."""
+    sha = prepare_tokenizer(args, out, state, train_sources, inputs.as_text)
+    vocab_size, eos_id = tokenizer_facts(out)
+    special_ids = special_token_ids(out)
+    if args.task == "mlm" and "mask_token" not in special_ids:
+        raise UsageError(f"the tokenizer has no mask token, which --task mlm needs: use a BERT- "
+                         f"or RoBERTa-style tokenizer, or --train-tokenizer VOCAB_SIZE")
+    prefix_id = special_ids.get("cls_token") if args.task in ENCODER_TASKS else None
+    return TokenizerFacts(sha, vocab_size, eos_id, special_ids, prefix_id,
+                          dtype_for_vocab(vocab_size, args.dtype))
 
 
-class SentenceSource:
-    """A token-classification input (CoNLL columns or JSONL tokens/ner_tags) as a Source: its
-    documents are sentences, (words, tags)."""
-
-    def __init__(self, spec: str, label_names: list[str] | None):
-        self.spec, self.label_names = spec, label_names
-        # python-stdlib: the embedded corpus, tagged by Python's own tokenizer (train/code_ner.py)
-        if spec == src.STDLIB:
-            from train.code_ner import stdlib_modules
-            self.files = stdlib_modules()
-        else:
-            self.files = ner_data.resolve_files(spec)
-        self.total_bytes = None  # progress counts sentences
-
-    def describe(self) -> dict:
-        return src.Source(self.spec, self.files).describe()
-
-    def iter_docs(self):
-        if self.spec == src.STDLIB:
-            from train.code_ner import sentences
-            found = sentences(self.files)
-        else:
-            found = ner_data.read_sentences(self.spec, self.label_names)
-        for sentence in found:
-            yield (sentence.words, sentence.tags), 1
+def open_writers(out: Path, streams, shard_tokens: int) -> tuple[list[list[ShardWriter]], list[int]]:
+    """Phase 3: a writer per stream and split, each after the shards an interrupted prepare
+    completed, and how many documents of each split those hold. Streams resume together, from
+    the shards complete in all of them."""
+    done = [[completed_shards(out, name(split), dtype) for split in SPLIT_NAMES]
+            for name, dtype in streams]
+    for split in range(len(SPLIT_NAMES)):
+        common = min(len(stream_done[split]) for stream_done in done)
+        for stream_done in done:
+            for extra in stream_done[split][common:]:
+                (out / extra.file).unlink()
+                (out / extra.file).with_suffix(".json").unlink(missing_ok=True)
+            stream_done[split] = stream_done[split][:common]
+    skip = [sum(r.num_docs for r in records) for records in done[0]]
+    if any(skip):
+        note(f"resuming: {len(done[0][TRAIN])} train and {len(done[0][VALIDATION])} validation "
+             f"shards are complete ({skip[TRAIN]} + {skip[VALIDATION]} documents)")
+    writers = [[ShardWriter(out, name(split), dtype, shard_tokens, stream_done[i])
+                for i, split in enumerate(SPLIT_NAMES)]
+               for (name, dtype), stream_done in zip(streams, done)]
+    return writers, skip
 
 
-def discover_labels(train_sources, val_sources) -> list[str]:
-    """The label set of the training inputs (id2label order); validation tags must be in it."""
-    seen = set()
-    for source in train_sources:
-        for (_, tags), _ in source.iter_docs():
-            seen.update(tags)
-    labels = ner_data.label_list(seen)
-    for source in val_sources:
-        tags = (tag for (_, sentence_tags), _ in source.iter_docs() for tag in sentence_tags)
-        ner_data.check_validation_labels(labels, tags, source.spec)
-    return labels
+def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progress) -> int:
+    """Phase 4: tokenize the batches (in a process pool, or here with one worker) and append
+    each document, in order, to its split's writers. Returns the tokens written."""
+    if workers == 1:
+        pool = SerialPool(*init)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                   initializer=_init_tokenizer, initargs=init)
+    tokens_done, started = 0, time.time()
+    try:
+        for (splits, nbytes), (tokens, lengths, *codes) in tokenize_in_order(
+                batches, pool, workers, tokenize):
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            for split in (TRAIN, VALIDATION):
+                chosen = np.flatnonzero(splits == split)
+                if len(chosen) == 0:
+                    continue
+                # the label codes, when there are any, go to their shards in the same cuts
+                for stream, stream_writers in zip([tokens, *codes], writers):
+                    if len(chosen) == len(splits):
+                        stream_writers[split].add(stream, lengths)
+                    else:
+                        parts = [stream[starts[i]:ends[i]] for i in chosen]
+                        stream_writers[split].add(np.concatenate(parts), lengths[chosen])
+            tokens_done += len(tokens)
+            progress.update(nbytes)
+            elapsed = max(time.time() - started, 1e-9)
+            progress.set_postfix_str(f"{tokens_done / elapsed / 1e6:.2f}M tok/s", refresh=False)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        progress.close()
+    return tokens_done
+
+
+def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, labels,
+                counts: DocCounts) -> ShardIndex:
+    """Phase 5: index.json, last: its presence marks the directory complete. records: per
+    stream, per split, the shard records."""
+    if counts.docs[TRAIN] == 0:
+        raise empty_corpus_error(args.input)
+    if args.validation_input and counts.docs[VALIDATION] == 0:
+        raise UsageError(f"the validation inputs {', '.join(args.validation_input)} hold no "
+                         f"non-empty document")
+    per_split = lambda stream: {name: stream[i] for i, name in enumerate(SPLIT_NAMES)}  # noqa: E731
+    replaced = sources.REPLACED
+    index = ShardIndex(
+        out, tok.dtype, tok.eos_id, tok.vocab_size, tok.sha256, per_split(records[0]),
+        task=args.task, special_ids=tok.special_ids, fingerprint=fp,
+        labels=LabelSet(labels, per_split(records[1])) if labels is not None else None,
+        stats={"empty_docs_skipped": counts.empty, "replaced_bytes": replaced.count,
+               "files_with_replaced_bytes": replaced.files},
+        source={"inputs": args.input, "validation_inputs": args.validation_input or [],
+                "val_fraction": args.val_fraction, "text_field": args.text_field,
+                "txt_docs": args.txt_docs,
+                "command": "python -m train.prepare " + shlex.join(
+                    sys.argv[1:] if argv is None else list(argv))})
+    if not index.splits[VALIDATION_NAME] and args.val_fraction:
+        note(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
+             f"selects none; there is no validation split")
+    index.save()
+    (out / STATE_NAME).unlink(missing_ok=True)
+    for stream in records:
+        for split_records in stream:
+            for r in split_records:  # the sidecars' job (resume) is done; index.json holds it all
+                (out / r.file).with_suffix(".json").unlink(missing_ok=True)
+    return index
 
 
 def make_progress(total_bytes, disabled: bool, unit: str = "B"):
@@ -378,157 +552,48 @@ def make_progress(total_bytes, disabled: bool, unit: str = "B"):
 @exits_cleanly_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    src.REPLACED.reset()
-    ner = args.task == "token-classification"
-    if ner:
-        label_names = ner_data.parse_label_names(args.label_names)
-        train_sources = [SentenceSource(s, label_names) for s in args.input]
-        val_sources = [SentenceSource(s, label_names) for s in args.validation_input or []]
-    else:
-        train_sources = [src.resolve(s, args.text_field, args.txt_docs) for s in args.input]
-        val_sources = [src.resolve(s, args.text_field, args.txt_docs)
-                       for s in args.validation_input or []]
+    sources.REPLACED.reset()
+    inputs = SentenceInputs(args) if args.task == "token-classification" else TextInputs(args)
+    train_sources = [inputs.source(s) for s in args.input]
+    val_sources = [inputs.source(s) for s in args.validation_input or []]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    print_ = lambda *a: print(*a, file=sys.stderr)  # noqa: E731 - stdout stays for the summary
-
     fp = fingerprint(args, train_sources, val_sources)
-    index_path = out / INDEX_NAME
-    if index_path.exists():
-        existing = json.loads(index_path.read_text())
-        if existing.get("fingerprint") == fp and not args.overwrite:
-            print_(f"{out} is already complete for these inputs and options; nothing to do")
-            return 0
-        if not args.overwrite:
-            raise UsageError(f"{out} already holds a complete shard directory made from other "
-                             f"inputs or options; pass --overwrite to replace it, or choose "
-                             f"another --output")
-        clear_outputs(out)
-    state_path = out / STATE_NAME
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    if state and state.get("fingerprint") != fp:
-        clear_outputs(out)
-        state = None
+    try:
+        state = resume_or_clear(args, out, fp)
+    except AlreadyComplete:
+        note(f"{out} is already complete for these inputs and options; nothing to do")
+        return 0
 
-    labels = None
-    if ner:  # the label set first: it must be known before any sentence is encoded
-        labels = discover_labels(train_sources, val_sources)
-    tokenizer_sha = prepare_tokenizer(args, out, state, train_sources,
-                                      as_text=(lambda doc: " ".join(doc[0])) if ner else None)
-    vocab_size, eos_id = tokenizer_facts(out)
-    special_ids = special_token_ids(out)
-    prefix_id = special_ids.get("cls_token") if args.task in ENCODER_TASKS else None
-    if args.task == "mlm" and "mask_token" not in special_ids:
-        raise UsageError(f"the tokenizer has no mask token, which --task mlm needs: use a BERT- "
-                         f"or RoBERTa-style tokenizer, or --train-tokenizer VOCAB_SIZE")
-    dtype = dtype_for_vocab(vocab_size, args.dtype)
-    write_json_atomic(state_path, {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha})
+    inputs.find_labels(train_sources, val_sources)
+    tok = install_and_check_tokenizer(args, out, state, train_sources, inputs)
+    write_json_atomic(out / STATE_NAME, {"fingerprint": fp, "tokenizer_sha256": tok.sha256})
 
-    done = [completed_shards(out, name, dtype) for name in SPLIT_NAMES]
-    if ner:  # tokens and labels resume from the shards complete in both
-        done_labels = [completed_shards(out, label_split(name), ShardIndex.label_dtype)
-                       for name in SPLIT_NAMES]
-        for split, name in enumerate(SPLIT_NAMES):
-            common = min(len(done[split]), len(done_labels[split]))
-            for extra in done[split][common:] + done_labels[split][common:]:
-                (out / extra.file).unlink()
-                (out / extra.file).with_suffix(".json").unlink(missing_ok=True)
-            done[split], done_labels[split] = done[split][:common], done_labels[split][:common]
-    skip = [sum(r.num_docs for r in records) for records in done]
-    if any(skip):
-        print_(f"resuming: {len(done[0])} train and {len(done[1])} validation shards are complete "
-               f"({skip[0]} + {skip[1]} documents)")
-    writers = [ShardWriter(out, name, dtype, args.shard_tokens, done[i])
-               for i, name in enumerate(SPLIT_NAMES)]
-    label_writers = [ShardWriter(out, label_split(name), ShardIndex.label_dtype, args.shard_tokens,
-                                 done_labels[i]) for i, name in enumerate(SPLIT_NAMES)] if ner else []
-
+    writers, skip = open_writers(out, inputs.streams(tok.dtype), args.shard_tokens)
     started = time.time()  # the tokenization pass: tokenizer training is reported apart
     total_bytes = sum(s.total_bytes or 0 for s in train_sources + val_sources) or None
-    progress = make_progress(total_bytes, args.no_progress, " sentences" if ner else "B")
-    counts = Counts()
-    docs = split_documents(train_sources, val_sources, args.val_fraction, counts)
-    if ner:
-        label_ids = {name: i for i, name in enumerate(labels)}
-        docs = ((split, (doc[0], [label_ids[t] for t in doc[1]]) if split is not None else doc, n)
-                for split, doc, n in docs)
-    batches = batch_documents(docs, skip)
-    init = (str(out / "tokenizer.json"), eos_id, dtype.name, prefix_id)
-    if args.workers == 1:
-        pool = InProcess(*init)
-    else:
-        pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"),
-                                   initializer=_init_tokenizer, initargs=init)
-    tokens_done = 0
-    try:
-        tokenize = _tokenize_words if ner else _tokenize
-        for (splits, nbytes), (tokens, lengths, *codes) in tokenize_in_order(
-                batches, pool, args.workers, tokenize):
-            ends = np.cumsum(lengths)
-            starts = ends - lengths
-            for split in (TRAIN, VALIDATION):
-                chosen = np.flatnonzero(splits == split)
-                if len(chosen) == 0:
-                    continue
-                # the label codes, when there are any, go to their shards in the same cuts
-                for stream, split_writers in zip([tokens, *codes], (writers, label_writers)):
-                    if len(chosen) == len(splits):
-                        split_writers[split].add(stream, lengths)
-                    else:
-                        parts = [stream[starts[i]:ends[i]] for i in chosen]
-                        split_writers[split].add(np.concatenate(parts), lengths[chosen])
-            tokens_done += len(tokens)
-            progress.update(nbytes)
-            elapsed = max(time.time() - started, 1e-9)
-            progress.set_postfix_str(f"{tokens_done / elapsed / 1e6:.2f}M tok/s", refresh=False)
-    finally:
-        pool.shutdown(cancel_futures=True)
-        progress.close()
-
-    records = [w.finish() for w in writers]
-    label_records = [w.finish() for w in label_writers]
-    if counts.docs[TRAIN] == 0:
-        raise empty_corpus_error(args.input)
-    if args.validation_input and counts.docs[VALIDATION] == 0:
-        raise UsageError(f"the validation inputs {', '.join(args.validation_input)} hold no "
-                         f"non-empty document")
-    splits_json = splits_record(records)
-    if "validation" not in splits_json and args.val_fraction:
-        print_(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
-               f"selects none; there is no validation split")
-    replaced = src.REPLACED
-    index = {
-        "format": FORMAT_VERSION, "task": args.task, "dtype": dtype.name, "eos_id": eos_id,
-        "vocab_size": vocab_size, "tokenizer_sha256": tokenizer_sha, "fingerprint": fp,
-        "splits": splits_json,
-        "source": {"inputs": args.input, "validation_inputs": args.validation_input or [],
-                   "val_fraction": args.val_fraction, "text_field": args.text_field,
-                   "txt_docs": args.txt_docs,
-                   "command": "python -m train.prepare " + shlex.join(
-                       sys.argv[1:] if argv is None else list(argv))},
-        "stats": {"empty_docs_skipped": counts.empty, "replaced_bytes": replaced.count,
-                  "files_with_replaced_bytes": replaced.files},
-        "special_ids": special_ids,
-    }
-    if ner:
-        index["labels"] = {"names": labels, "dtype": ShardIndex.label_dtype.name,
-                           "splits": splits_record(label_records)}
-    write_json_atomic(index_path, index)
-    state_path.unlink(missing_ok=True)
-    for split_records in records + label_records:
-        for r in split_records:  # the sidecars' job (resume) is done; index.json holds it all
-            (out / r.file).with_suffix(".json").unlink(missing_ok=True)
+    counts = DocCounts()
+    docs = ((split, inputs.encode(doc) if split is not None else doc, n) for split, doc, n
+            in split_documents(train_sources, val_sources, args.val_fraction, counts))
+    tokens_done = tokenize_into(
+        writers, batch_documents(docs, skip),
+        (str(out / "tokenizer.json"), tok.eos_id, tok.dtype.name, tok.prefix_id), args.workers,
+        inputs.tokenize, make_progress(total_bytes, args.no_progress, inputs.progress_unit))
+    records = [[w.finish() for w in stream_writers] for stream_writers in writers]
+    index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts)
 
     elapsed = time.time() - started
-    summary = ", ".join(f"{name}: {s['num_docs']} docs, {s['num_tokens']} tokens in "
-                        f"{len(s['shards'])} shards" for name, s in splits_json.items())
-    print(f"prepared {out} ({dtype.name}, vocab {vocab_size}): {summary}; "
+    summary = ", ".join(f"{name}: {sum(r.num_docs for r in shards)} docs, "
+                        f"{sum(r.num_tokens for r in shards)} tokens in {len(shards)} shards"
+                        for name, shards in index.splits.items() if shards)
+    print(f"prepared {out} ({tok.dtype.name}, vocab {tok.vocab_size}): {summary}; "
           f"{tokens_done / max(elapsed, 1e-9) / 1e6:.2f}M tok/s over {elapsed:.1f}s")
+    replaced = sources.REPLACED
     if replaced.count:
-        print_(f"warning: {replaced.count} undecodable bytes were replaced by U+FFFD, in "
-               f"{', '.join(replaced.files)}{' and more' if len(replaced.files) >= 5 else ''}")
+        note(f"warning: {replaced.count} undecodable bytes were replaced by U+FFFD, in "
+             f"{', '.join(replaced.files)}{' and more' if len(replaced.files) >= 5 else ''}")
     if counts.empty:
-        print_(f"note: {counts.empty} empty documents were skipped")
+        note(f"note: {counts.empty} empty documents were skipped")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The on-disk shard format: flat token files plus `index.json`.
 
-Layout of a prepared directory (see ARCHITECTURE, "Shard directory"):
+Layout of a prepared directory (README.md, "The shard directory"):
 
     index.json            written last; its presence means the directory is complete
     train-00000.bin       raw little-endian token ids (uint16 or uint32), an EOS after every doc
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ from train.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
-SPLITS = ("train", "validation")
+# The tokenizer a shard directory carries in Hugging Face format (copied into every export).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SPLIT_NAMES = ("train", "validation")
 # The cheap integrity check hashes this many evenly spaced blocks of this size (first and last
 # included): it catches truncation, appended bytes and most corruption for a few MB of reads,
 # where the full sha256 of a 1 TB corpus would take minutes per rank at startup.
@@ -188,9 +190,42 @@ def completed_shards(out_dir: Path, split: str, dtype: np.dtype) -> list[ShardRe
     return records
 
 
+# Token classification: a label stream parallel to the tokens (index.json "labels"), one int16
+# code per token: -1 for no label (special tokens), else 2 * label id + 1 if the token continues a
+# word (a word's later sub-tokens), 2 * label id on a word's first sub-token. Alignment (-100, or
+# B- -> I- on continuations) is chosen at training time from the codes.
+LABEL_DTYPE = np.dtype("int16")
+TASKS = ("clm", "mlm", "token-classification")
+
+
+def label_split(name: str) -> str:
+    """The label stream's split name beside a token split (`train` -> `train_labels`)."""
+    return f"{name}_labels"
+
+
+def _splits_dict(splits: dict[str, list[ShardRecord]]) -> dict:
+    return {name: {"num_tokens": sum(r.num_tokens for r in records),
+                   "num_docs": sum(r.num_docs for r in records),
+                   "shards": [asdict(r) for r in records]}
+            for name, records in splits.items() if records}
+
+
+def _splits_from(raw: dict) -> dict[str, list[ShardRecord]]:
+    return {name: [ShardRecord.from_dict(s) for s in split["shards"]] for name, split in raw.items()}
+
+
+@dataclass
+class LabelSet:
+    """The token-classification labels: names in id order, and the label shards of each split."""
+
+    names: list[str]
+    splits: dict[str, list[ShardRecord]]
+
+
 @dataclass
 class ShardIndex:
-    """index.json, read back and checked."""
+    """index.json: its only reader and writer. `prepare` builds one and `save`s it last; a run
+    `load`s it, checked."""
 
     root: Path
     dtype: np.dtype
@@ -198,24 +233,45 @@ class ShardIndex:
     vocab_size: int
     tokenizer_sha256: str
     splits: dict[str, list[ShardRecord]]
-    raw: dict
+    task: str = "clm"                 # the --task prepare ran with (a run checks it fits)
+    special_ids: dict[str, int] = field(default_factory=dict)  # {"mask_token": 4, ...}
+    labels: LabelSet | None = None    # token classification only
+    stats: dict = field(default_factory=dict)   # empty documents skipped, replaced bytes
+    source: dict = field(default_factory=dict)  # inputs, options and the command line
+    fingerprint: str | None = None    # of prepare's inputs and options: a rerun with the same does nothing
 
-    # Token classification: a label stream parallel to the tokens (index.json "labels"), one
-    # int16 code per token: -1 for no label (special tokens), else 2 * label id + 1 if the token
-    # continues a word (a word's later sub-tokens), 2 * label id on a word's first sub-token.
-    # Alignment (-100 or B- -> I- on continuations) is chosen at training time from the codes.
-    label_dtype = np.dtype("int16")
+    label_dtype = LABEL_DTYPE
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.raw.get("labels", {}).get("names", []))
+        return list(self.labels.names) if self.labels else []
 
     def label_shards(self, split: str) -> list[ShardRecord]:
-        labels = self.raw.get("labels", {}).get("splits", {})
-        if split not in labels:
+        if self.labels is None or split not in self.labels.splits:
             raise DataError(f"{self.root} has no token labels for its {split!r} split: it was not "
                             f"prepared with --task token-classification")
-        return [ShardRecord.from_dict(r) for r in labels[split]["shards"]]
+        return self.labels.splits[split]
+
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT_VERSION, "task": self.task, "dtype": self.dtype.name,
+             "eos_id": self.eos_id, "vocab_size": self.vocab_size,
+             "tokenizer_sha256": self.tokenizer_sha256, "fingerprint": self.fingerprint,
+             "splits": _splits_dict(self.splits), "source": self.source, "stats": self.stats,
+             "special_ids": self.special_ids}
+        if self.labels is not None:
+            d["labels"] = {"names": self.labels.names, "dtype": LABEL_DTYPE.name,
+                           "splits": _splits_dict(self.labels.splits)}
+        return d
+
+    def save(self) -> None:
+        """Write index.json (atomically): its presence marks the directory complete."""
+        write_json_atomic(self.root / INDEX_NAME, self.to_dict())
+
+    @staticmethod
+    def existing_fingerprint(root: Path) -> str | None:
+        """The fingerprint of a complete directory (None when there is no index.json)."""
+        path = Path(root) / INDEX_NAME
+        return json.loads(path.read_text()).get("fingerprint") if path.exists() else None
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> "ShardIndex":
@@ -233,10 +289,14 @@ class ShardIndex:
         if raw.get("format") != FORMAT_VERSION:
             raise DataError(f"{path}: format {raw.get('format')!r} is not {FORMAT_VERSION}; "
                             f"prepare the data again with this version")
-        splits = {name: [ShardRecord.from_dict(s) for s in split["shards"]]
-                  for name, split in raw["splits"].items()}
+        labels = raw.get("labels")
         return cls(root, np.dtype(raw["dtype"]), int(raw["eos_id"]), int(raw["vocab_size"]),
-                   raw["tokenizer_sha256"], splits, raw)
+                   raw["tokenizer_sha256"], _splits_from(raw["splits"]),
+                   task=raw.get("task", "clm"), special_ids=dict(raw.get("special_ids", {})),
+                   labels=LabelSet(list(labels["names"]), _splits_from(labels["splits"]))
+                   if labels else None,
+                   stats=raw.get("stats", {}), source=raw.get("source", {}),
+                   fingerprint=raw.get("fingerprint"))
 
     def shards(self, split: str) -> list[ShardRecord]:
         if split not in self.splits or not self.splits[split]:
@@ -249,8 +309,8 @@ class ShardIndex:
         """Check each shard's size (truncation) and a hash: sampled blocks by default, the whole
         file's sha256 with full=True. Raises DataError naming the shard."""
         records = [(r, self.dtype) for r in self.shards(split)]
-        if "labels" in self.raw:
-            records += [(r, self.label_dtype) for r in self.label_shards(split)]
+        if self.labels is not None:
+            records += [(r, LABEL_DTYPE) for r in self.label_shards(split)]
         for record, dtype in records:
             path = self.root / record.file
             if not path.exists():

@@ -1,7 +1,7 @@
-"""What differs between the three tasks, and nothing else: which Hugging Face head, how a packed
-batch gets its labels, and what eval reports beyond the loss.
+"""What differs between the three tasks, and nothing else, behind one small interface (`Task`):
+which Hugging Face head, which labels a packed batch gets, and what eval reports.
 
-  clm                   next-token labels straight from the loader (AutoModelForCausalLM)
+  clm                   next-token labels, built by the loader (AutoModelForCausalLM)
   mlm                   80/10/10 masking at batch time, optionally of whole words, fixed for
                         eval (AutoModelForMaskedLM); see train/masking.py
   token-classification  labels from the label stream that prepare wrote beside the tokens,
@@ -9,9 +9,12 @@ batch gets its labels, and what eval reports beyond the loss.
                         adds seqeval's entity precision, recall, F1 and token accuracy
                         (AutoModelForTokenClassification)
 
-The loader, the model wrapper, the kernels, the engine, checkpoints and export are shared.
+The loader, the model wrapper, the kernels, the engine, the eval loop (train/eval.py),
+checkpoints and export are shared, and none of them asks which task it runs.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -20,17 +23,32 @@ from train.loader import IGNORE_INDEX
 from train.shards import ShardIndex
 
 
-class CausalLM:
+class Task:
+    """The interface every task implements; the defaults are a causal LM's.
+
+    name, auto_class      the config's `task` value; the transformers Auto class of its head
+    loader_options()      keyword arguments for PackedLoader (a fresh dict each call)
+    model_kwargs()        extra config values for a model built or loaded for this task
+    train_batch(batch)    a loader batch -> the same batch with its `labels`
+    eval_batch(batch)     the same for eval (fixed masking for MLM)
+    wants_predictions     whether eval needs each labelled token's predicted class
+    eval_counts(batch, predicted)   additive counts (summed over batches and ranks) for ...
+    eval_record(loss_sum, tokens, counts)   ... the metrics an eval reports
+    headline_metric       the eval metric a run's summary line reports
+    """
+
     name = "clm"
     auto_class = "AutoModelForCausalLM"
-    loader_options: dict = {}
-    reports_entities = False
+    wants_predictions = False
+    headline_metric = "perplexity"  # the eval metric the run's summary line follows
 
     def __init__(self, cfg, index: ShardIndex):
         self.cfg = cfg
 
+    def loader_options(self) -> dict:
+        return {}
+
     def model_kwargs(self) -> dict:
-        """Extra config values for a model built or loaded for this task."""
         return {}
 
     def train_batch(self, batch: dict) -> dict:
@@ -39,8 +57,21 @@ class CausalLM:
     def eval_batch(self, batch: dict) -> dict:
         return self.train_batch(batch)  # eval batches carry epoch 0: fixed masking for MLM
 
+    def eval_counts(self, batch: dict, predicted: np.ndarray | None) -> list[int]:
+        return []
 
-class MaskedLM(CausalLM):
+    def eval_record(self, loss_sum: float, tokens: int, counts: list[float]) -> dict:
+        """eval_loss (mean nats per labelled token) and perplexity."""
+        loss = loss_sum / max(tokens, 1)
+        return {"eval_loss": loss, "eval_tokens": int(tokens),
+                "perplexity": math.exp(min(loss, 700))}
+
+
+class CausalLM(Task):
+    """Next-token prediction: the loader's labels as they are."""
+
+
+class MaskedLM(Task):
     name = "mlm"
     auto_class = "AutoModelForMaskedLM"
 
@@ -49,7 +80,10 @@ class MaskedLM(CausalLM):
         from train.masking import VocabularyTables
 
         self.tables = VocabularyTables.from_tokenizer(
-            index.root, index.vocab_size, index.raw.get("special_ids", {}).get("mask_token"))
+            index.root, index.vocab_size, index.special_ids.get("mask_token"))
+
+    def loader_options(self) -> dict:
+        return {"next_token_labels": False}  # the masking makes the labels
 
     def train_batch(self, batch: dict) -> dict:
         from train.masking import mask_tokens
@@ -62,26 +96,27 @@ class MaskedLM(CausalLM):
         return {**batch, "input_ids": masked, "labels": labels}
 
 
-class TokenClassification(CausalLM):
+class TokenClassification(Task):
     name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
-    # A sentence is never cut by a window edge (unless it is longer than the window): entity
-    # metrics need whole sentences, and the model should see each sentence's context.
-    loader_options = {"whole_documents": True, "label_codes": True}
-    reports_entities = True
+    wants_predictions = True
+    headline_metric = "eval_f1"
 
     def __init__(self, cfg, index: ShardIndex):
         super().__init__(cfg, index)
         from train.ner_data import continuation_label
 
         self.names = index.label_names
-        if not self.names:
-            raise DataError(f"{index.root} has no label set: prepare it with --task "
-                            f"token-classification")
         label_ids = {name: i for i, name in enumerate(self.names)}
         # continuation sub-tokens: B-X -> I-X (label_all_tokens), or ignored
         self.continuation = np.array([label_ids.get(continuation_label(n), i)
                                       for i, n in enumerate(self.names)])
+
+    def loader_options(self) -> dict:
+        # A sentence is never cut by a window edge (unless it is longer than the window): entity
+        # metrics need whole sentences, and the model should see each sentence's context. The
+        # labels come from the label stream, not from the next token.
+        return {"whole_documents": True, "label_codes": True, "next_token_labels": False}
 
     def model_kwargs(self) -> dict:
         return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)),
@@ -97,9 +132,12 @@ class TokenClassification(CausalLM):
         labels = np.where(codes < 0, IGNORE_INDEX, np.where(continues, on_continuation, label))
         return {**batch, "labels": labels}
 
-    def update_entities(self, counter, batch: dict, predicted: np.ndarray) -> None:
-        """Add one eval batch to an EntityCounter: word-level tags (a word's first sub-token),
+    def eval_counts(self, batch: dict, predicted: np.ndarray | None) -> list[int]:
+        """EntityCounter's counts for one eval batch: word-level tags (a word's first sub-token),
         sentence by sentence (the attention segments)."""
+        from train.ner_metrics import EntityCounter
+
+        counter = EntityCounter()
         labels = batch["labels"].reshape(-1)
         labelled = labels != IGNORE_INDEX
         codes = batch["label_codes"].reshape(-1)[labelled]
@@ -109,27 +147,33 @@ class TokenClassification(CausalLM):
         for s in np.unique(segment):
             at = segment == s
             counter.update([self.names[i] for i in true[at]], [self.names[i] for i in pred[at]])
+        return counter.counts()
 
+    def eval_record(self, loss_sum: float, tokens: int, counts: list[float]) -> dict:
+        """eval_loss, and seqeval's entity precision, recall, F1 and token accuracy."""
+        from train.ner_metrics import EntityCounter
 
-def eval_record(loss_sum: float, tokens: int, entity_counts: list[int] | None = None) -> dict:
-    """What an eval reports: eval_loss (mean nats per labelled token) and perplexity, or, for a
-    token classifier, seqeval's entity precision, recall, F1 and token accuracy."""
-    import math
-
-    from train.ner_metrics import EntityCounter
-
-    loss = loss_sum / max(tokens, 1)
-    record = {"eval_loss": loss, "eval_tokens": int(tokens)}
-    if entity_counts is None:
-        record["perplexity"] = math.exp(min(loss, 700))
-    else:
-        scores = EntityCounter.scores([int(c) for c in entity_counts])
-        record.update({f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")})
-    return record
+        if not counts:  # no eval batch at all
+            counts = EntityCounter().counts()
+        scores = EntityCounter.scores([int(c) for c in counts])
+        return {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": int(tokens),
+                **{f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")}}
 
 
 TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification)}
 
 
-def make_task(cfg, index: ShardIndex):
+def check_shards_fit(task: str, index: ShardIndex) -> None:
+    """The shards were prepared for a task this run can use: labelled sentences for token
+    classification, documents (clm and mlm share them) otherwise."""
+    if task == "token-classification" and (index.task != task or not index.label_names):
+        raise DataError(f"{index.root} has no label set: prepare it with --task "
+                        f"token-classification (it was prepared with --task {index.task})")
+    if task != "token-classification" and index.task == "token-classification":
+        raise DataError(f"{index.root} was prepared with --task token-classification (labelled "
+                        f"sentences); task: {task} needs shards from --task clm or mlm")
+
+
+def make_task(cfg, index: ShardIndex) -> Task:
+    check_shards_fit(cfg.task, index)
     return TASKS[cfg.task](cfg, index)

@@ -1,5 +1,6 @@
-"""Tokenizers for prepare: install a Hugging Face tokenizer into the shard directory, or train a
-byte-level BPE on the corpus and install that.
+"""Tokenizers for prepare: install a Hugging Face tokenizer into the shard directory, or train one
+on the corpus and install that: a byte-level BPE (GPT-2 style, for clm) or a WordPiece (BERT
+style, with [CLS], [SEP], [MASK] and [PAD], for mlm and token classification).
 
 The shard directory always ends up with the tokenizer in Hugging Face format (tokenizer.json,
 tokenizer_config.json, ...), so that a run and its export carry the exact tokenizer the shards
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from train.errors import UsageError
-from train.shards import file_sha256
+from train.shards import TOKENIZER_FILES, file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 # The encoder tasks' tokenizer (BERT's conventions): [CLS] opens a document, [SEP] ends it.
@@ -24,7 +25,6 @@ ENCODER_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[C
                     "sep_token": "[SEP]", "mask_token": "[MASK]"}
 ENCODER_TASKS = ("mlm", "token-classification")
 # What a fast Hugging Face tokenizer needs; vocab/merges files are only for slow tokenizers.
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def install_tokenizer(path: str, out_dir: Path) -> str:
@@ -51,7 +51,7 @@ def install_tokenizer(path: str, out_dir: Path) -> str:
         _load_checked(p / "tokenizer.json", path)
         if p.resolve() != out_dir.resolve():
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
-                for name in HF_FILES:
+                for name in TOKENIZER_FILES:
                     if (p / name).exists():
                         shutil.copyfile(p / name, Path(tmp) / name)
                 _move_into(Path(tmp), out_dir)

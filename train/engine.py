@@ -1,0 +1,71 @@
+"""The DeepSpeed engine of a run: the process group, the wired model, the optimizer and the
+learning-rate schedule. torch AdamW and a LambdaLR schedule are handed to DeepSpeed (unless the
+DeepSpeed JSON names its own), which keeps the FusedAdam JIT build out of the way on CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.model import PackedModel
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # One visible GPU per task (submitit and srun --gpus-per-task narrow CUDA_VISIBLE_DEVICES):
+    # it is cuda:0. Otherwise each local rank takes its own.
+    return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
+
+
+def start_process_group(device: torch.device) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               verbose=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases and norm weights (the Trainer's rule: 1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)  # linear
+    return f
+
+
+def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
+    """(DeepSpeed engine, the PackedModel it wraps, the LR scheduler or None). Collective."""
+    import deepspeed
+
+    from train.config import warmup_steps
+
+    model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy)
+    optimizer = lr_scheduler = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        if "scheduler" not in ds_config:
+            lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+                cfg.lr_scheduler_type, warmup_steps(cfg, total_steps), total_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        model_parameters=None if optimizer else model.parameters(), config=ds_config)
+    return engine, model, scheduler
