@@ -66,7 +66,7 @@ class Tile:
 # a key block: BLOCK_N % BLOCK_M == 0, and BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
 FWD_TILES = {
     64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
-    128: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 64, 8, 3)),
+    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3)),
 }
 DKDV_TILES = {
     64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),

@@ -54,7 +54,8 @@ def reference_sample(stream: list[int], k: int, L: int, max_positions: int | Non
         positions.append(offset % max_positions if max_positions else offset)
         segment_keys.append((doc_start, chunk))
     boundaries = [i for i in range(L) if i == 0 or segment_keys[i] != segment_keys[i - 1]]
-    return inputs, labels, positions, boundaries
+    real = [key[0] != "pad" for key in segment_keys]
+    return inputs, labels, positions, boundaries, real
 
 
 @pytest.mark.parametrize("seq_len,max_positions,shard_tokens", [(16, None, 50), (7, 5, 10_000),
@@ -67,15 +68,21 @@ def test_batches_match_the_per_token_reference(tmp_path, seq_len, max_positions,
     assert loader.num_samples == -(-len(stream) // seq_len)  # the last window is padded
     for ids in ([0, 1, 2], [loader.num_samples - 1], list(range(loader.num_samples))[::7]):
         batch = loader.batch(np.array(ids))
-        cu = [0]
+        cu, real_tokens, attended_pairs = [0], 0, 0
         for row, k in enumerate(ids):
-            inputs, labels, positions, boundaries = reference_sample(stream, k, seq_len, max_positions)
+            inputs, labels, positions, boundaries, real = reference_sample(stream, k, seq_len,
+                                                                           max_positions)
+            real_tokens += sum(real)
+            for a, b in zip(boundaries, boundaries[1:] + [seq_len]):  # padding attends nothing real
+                attended_pairs += (b - a) ** 2 if real[a] else 0
             assert batch["input_ids"][row].tolist() == inputs
             assert batch["labels"][row].tolist() == labels
             assert batch["position_ids"][row].tolist() == positions
             cu += [row * seq_len + b for b in boundaries[1:]] + [(row + 1) * seq_len]
         assert batch["cu_seqlens"].dtype == np.int32 and batch["cu_seqlens"].tolist() == cu
         assert batch["max_seqlen"] == max(np.diff(cu))
+        assert batch["real_tokens"] == real_tokens  # what throughput and MFU count
+        assert batch["attended_pairs"] == attended_pairs
 
 
 def test_every_sample_once_per_epoch_across_ranks_and_shuffle_is_seeded(tmp_path):

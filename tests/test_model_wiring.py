@@ -133,3 +133,57 @@ def test_unsupported_model_keeps_its_own_attention_with_a_warning(caplog):
     with torch.no_grad():
         reference = per_document_reference(copy.deepcopy(model), docs)
     torch.testing.assert_close(loss_sum / tokens, reference, atol=ATOL, rtol=RTOL)
+
+
+def test_attention_features_the_kernels_lack_are_refused_not_dropped():
+    """Attention dropout (when training), score softcapping and a sliding window shorter than
+    the windows would silently give other attention than the model's: each is named."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, MistralConfig
+
+    from train.model import UnsupportedAttention, unsupported_attention_features
+
+    found = unsupported_attention_features(GPT2Config(attn_pdrop=0.1), seq_len=128)
+    assert found == ["attention dropout attn_pdrop=0.1 (set model.overrides.attn_pdrop=0)"]
+    assert unsupported_attention_features(GPT2Config(attn_pdrop=0.1), training=False) == []
+    mistral = MistralConfig(sliding_window=64, attention_dropout=0.0)
+    assert unsupported_attention_features(mistral, seq_len=128) == [
+        "sliding-window attention sliding_window=64 < data.seq_len=128"]
+    assert unsupported_attention_features(mistral, seq_len=64) == []
+
+    # At wiring time: Gemma-2's attention softcap (it would be dropped).
+    gemma = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, vocab_size=VOCAB))
+    with pytest.raises(UnsupportedAttention, match="attn_logit_softcapping=50"):
+        PackedModel(gemma)
+
+    # At call time: a GPT-2 with attention dropout trains only with it turned off; eval is fine.
+    model = tiny_gpt2()
+    model.config.attn_pdrop = 0.1
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.1
+    wired = PackedModel(model)
+    batch, _ = packed_batch([[10, 6]], seq_len=16)
+    wired.eval()
+    wired(**batch)
+    wired.train()
+    with pytest.raises(UnsupportedAttention, match="attention dropout p=0.1"):
+        wired(**batch)
+
+
+def test_model_overrides_change_the_config_a_run_builds(tmp_path):
+    """model.overrides reach a fine-tuned model's config (GPT-2's attn_pdrop 0.1 -> 0)."""
+    from transformers import GPT2Config
+
+    from train.config import ModelSection
+    from train.errors import UsageError
+    from train.model import model_config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB).save_pretrained(tmp_path)
+    section = ModelSection(name_or_path=str(tmp_path), overrides={"attn_pdrop": 0.0})
+    assert model_config(section, "AutoModelForCausalLM", {}).attn_pdrop == 0.0
+    assert model_config(ModelSection(name_or_path=str(tmp_path)), "AutoModelForCausalLM",
+                        {}).attn_pdrop == 0.1
+    with pytest.raises(UsageError, match="model.overrides.no_such_key"):
+        model_config(ModelSection(name_or_path=str(tmp_path), overrides={"no_such_key": 1}),
+                     "AutoModelForCausalLM", {})

@@ -48,12 +48,21 @@ SHORT = ["max_steps=40", "per_device_train_batch_size=4", "logging_steps=5", "ev
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, stage):
     out = tmp_path / "run"
-    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}")
+    # ZeRO-3 also gets a peak to compute MFU against (on a CPU there is none by default).
+    peak = ["mfu_peak_tflops=0.5"] if stage == 3 else []
+    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}", *peak)
     assert res.returncode == 0, res.stderr[-3000:]
     records = metrics(out)
     train_records = [r for r in records if "loss" in r]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "elapsed"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "elapsed",
+                "tflops_per_gpu"):
         assert key in train_records[0], key
+    for r in train_records:  # model FLOPs counted before ZeRO-3 partitions the parameters
+        assert r["tflops_per_gpu"] > 0
+        if peak:
+            assert math.isclose(r["mfu"], r["tflops_per_gpu"] / 0.5)
+        else:
+            assert "mfu" not in r  # a CPU has no peak in the table: no MFU rather than a guess
     # A tiny GPT-2 on code falls from ~7.6 nats (uniform over 2,048 ids) by well over a nat.
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0, train_records
     assert train_records[-1]["tokens_seen"] == 40 * 2 * 4 * 128  # steps x ranks x batch x seq

@@ -29,6 +29,7 @@ SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 class ModelSection:
     name_or_path: str | None = None   # a local HF directory, or a hub name where there is network
     config: dict | None = None        # from scratch: {"model_type": "gpt2", "n_layer": 2, ...}
+    overrides: dict | None = None     # config attributes to change, either way: {attn_pdrop: 0}
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Config:
     save_total_limit: int | None = 2
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
     report_to: str = "none"           # none | tensorboard
+    mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)

@@ -70,10 +70,11 @@ class ModelFlops:
         return 6 * (self.body_params * tokens + self.head_params * head_tokens) + attention
 
 
-def model_flops(model: nn.Module, head: nn.Module, *, num_layers: int, num_heads: int,
+def model_flops(model: nn.Module, head: nn.Module | None, *, num_layers: int, num_heads: int,
                 head_dim: int, causal: bool) -> ModelFlops:
     """Count a model's matmul parameters (see the module docstring); `head` is its output layer,
     whose weight may be the token embedding's."""
+    head = head if head is not None else nn.Identity()
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head_ids = {id(p) for p in head.parameters()}
     seen, body = set(), 0
@@ -87,6 +88,39 @@ def model_flops(model: nn.Module, head: nn.Module, *, num_layers: int, num_heads
     return ModelFlops(body, head_params, num_layers * num_heads * head_dim, causal)
 
 
-def sum_sq_doc_lengths(cu_seqlens: torch.Tensor) -> int:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    return int((lengths * lengths).sum())
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A run's model FLOPs and its device's peak: what turns a logging window into
+    tflops_per_gpu and mfu."""
+
+    flops: ModelFlops
+    peak_tflops: float | None
+
+    @classmethod
+    def of(cls, hf_model: nn.Module, *, causal: bool, device: torch.device, bf16: bool,
+           peak_override: float | None = None) -> "Throughput":
+        """From a Hugging Face model (before DeepSpeed partitions it). The peak: the config's
+        override, else the table's for this GPU at the run's precision, else none (CPU, or a
+        GPU not in the table): no MFU is reported rather than a guessed one."""
+        c = hf_model.config
+        head = hf_model.get_output_embeddings() or getattr(hf_model, "classifier", None)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        flops = model_flops(hf_model, head, num_layers=c.num_hidden_layers,
+                            num_heads=c.num_attention_heads, head_dim=head_dim, causal=causal)
+        peak = peak_override
+        if peak is None and device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(device), "bf16" if bf16 else "fp32")
+        return cls(flops, peak)
+
+    def rates(self, real_tokens: float, head_tokens: float, attended_pairs: float,
+              seconds: float, world: int) -> dict:
+        """{"tflops_per_gpu": ..., "mfu": ...} for a window's global counts; mfu only when the
+        peak is known."""
+        achieved = self.flops.step_flops(real_tokens, head_tokens, attended_pairs)
+        tflops = achieved / seconds / world / 1e12
+        rates = {"tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            rates["mfu"] = tflops / self.peak_tflops
+        return rates

@@ -17,6 +17,9 @@ A batch follows the packed-batch contract (README.md, "The packed loader"):
   cu_seqlens                       int32 [segments + 1] over the flattened batch
   max_seqlen                       int
   sample_ids                       [B] which windows these are (for logs and tests)
+  real_tokens                      int: positions holding data, not padding (for throughput)
+  attended_pairs                   int: sum of squared attention-segment lengths, padding
+                                   excluded (attention FLOPs, train/flops.py)
   labels                           [B, seq_len], unless the task makes its own (next_token_labels=False)
 Labels are the next token within the same document; the position holding a document's EOS
 predicts nothing (-100), so no token is predicted from another document. A document piece that
@@ -262,9 +265,13 @@ class PackedLoader:
         boundary[:, 0] = True
         flat = np.flatnonzero(boundary.reshape(-1))
         cu_seqlens = np.append(flat, B * L).astype(np.int32)
+        lengths = np.diff(cu_seqlens).astype(np.int64)
+        real = valid[:, :L].reshape(-1)
+        real_segments = real[cu_seqlens[:-1]]  # padding forms segments of its own
         batch = {"input_ids": input_ids, "position_ids": position_ids,
-                 "cu_seqlens": cu_seqlens, "max_seqlen": int(np.diff(cu_seqlens).max()),
-                 "sample_ids": sample_ids,
+                 "cu_seqlens": cu_seqlens, "max_seqlen": int(lengths.max()),
+                 "sample_ids": sample_ids, "real_tokens": int(real.sum()),
+                 "attended_pairs": int((lengths[real_segments] ** 2).sum()),
                  "epochs": np.zeros(B, np.int64) if epochs is None else np.asarray(epochs, np.int64)}
         if self.next_token_labels:
             batch["labels"] = np.where(is_eos | ~valid[:, 1:] | ~valid[:, :L], IGNORE_INDEX, targets)

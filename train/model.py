@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import fused_linear_cross_entropy, varlen_attention
+from kernels.varlen_attention import MAX_HEAD_DIM
 from train.errors import UsageError
 from train.loader import IGNORE_INDEX
 
@@ -117,10 +118,17 @@ def model_config(model_section, auto_class: str, model_kwargs: dict, *, vocab_si
     EOS and pad ids). UsageError for a missing directory or an unknown model_type."""
     from transformers import AutoConfig
 
+    overrides = dict(model_section.overrides or {})
     if model_section.name_or_path:
-        return _from_dir_or_hub(model_section.name_or_path,
-                                lambda name: AutoConfig.from_pretrained(name, **model_kwargs))
-    spec = dict(model_section.config)
+        config = _from_dir_or_hub(model_section.name_or_path,
+                                  lambda name: AutoConfig.from_pretrained(name, **model_kwargs))
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise UsageError(f"model.overrides.{key}: {type(config).__name__} has no "
+                                 f"attribute {key}")
+            setattr(config, key, value)
+        return config
+    spec = {**model_section.config, **overrides}
     model_type = spec.pop("model_type")
     if vocab_size is not None:
         spec.setdefault("vocab_size", vocab_size)
@@ -154,8 +162,9 @@ def build_hf_model(model_section, hf_config, auto_class: str, model_kwargs: dict
     if model_section.name_or_path:
         # a new label set replaces a classifier head of another size
         extra = {"ignore_mismatched_sizes": True} if model_kwargs else {}
+        # config=: exactly the config preflight checked, model.overrides included
         return _from_dir_or_hub(model_section.name_or_path, lambda name: auto_model.from_pretrained(
-            name, dtype=torch.float32, **model_kwargs, **extra))
+            name, config=hf_config, dtype=torch.float32, **extra))
     torch.manual_seed(seed)
     return auto_model.from_config(hf_config, dtype=torch.float32)
 
@@ -200,6 +209,11 @@ def unsupported_attention_features(config, *, seq_len: int | None = None,
     if window and getattr(config, "use_sliding_window", True) and seq_len and window < seq_len:
         found.append(f"sliding-window attention sliding_window={window} < data.seq_len={seq_len}")
     return found
+
+
+def attention_head_dim(config) -> int:
+    heads = config.num_attention_heads
+    return getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
 def refuse_unsupported_attention(dropout, softcap, sliding_window, max_seqlen: int) -> None:
@@ -298,6 +312,10 @@ class PackedModel(nn.Module):
                         "loss", architecture, ", ".join(sorted(FAMILIES)))
             return
         unsupported = unsupported_attention_features(hf_model.config, training=False)
+        head_dim = attention_head_dim(hf_model.config)
+        if attention != "torch" and torch.cuda.is_available() and head_dim > MAX_HEAD_DIM:
+            unsupported.append(f"head dim {head_dim} in the Triton kernel (at most "
+                               f"{MAX_HEAD_DIM}; set kernels.attention: torch)")
         if unsupported:
             raise UnsupportedAttention(f"{architecture}: the varlen attention kernels do not "
                                        f"implement {'; '.join(unsupported)}")

@@ -20,7 +20,8 @@ from train import checkpoint
 from train.config import Config, deepspeed_config
 from train.errors import UsageError
 from train.loader import num_windows
-from train.model import architecture_of, max_positions, model_config
+from train.model import (FAMILIES, architecture_of, max_positions, model_config,
+                         unsupported_attention_features)
 from train.shards import ShardIndex, file_sha256
 from train.tasks import Task, make_task
 
@@ -60,6 +61,11 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     if index:
         index.check_vocab(hf_config.vocab_size, model_tokenizer_sha256(cfg))
     architecture = architecture_of(hf_config, auto_class)
+    if architecture in FAMILIES:  # a wired model: its attention runs in the varlen kernels
+        unsupported = unsupported_attention_features(hf_config, seq_len=cfg.data.seq_len)
+        if unsupported:
+            raise UsageError(f"{architecture}: the varlen attention kernels do not implement "
+                             f"{'; '.join(unsupported)}")
     max_pos = max_positions(hf_config, architecture)
     if max_pos and cfg.data.seq_len > max_pos:
         raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's {max_pos} "

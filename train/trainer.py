@@ -29,6 +29,7 @@ from train.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
 from train.eval import evaluate
 from train.faults import Faults
+from train.flops import Throughput
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
 from train.metrics import MetricsLog
 from train.model import build_hf_model
@@ -83,6 +84,10 @@ class RankRun:
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out, rank, tensorboard=cfg.report_to == "tensorboard")
+        # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
+        self.throughput = Throughput.of(self.hf_model, causal=self.task.name == "clm",
+                                        device=device, bf16=cfg.bf16 or cfg.fp16,
+                                        peak_override=cfg.mfu_peak_tflops)
 
     def open_loader(self, split: str, batch_size: int, shuffle: bool, verify: str) -> PackedLoader:
         return PackedLoader(self.cfg.data.path, split, seq_len=self.cfg.data.seq_len,
@@ -109,24 +114,33 @@ class RankRun:
                                dtype=torch.float64)  # [loss sum, tokens] of the logging window
         started = window_start = time.time()
         window_steps = 0
+        work = torch.zeros(2, dtype=torch.float64, device=self.device)  # [real tokens, pairs]
         if plan.has_val and p.step == 0:  # perplexity before training, as the course shows
             self.metrics.log({"step": 0, **self.evaluate()})
         bar = self.progress_bar()
         while p.step < plan.total_steps:
-            loss_sum, tokens, skipped = self.train_step(train_iter)
+            loss_sum, tokens, skipped, step_work = self.train_step(train_iter)
             p.step += 1
             p.tokens_seen += plan.tokens_per_step
             if skipped:
                 p.skipped.append(p.step)
             window_steps += 1
             pending += torch.stack([loss_sum.double(), tokens.double()])
+            work += torch.tensor(step_work, dtype=torch.float64, device=self.device)
             bar.update(1)
             if p.step % cfg.logging_steps == 0 or p.step == plan.total_steps:
                 now = time.time()
-                record = self.log_step(pending, window_steps * plan.tokens_per_step
-                                       / max(now - window_start, 1e-9), now - started)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                seconds = max(now - window_start, 1e-9)
+                # model FLOPs of the window over all ranks: tokens and pairs summed, and the
+                # labelled tokens that reached the head (pending[1], already global)
+                real, pairs = self.all_reduce(work.clone()).tolist()
+                rates = self.throughput.rates(real, float(pending[1]), pairs, seconds, self.world)
+                record = self.log_step(pending, window_steps * plan.tokens_per_step / seconds,
+                                       now - started, rates)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
+                                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
                 pending.zero_()
+                work.zero_()
                 window_start, window_steps = now, 0
             if plan.has_val and p.step % eval_every == 0 and p.step < plan.total_steps:
                 self.metrics.log({"step": p.step, **self.evaluate()})
@@ -149,8 +163,8 @@ class RankRun:
 
     def train_step(self, train_iter):
         """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss sum,
-        labelled tokens) summed over ranks, as tensors, and whether a micro-batch was skipped
-        (nonfinite: skip)."""
+        labelled tokens) summed over ranks, as tensors, whether a micro-batch was skipped
+        (nonfinite: skip), and this rank's (real tokens, attended pairs) for the FLOP count."""
         batches = [self.task.train_batch(next(train_iter))
                    for _ in range(self.cfg.gradient_accumulation_steps)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
@@ -177,9 +191,11 @@ class RankRun:
             self.engine.step()
             totals += torch.stack([loss_sum.detach().float(), tokens.float()])
         self.all_reduce(totals)
-        return totals[0], totals[1], skipped
+        work = (sum(b["real_tokens"] for b in batches), sum(b["attended_pairs"] for b in batches))
+        return totals[0], totals[1], skipped, work
 
-    def log_step(self, pending: torch.Tensor, tokens_per_s: float, elapsed: float) -> dict:
+    def log_step(self, pending: torch.Tensor, tokens_per_s: float, elapsed: float,
+                 rates: dict) -> dict:
         """The logging step's record; under nonfinite: stop, a non-finite one ends the run."""
         p, cfg = self.progress, self.cfg
         loss_sum, tokens = pending.tolist()
@@ -188,7 +204,7 @@ class RankRun:
         grad_norm = float(grad_norm) if grad_norm is not None else None
         record = {"step": p.step, "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.learning_rate,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **rates,
                   "tokens_seen": p.tokens_seen, "elapsed": elapsed}
         if p.skipped:
             record["skipped_steps"] = len(p.skipped)
