@@ -66,6 +66,18 @@ def machine() -> dict:
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
+            try:  # the driver, as nvidia-smi reports it
+                info["driver"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+            except (OSError, IndexError, subprocess.SubprocessError):
+                info["driver"] = "unknown"
+        for name in ("triton", "transformers", "deepspeed", "liger_kernel", "flash_attn"):
+            try:
+                info[name] = __import__(name).__version__
+            except Exception:  # noqa: BLE001 - absent, or broken: not installed for our purpose
+                pass
     except ImportError:
         pass
     return info

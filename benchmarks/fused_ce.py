@@ -1,7 +1,7 @@
 """Fused linear cross-entropy: time and peak memory of forward + backward against the baselines.
 
-    python benchmarks/fused_ce.py                       # CPU: N=8192, H=256, V=50257, fp32
-    python benchmarks/fused_ce.py --n 16384 --h 4096 --v 128256 --dtype bf16   # an H100
+    python -m benchmarks.fused_ce                       # CPU: N=8192, H=256, V=50257, fp32
+    python -m benchmarks.fused_ce --n 16384 --h 4096 --v 128256 --dtype bf16   # an H100
 
 Variants: ours (kernels.fused_linear_cross_entropy, whatever backend `auto` picks), F.cross_entropy
 on materialized logits, F.linear_cross_entropy (PyTorch >= 2.13), and Liger-Kernel's
@@ -23,17 +23,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RssSampler, machine, write_results  # noqa: E402
-from benchmarks.roofline import napkin, napkin_line  # noqa: E402
-from kernels.cross_entropy import (fused_linear_cross_entropy,  # noqa: E402
-                                   reference_linear_cross_entropy, rows_per_chunk)
-from kernels.testing import assert_close_scaled  # noqa: E402
+from benchmarks.common import PeakMemory, machine, write_results
+from benchmarks.roofline import napkin, napkin_line
+from kernels.cross_entropy import (fused_linear_cross_entropy, reference_linear_cross_entropy,
+                                   rows_per_chunk)
+from kernels.testing import assert_close_scaled
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,15 +91,7 @@ def measure(name, n, h, v, dtype, device, repeats):
     """In a child process: times of forward + backward, and the peak memory they add."""
     fn = variant_fn(name)
     hid, w, t = inputs(n, h, v, dtype, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        # The process's own high-water mark already holds set-up transients, so sample the
-        # resident size instead, every half millisecond.
-        sampler = RssSampler()
-        base = sampler.current()
+    meter = PeakMemory(device)
     times = []
     for i in range(repeats + 1):
         hid.grad = w.grad = None
@@ -111,10 +101,7 @@ def measure(name, n, h, v, dtype, device, repeats):
             torch.cuda.synchronize()
         if i:  # the first is warm-up (allocator, autotuning, compilation)
             times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = sampler.stop() - base
+    peak = meter.stop()
     return {"times": times, "peak_bytes": peak}
 
 
@@ -179,7 +166,7 @@ def main():
 
     results = {}
     for name in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--n", str(args.n),
+        out = subprocess.run([sys.executable, "-m", "benchmarks.fused_ce", "--child", name, "--n", str(args.n),
                               "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype,
                               "--repeats", str(args.repeats)], capture_output=True, text=True)
         if out.returncode:

@@ -1,7 +1,7 @@
 """Packed-sequence attention, forward + backward, against padded SDPA and FlexAttention.
 
-    python benchmarks/varlen_attention.py            # CPU: 8192 tokens, 8 heads, D=64, fp32
-    python benchmarks/varlen_attention.py --tokens 65536 --dtype bf16   # a GPU
+    python -m benchmarks.varlen_attention            # CPU: 8192 tokens, 8 heads, D=64, fp32
+    python -m benchmarks.varlen_attention --tokens 65536 --dtype bf16   # a GPU
 
 Documents with lengths drawn like the python-stdlib corpus's (many short, a long tail, capped at
 --max-len) are packed into one stream. Variants:
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RssSampler, machine, write_results  # noqa: E402
-from benchmarks.roofline import napkin, napkin_line  # noqa: E402
-from kernels.testing import assert_close_scaled  # noqa: E402
-from kernels.varlen_attention import reference_varlen_attention, varlen_attention  # noqa: E402
+from benchmarks.common import PeakMemory, machine, write_results
+from benchmarks.roofline import napkin, napkin_line
+from kernels.testing import assert_close_scaled
+from kernels.varlen_attention import reference_varlen_attention, varlen_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,13 +99,7 @@ def time_variant(fn, q, k, v, repeats, device):
     grad = torch.randn_like(q)
     fn(q, k, v).backward(grad)  # warm-up: compilation, autotuning, allocator
     q.grad = k.grad = v.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        sampler = RssSampler()
-        base = sampler.current()
+    meter = PeakMemory(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -116,8 +108,7 @@ def time_variant(fn, q, k, v, repeats, device):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         q.grad = k.grad = v.grad = None
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else sampler.stop()) - base
-    return sorted(times), peak
+    return sorted(times), meter.stop()
 
 
 def main():

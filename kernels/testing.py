@@ -38,6 +38,7 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtyp
     """Raise AssertionError, naming the tensor and both errors, when `got` is not `want` within
     the tolerances of inputs of `dtype`. A reference that is exactly zero must be matched
     exactly (to 1e-12): there is no scale to be relative to."""
+    got, want = got.detach(), want.detach()
     if got.shape != want.shape:
         raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
     if not torch.isfinite(got).all():

@@ -132,6 +132,41 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _load_pair(A, B, rows, stride_at, stride_ah, stride_bt, stride_bh, head, offs_d, row_ok,
+                   CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The same rows of two tensors that are read together (K and V, Q and dO, O and dO)."""
+        a = _load_rows(A, rows, stride_at, head, stride_ah, offs_d, row_ok, CHECK_ROWS, HEAD_DIM,
+                       BLOCK_D)
+        b = _load_rows(B, rows, stride_bt, head, stride_bh, offs_d, row_ok, CHECK_ROWS, HEAD_DIM,
+                       BLOCK_D)
+        return a, b
+
+    @triton.jit
+    def _query_block(cu_seqlens, group, BLOCK_M: tl.constexpr):
+        """(start, seqlen, m_start, head, kv_head) of this program's (query block, sequence,
+        query head). Query blocks run last-first: under a causal mask the late blocks have the
+        most work, and starting them first evens out the tail of the launch."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq, head = tl.program_id(1), tl.program_id(2)
+        start = tl.load(cu_seqlens + seq)
+        seqlen = tl.load(cu_seqlens + seq + 1) - start
+        return start, seqlen, pid_m * BLOCK_M, head, head // group
+
+    @triton.jit
+    def _key_blocks(m_start, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """(mid, hi) for a query block: key blocks below `mid` are whole and unmasked, strictly
+        left of the diagonal (causal) or every whole block of the sequence (bidirectional);
+        mid:hi needs the mask."""
+        if CAUSAL:
+            mid = m_start
+            hi = tl.minimum(seqlen, m_start + BLOCK_M)
+        else:
+            mid = seqlen - seqlen % BLOCK_N
+            hi = seqlen
+        return mid, hi
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K, V, start, seqlen, kv_head, offs_m, offs_d,
                    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, lo, hi,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -141,10 +176,8 @@ if triton is not None:
         for n_start in range(lo, hi, BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < seqlen
-            k = _load_rows(K, start + cols, stride_kt, kv_head, stride_kh, offs_d, col_ok, MASKED,
-                           HEAD_DIM, BLOCK_D)
-            v = _load_rows(V, start + cols, stride_vt, kv_head, stride_vh, offs_d, col_ok, MASKED,
-                           HEAD_DIM, BLOCK_D)
+            k, v = _load_pair(K, V, start + cols, stride_kt, stride_kh, stride_vt, stride_vh,
+                              kv_head, offs_d, col_ok, MASKED, HEAD_DIM, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
             if MASKED:
                 keep = col_ok[None, :]
@@ -167,33 +200,17 @@ if triton is not None:
                          stride_ot, stride_oh, stride_lt, group,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per (query block, sequence, query head). Query blocks run last-first: under
-        # a causal mask the late blocks have the most work, and starting them first evens out
-        # the tail of the launch.
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq, head = tl.program_id(1), tl.program_id(2)
-        start = tl.load(cu_seqlens + seq)
-        seqlen = tl.load(cu_seqlens + seq + 1) - start
-        m_start = pid_m * BLOCK_M
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
         if m_start >= seqlen:
             return
-        kv_head = head // group
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
         row_ok = offs_m < seqlen
         q = _load_rows(Q, start + offs_m, stride_qt, head, stride_qh, offs_d, row_ok, True,
                        HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Key blocks below `mid` are whole and unmasked: strictly left of the diagonal (causal),
-        # or every whole block of the sequence (bidirectional). mid:hi needs the mask.
-        if CAUSAL:
-            mid = m_start
-            hi = tl.minimum(seqlen, m_start + BLOCK_M)
-        else:
-            mid = seqlen - seqlen % BLOCK_N
-            hi = seqlen
+        mid, hi = _key_blocks(m_start, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, start, seqlen, kv_head, offs_m, offs_d,
                                    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, 0, mid,
                                    False, CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -215,9 +232,8 @@ if triton is not None:
         head = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
         ok = rows < T
-        o = _load_rows(O, rows, stride_ot, head, stride_oh, offs_d, ok, True, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO, rows, stride_dot, head, stride_doh, offs_d, ok, True, HEAD_DIM,
-                        BLOCK_D)
+        o, do = _load_pair(O, DO, rows, stride_ot, stride_oh, stride_dot, stride_doh, head, offs_d,
+                           ok, True, HEAD_DIM, BLOCK_D)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + rows.to(tl.int64) * stride_lt + head, delta, mask=ok)
 
@@ -232,10 +248,8 @@ if triton is not None:
         for m_start in range(lo, hi, BLOCK_M):
             rows = m_start + tl.arange(0, BLOCK_M)
             row_ok = rows < seqlen
-            q = _load_rows(Q, start + rows, stride_qt, head, stride_qh, offs_d, row_ok, True,
-                           HEAD_DIM, BLOCK_D)
-            do = _load_rows(DO, start + rows, stride_dot, head, stride_doh, offs_d, row_ok, True,
-                            HEAD_DIM, BLOCK_D)
+            q, do = _load_pair(Q, DO, start + rows, stride_qt, stride_qh, stride_dot, stride_doh,
+                               head, offs_d, row_ok, True, HEAD_DIM, BLOCK_D)
             at = (start + rows).to(tl.int64) * stride_lt + head
             lse = tl.load(LSE + at, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
@@ -269,10 +283,8 @@ if triton is not None:
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < seqlen
-        k = _load_rows(K, start + offs_n, stride_kt, kv_head, stride_kh, offs_d, col_ok, True,
-                       HEAD_DIM, BLOCK_D)
-        v = _load_rows(V, start + offs_n, stride_vt, kv_head, stride_vh, offs_d, col_ok, True,
-                       HEAD_DIM, BLOCK_D)
+        k, v = _load_pair(K, V, start + offs_n, stride_kt, stride_kh, stride_vt, stride_vh, kv_head,
+                          offs_d, col_ok, True, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # Causal: query blocks n_start:n_start + BLOCK_N straddle the diagonal (masked); later
@@ -303,10 +315,8 @@ if triton is not None:
         for n_start in range(lo, hi, BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < seqlen
-            k = _load_rows(K, start + cols, stride_kt, kv_head, stride_kh, offs_d, col_ok, MASKED,
-                           HEAD_DIM, BLOCK_D)
-            v = _load_rows(V, start + cols, stride_vt, kv_head, stride_vh, offs_d, col_ok, MASKED,
-                           HEAD_DIM, BLOCK_D)
+            k, v = _load_pair(K, V, start + cols, stride_kt, stride_kh, stride_vt, stride_vh,
+                              kv_head, offs_d, col_ok, MASKED, HEAD_DIM, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             if MASKED:
@@ -326,31 +336,18 @@ if triton is not None:
                             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier) blocks first
-        seq, head = tl.program_id(1), tl.program_id(2)
-        start = tl.load(cu_seqlens + seq)
-        seqlen = tl.load(cu_seqlens + seq + 1) - start
-        m_start = pid_m * BLOCK_M
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
         if m_start >= seqlen:
             return
-        kv_head = head // group
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
         row_ok = offs_m < seqlen
         rows = (start + offs_m).to(tl.int64)
-        q = _load_rows(Q, rows, stride_qt, head, stride_qh, offs_d, row_ok, True, HEAD_DIM,
-                       BLOCK_D)
-        do = _load_rows(DO, rows, stride_dot, head, stride_doh, offs_d, row_ok, True, HEAD_DIM,
-                        BLOCK_D)
+        q, do = _load_pair(Q, DO, rows, stride_qt, stride_qh, stride_dot, stride_doh, head, offs_d,
+                           row_ok, True, HEAD_DIM, BLOCK_D)
         lse = tl.load(LSE + rows * stride_lt + head, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + rows * stride_lt + head, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if CAUSAL:
-            mid = m_start
-            hi = tl.minimum(seqlen, m_start + BLOCK_M)
-        else:
-            mid = seqlen - seqlen % BLOCK_N
-            hi = seqlen
+        mid, hi = _key_blocks(m_start, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _dq_inner(dq, q, do, lse, delta, K, V, start, seqlen, kv_head, offs_m, offs_d,
                        stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, 0, mid, False,
                        CAUSAL, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
