@@ -97,7 +97,7 @@ def launch(args) -> int:
                     args.partition, args.account, args.qos, args.constraint, args.exclude,
                     job_name=Path(cfg.output_dir).name or "train")
     folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
-    executor = make_executor(res, folder)
+    executor = make_executor(res, folder, render_only=args.dry_run)
     if args.dry_run:
         print(render_sbatch(executor) if args.cluster == "slurm" else
               f"# --cluster local: {tasks} task(s) of TrainJob on this machine")

@@ -50,7 +50,10 @@ class Resources:
     job_name: str = "train"
 
 
-def make_executor(res: Resources, folder: str):
+def make_executor(res: Resources, folder: str, render_only: bool = False):
+    """The submitit executor of a job. render_only (--dry-run): one that can render the sbatch
+    script on a machine without Slurm, where submitit's own refuses to exist ("Could not detect
+    srun"); it is never used to submit."""
     import submitit
 
     if res.cluster == "local":
@@ -58,7 +61,8 @@ def make_executor(res: Resources, folder: str):
         executor.update_parameters(nodes=1, tasks_per_node=res.tasks_per_node,
                                    timeout_min=res.minutes, gpus_per_node=res.gpus_per_node or 0)
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    executor_class = _rendering_executor_class() if render_only else submitit.SlurmExecutor
+    executor = executor_class(folder=folder, max_num_timeout=0)
     extra = {"requeue": True, "open-mode": "append"}
     params = dict(job_name=res.job_name, nodes=res.nodes, ntasks_per_node=res.tasks_per_node,
                   time=res.minutes, signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra,
@@ -74,6 +78,19 @@ def make_executor(res: Resources, folder: str):
 
 
 def render_sbatch(executor) -> str:
-    """The exact sbatch script submitit would submit (for --dry-run and the golden test)."""
-    command = " ".join([sys.executable, "-u", "-m", "submitit.core._submit", str(executor.folder)])
-    return executor._make_submission_file_text(command, "DRYRUN")
+    """The exact sbatch script submitit would submit (for --dry-run and the golden test): its
+    own command string, with the same quoting of paths."""
+    return executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")
+
+
+def _rendering_executor_class():
+    """A SlurmExecutor that exists without srun (submitit is imported only when needed)."""
+    import submitit
+
+    class RenderingSlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1  # rendering needs no srun; submitting would, and never happens with this
+
+    return RenderingSlurmExecutor
+

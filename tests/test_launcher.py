@@ -48,6 +48,21 @@ def test_no_sbatch_on_path_is_a_clear_error(prepared, tmp_path):
     assert "no sbatch on PATH" in res.stderr and "--cluster local" in res.stderr
 
 
+def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, tmp_path):
+    """A laptop has no srun or sbatch: --dry-run still prints the exact script, and an output
+    folder with a space is quoted as the submitted script quotes it."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    out = tmp_path / "my runs" / "o"
+    res = run_cli("-m", "launcher", "--nodes", "4", "--dry-run", TINY, f"data.path={prepared}",
+                  f"output_dir={out}", env={"PATH": str(bare)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "#SBATCH --nodes=4" in res.stdout
+    assert f"-m submitit.core._submit '{out.resolve()}/logs/%j'" in res.stdout
+    assert not out.exists()  # a dry run leaves nothing behind
+
+
 def render(tmp_path, *args) -> str:
     from launcher.__main__ import parse_args
     from launcher.submit import Resources, make_executor, render_sbatch
@@ -55,7 +70,7 @@ def render(tmp_path, *args) -> str:
     a = parse_args([*args, TINY])
     res = Resources("slurm", a.nodes, a.gpus_per_node or a.tasks_per_node or 1, a.gpus_per_node,
                     240, a.partition, a.account, a.qos, a.constraint, a.exclude, job_name="tiny-clm")
-    text = render_sbatch(make_executor(res, str(tmp_path / "logs" / "%j")))
+    text = render_sbatch(make_executor(res, str(tmp_path / "logs" / "%j"), render_only=True))
     return text.replace(str(tmp_path), "OUT").replace(sys.executable, "PYTHON")
 
 
@@ -63,8 +78,9 @@ def test_rendered_sbatch_matches_the_golden_file(tmp_path):
     """Update on purpose with UPDATE_GOLDEN=1 when the rendering is meant to change."""
     text = render(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
                   "--account", "proj", "--qos", "high", "--constraint", "h100", "--exclude", "n7")
-    if os.environ.get("UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+    if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text)
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: write it on purpose with UPDATE_GOLDEN=1"
     assert text == GOLDEN.read_text(), "rendering changed; rerun with UPDATE_GOLDEN=1 if intended"
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
