@@ -124,14 +124,14 @@ def _signature(build: Build):
     ce, va = _kernel_modules()
     family, name = build.kernel.split(".")
     if family == "attention":
-        fn = va.KERNELS[name] if name != "delta" else va._attn_bwd_delta_kernel
+        fn = va.KERNELS[name]
         data = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
         fp32_ptrs = {"LSE", "DELTA"}
         aligned_ints = {n for n in fn.arg_names if n.startswith("stride") and n != "stride_lt"}
         floats = {"qk_scale", "sm_scale"}
         int_ptrs = {"cu_seqlens": "*i32"}
     else:
-        fn = ce._ce_rows_kernel
+        fn = ce.ROW_KERNEL
         data = {"logits_ptr"}
         fp32_ptrs = {"scale_ptr", "loss_ptr", "lse_ptr"}
         aligned_ints = set()

@@ -114,6 +114,9 @@ def row_kernel_launches() -> tuple[tuple[int, int], ...]:
     return ROW_BLOCKS["cuda"]
 
 
+ROW_KERNEL = _ce_rows_kernel if triton is not None else None  # for kernels/aot.py
+
+
 # ---------------------------------------------------------------------------------------------
 # Row functions: (logits chunk, targets, per-row gradient scale) -> loss, lse; grads in place
 # ---------------------------------------------------------------------------------------------

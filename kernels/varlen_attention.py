@@ -56,7 +56,7 @@ class Tile:
 # for GPUs; autotuning picks one per (GPU, head dim, causal, dtype, precision), never per
 # sequence length. Every tile here compiles for sm_80 and sm_90 with no register spills, within
 # shared memory, with tensor-core (wgmma on sm_90) and async-copy instructions
-# (kernels/test_aot.py checks it). They were chosen from a sweep of 130 candidates with
+# (kernels/test_aot.py checks it). They were chosen from a sweep of 104 candidates with
 # `kernels.aot`: FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128
 # dK/dV tiles) spill on sm_80 at head dim 128, and on both at 256; 8 warps hold the fp32
 # accumulators without spilling. No dK/dV tile for head dim 256 compiles without spills, so the
@@ -358,7 +358,10 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
-    KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+    # The tiled kernels by the names TILES uses, and the rowsum(dO * O) kernel (kernels/aot.py
+    # compiles every one of them).
+    KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+               "delta": _attn_bwd_delta_kernel}
 
 
 # ---------------------------------------------------------------------------------------------
