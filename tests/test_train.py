@@ -135,9 +135,10 @@ def test_golden_losses_of_the_tiny_config(prepared, tmp_path):
     record = {"losses": got, "versions": {"torch": torch.__version__,
                                           "transformers": transformers.__version__,
                                           "deepspeed": deepspeed.__version__}}
-    if os.environ.get("UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+    if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: write it on purpose with UPDATE_GOLDEN=1"
     golden = json.loads(GOLDEN.read_text())
     assert set(golden["losses"]) == set(got)
     # fp32 on CPU; the same library versions give the same bits here, but another CPU's BLAS may
@@ -180,6 +181,19 @@ def test_nonfinite_skip_drops_bad_micro_batches_and_finishes(stdlib_data, tmp_pa
     ("skip under ZeRO-3", ["nonfinite=skip", "deepspeed.zero_stage=3"], ["not supported with"]),
     ("missing model dir", ["model.config=null", "model.name_or_path=/nonexistent/model"],
      ["model.name_or_path /nonexistent/model does not exist"]),
+    # ranges that used to fail minutes into the job (AdamW's traceback) or never
+    ("zero learning rate", ["learning_rate=0"], ["learning_rate must be > 0, got 0"]),
+    ("negative learning rate", ["learning_rate=-1e-3"], ["learning_rate must be > 0"]),
+    ("beta1 of 1", ["adam_beta1=1.0"], ["adam_beta1 must be in [0, 1), got 1.0"]),
+    ("negative beta2", ["adam_beta2=-0.1"], ["adam_beta2 must be in [0, 1)"]),
+    ("zero epsilon", ["adam_epsilon=0"], ["adam_epsilon must be > 0"]),
+    ("negative weight decay", ["weight_decay=-0.1"], ["weight_decay must be >= 0"]),
+    ("negative clipping", ["max_grad_norm=-1"], ["max_grad_norm must be >= 0"]),
+    ("zero eval batches", ["eval_max_batches=0"], ["eval_max_batches must be at least 1"]),
+    ("missing validation split", ["data.validation_split=dev"],
+     ["data.validation_split 'dev' is not in", "it has: train, validation", "eval_strategy: no"]),
+    ("attention dropout", ["model.config.attn_pdrop=0.1"],
+     ["do not implement attention dropout attn_pdrop=0.1", "model.overrides.attn_pdrop=0"]),
 ])
 def test_bad_config_is_a_clear_error_with_exit_2(stdlib_data, tmp_path, case, overrides, expected):
     import io
@@ -193,6 +207,21 @@ def test_bad_config_is_a_clear_error_with_exit_2(stdlib_data, tmp_path, case, ov
     for fragment in expected:
         assert fragment in err.getvalue(), (fragment, err.getvalue())
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_constant_schedule_has_no_warmup_and_constant_with_warmup_has():
+    """TrainingArguments' meaning: `constant` ignores warmup_steps."""
+    from train.engine import lr_lambda
+
+    assert [lr_lambda("constant", 4, 100)(s) for s in (0, 3, 50)] == [1.0, 1.0, 1.0]
+    assert [lr_lambda("constant_with_warmup", 4, 100)(s) for s in (0, 3, 50)] == [0.2, 0.8, 1.0]
+
+
+@pytest.mark.parametrize("module", ["train", "train.generate"])
+def test_help_shows_what_the_command_does(module):
+    res = run_cli("-m", module, "--help")
+    assert res.returncode == 0 and "usage:" in res.stdout
+    assert f"python -m {module} " in res.stdout.split("usage:", 1)[1].split("\n\n", 1)[1]
 
 
 def test_bad_config_exit_code_from_a_real_process(tmp_path):

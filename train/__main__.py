@@ -16,7 +16,8 @@ from train.errors import USAGE_EXIT_CODE, UsageError
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config")
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. max_steps=100")
     args = ap.parse_args(argv)

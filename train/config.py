@@ -248,6 +248,27 @@ def check(cfg: Config) -> None:
         raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
     if cfg.warmup_steps < 0:
         raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    check_ranges(cfg)
+
+
+# key -> (test, what it must be): numbers that would otherwise fail minutes into a job, inside
+# the optimizer, or never (a negative clipping norm)
+RANGES = {
+    "learning_rate": (lambda x: x > 0, "> 0"),
+    "adam_beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "adam_beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda x: x > 0, "> 0"),
+    "weight_decay": (lambda x: x >= 0, ">= 0"),
+    "max_grad_norm": (lambda x: x >= 0, ">= 0 (0 turns clipping off)"),
+    "eval_max_batches": (lambda x: x is None or x >= 1, "at least 1 (or null: the whole split)"),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    for key, (ok, wanted) in RANGES.items():
+        value = getattr(cfg, key)
+        if not ok(value):
+            raise UsageError(f"config key {key} must be {wanted}, got {value}")
 
 
 def warmup_steps(cfg: Config, total_steps: int) -> int:

@@ -40,9 +40,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 def lr_lambda(kind: str, warmup: int, total: int):
     def f(step: int) -> float:
+        if kind == "constant":  # TrainingArguments' meaning: no warmup (constant_with_warmup has it)
+            return 1.0
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if kind in ("constant", "constant_with_warmup"):
+        if kind == "constant_with_warmup":
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "cosine":

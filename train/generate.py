@@ -43,7 +43,8 @@ def load(model_dir: str):
 
 @exits_cleanly_on_usage_error
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--strategy", choices=STRATEGIES, default="greedy")

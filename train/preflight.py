@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train import checkpoint
-from train.config import Config, deepspeed_config
+from train.config import Config, DataSection, deepspeed_config, note
 from train.errors import UsageError
 from train.loader import num_windows
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,
@@ -70,6 +70,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     if max_pos and cfg.data.seq_len > max_pos:
         raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's {max_pos} "
                          f"positions; lower data.seq_len")
+    check_validation_split(cfg, index)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
     resume_from = find_resume(cfg)
@@ -83,6 +84,20 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
                 bool(index) and cfg.eval_strategy != "no"
                 and cfg.data.validation_split in index.splits,
                 resume_from)
+
+
+def check_validation_split(cfg: Config, index: ShardIndex | None) -> None:
+    """A validation split that the shards lack: an error when named on purpose, a note when it
+    is the default (data prepared without one), rather than eval silently off."""
+    if index is None or cfg.eval_strategy == "no" or cfg.data.validation_split in index.splits:
+        return
+    have = ", ".join(sorted(index.splits))
+    if cfg.data.validation_split != DataSection.validation_split:
+        raise UsageError(f"data.validation_split {cfg.data.validation_split!r} is not in "
+                         f"{cfg.data.path} (it has: {have}); name one of those, or set "
+                         f"eval_strategy: no")
+    note(f"{cfg.data.path} has no {cfg.data.validation_split!r} split ({have}): no eval; "
+         f"prepare with --val-fraction or --validation-input to get one")
 
 
 def model_tokenizer_sha256(cfg: Config) -> str | None:
