@@ -54,12 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def minutes(text: str) -> int:
     if re.fullmatch(r"\d+", text):
-        return int(text)
+        return check_minutes(text, int(text))
     match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
     if not match:
         raise UsageError(f"--time {text!r} is not HH:MM:SS, D-HH:MM:SS or minutes")
     d, h, m, s = (int(x or 0) for x in match.groups())
-    return max(1, d * 1440 + h * 60 + m + (1 if s else 0))
+    return check_minutes(text, d * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def check_minutes(text: str, total: int) -> int:
+    if total < 1:  # Slurm reads a limit of 0 as "no limit": never what a user typing 0 meant
+        raise UsageError(f"--time {text!r} is no time at all (Slurm would read 0 as no limit); "
+                         f"give at least one minute")
+    return total
 
 
 def validate(args):
@@ -91,11 +98,12 @@ def launch(args) -> int:
         raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "
                          "login node, or use --cluster local")
     cfg, ds, world = validate(args)
+    prepare_args = parse_prepare(args.prepare) if args.prepare else None
     config = str(Path(args.config).resolve())
     tasks = args.gpus_per_node or args.tasks_per_node or 1
     res = Resources(args.cluster, args.nodes, tasks, args.gpus_per_node, minutes(args.time),
                     args.partition, args.account, args.qos, args.constraint, args.exclude,
-                    job_name=Path(cfg.output_dir).name or "train")
+                    job_name=job_name(Path(cfg.output_dir).name))
     folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
     executor = make_executor(res, folder, render_only=args.dry_run)
     if args.dry_run:
@@ -110,7 +118,7 @@ def launch(args) -> int:
         prep_res = Resources(args.cluster, 1, 1, None, minutes(args.time), args.partition,
                              args.account, args.qos, job_name="prepare")
         prep_exec = make_executor(prep_res, folder)
-        prep_job = submit(prep_exec, prepare_job(args.prepare))
+        prep_job = submit(prep_exec, prepare_job(prepare_args))
         print(f"submitted prepare job {prep_job.job_id}")
         if args.cluster == "slurm":
             executor.update_parameters(additional_parameters={
@@ -173,13 +181,36 @@ def failing_rank_report(job, fallback: str, keep: int = 20) -> str:
     return report + ("\nthen: " + "; ".join(others) if others else "")
 
 
-def prepare_job(arg_string: str):
+def job_name(name: str) -> str:
+    """A Slurm job name from output_dir's last part: letters, digits, '.', '_' and '-' only (a
+    newline or control character would break the sbatch script's #SBATCH lines)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "train"
+
+
+def parse_prepare(arg_string: str) -> list[str]:
+    """--prepare's argument string, split as a shell would and checked by prepare's own parser
+    now, not after the queue wait."""
     import shlex
 
+    from train.prepare import parse_args
+
+    try:
+        argv = shlex.split(arg_string)
+    except ValueError as err:
+        raise UsageError(f"--prepare {arg_string!r} cannot be split into arguments ({err}); "
+                         f"check its quotes") from None
+    try:
+        parse_args(argv)
+    except SystemExit:  # argparse has printed prepare's usage and the error
+        raise UsageError(f"--prepare {arg_string!r}: the arguments above are not valid for "
+                         f"python -m train.prepare") from None
+    return argv
+
+
+def prepare_job(argv: list[str]):
     from submitit.helpers import CommandFunction
 
-    return CommandFunction([sys.executable, "-m", "train.prepare", "--no-progress",
-                            *shlex.split(arg_string)])
+    return CommandFunction([sys.executable, "-m", "train.prepare", "--no-progress", *argv])
 
 
 if __name__ == "__main__":

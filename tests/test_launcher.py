@@ -28,6 +28,12 @@ OK = [TINY, "data.path={data}", "output_dir={out}"]
      "batch arithmetic does not divide"),
     ("mlm on clm shards", [*OK, "task=mlm"], "has no mask token"),
     ("ner on clm shards", [*OK, "task=token-classification"], "has no label set"),
+    ("zero minutes", ["--time", "0", *OK], "--time '0' is no time at all"),
+    ("zero hours", ["--time", "0:00:00", *OK], "give at least one minute"),
+    ("unparsable --prepare", ["--prepare", "--input 'unclosed --output d", *OK],
+     "cannot be split into arguments (No closing quotation)"),
+    ("invalid --prepare", ["--prepare", "--input x --output d --val-fraction 2", *OK],
+     "not valid for python -m train.prepare"),
 ])
 def test_bad_input_exits_2_and_submits_nothing(prepared, tmp_path, case, args, expected):
     args = [a.format(data=prepared, out=tmp_path / "o") for a in args]
@@ -61,6 +67,15 @@ def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, t
     assert "#SBATCH --nodes=4" in res.stdout
     assert f"-m submitit.core._submit '{out.resolve()}/logs/%j'" in res.stdout
     assert not out.exists()  # a dry run leaves nothing behind
+
+
+def test_job_name_is_sanitized(prepared, tmp_path):
+    """A newline in output_dir's name must not reach the #SBATCH lines."""
+    out = tmp_path / "run\nx;y"
+    res = run_cli("-m", "launcher", "--nodes", "1", "--dry-run", TINY, f"data.path={prepared}",
+                  f"output_dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "#SBATCH --job-name=run_x_y\n" in res.stdout
 
 
 def render(tmp_path, *args) -> str:

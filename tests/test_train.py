@@ -209,6 +209,47 @@ def test_bad_config_is_a_clear_error_with_exit_2(stdlib_data, tmp_path, case, ov
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def _with_shard_file(raw, name):
+    raw["splits"]["train"]["shards"][0]["file"] = name
+    return json.dumps(raw)
+
+
+@pytest.mark.parametrize("case,edit,expected", [
+    ("truncated index", lambda text, raw: text[:len(text) // 2],
+     ["index.json is not valid JSON", "prepare the data again"]),
+    ("unknown dtype", lambda text, raw: json.dumps({**raw, "dtype": "int8"}),
+     ["dtype 'int8' is not one of uint16, uint32"]),
+    ("missing key", lambda text, raw: json.dumps({k: v for k, v in raw.items() if k != "eos_id"}),
+     ["lacks the key 'eos_id'"]),
+    ("absolute shard file", lambda text, raw: _with_shard_file(raw, "/etc/hostname"),
+     ["shard file '/etc/hostname' is not a plain file name"]),
+    ("shard file outside", lambda text, raw: _with_shard_file(raw, "../train-00000.bin"),
+     ["shard file '../train-00000.bin' is not a plain file name"]),
+    ("clm on mlm shards", lambda text, raw: json.dumps({**raw, "task": "mlm"}),
+     ["prepared with --task mlm", "task: clm needs shards from --task clm"]),
+])
+def test_damaged_or_foreign_index_is_one_line_and_exit_2(stdlib_data, tmp_path, case, edit,
+                                                         expected):
+    """index.json cut short, edited or made for another task: one line naming the file, not a
+    JSONDecodeError or TypeError, and nothing read from outside the data directory."""
+    import io
+    import shutil
+    from contextlib import redirect_stderr
+
+    from train.__main__ import main
+    data = tmp_path / "data"
+    shutil.copytree(stdlib_data, data)
+    index = data / "index.json"
+    index.write_text(edit(index.read_text(), json.loads(index.read_text())))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = main([TINY, f"data.path={data}", f"output_dir={tmp_path / 'o'}"])
+    assert code == 2, err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    for fragment in expected:
+        assert fragment in err.getvalue(), (fragment, err.getvalue())
+
+
 def test_constant_schedule_has_no_warmup_and_constant_with_warmup_has():
     """TrainingArguments' meaning: `constant` ignores warmup_steps."""
     from train.engine import lr_lambda

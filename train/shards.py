@@ -34,12 +34,13 @@ SPLIT_NAMES = ("train", "validation")
 # where the full sha256 of a 1 TB corpus would take minutes per rank at startup.
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 * 1024
+TOKEN_DTYPES = ("uint16", "uint32")
 _HASH_CHUNK = 16 * 1024 * 1024
 
 
 def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> np.dtype:
     """uint16 when every id fits, else uint32; a requested dtype that is too small is an error."""
-    if requested not in ("auto", "uint16", "uint32"):
+    if requested not in ("auto", *TOKEN_DTYPES):
         raise UsageError(f"--dtype {requested!r} is not one of auto, uint16, uint32")
     if requested == "auto":
         return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -91,7 +92,14 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardRecord":
-        return cls(**{k: d[k] for k in ("file", "num_tokens", "num_docs", "sha256", "sample_sha256")})
+        record = cls(**{k: d[k] for k in ("file", "num_tokens", "num_docs", "sha256",
+                                           "sample_sha256")})
+        name = Path(record.file)
+        if name.is_absolute() or ".." in name.parts or len(name.parts) != 1:
+            # a shard is always a file of the data directory itself: never read outside it
+            raise DataError(f"shard file {record.file!r} is not a plain file name inside the "
+                            f"data directory; the index was edited or damaged: prepare again")
+        return record
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -285,10 +293,26 @@ class ShardIndex:
             hint = ("it holds shards from an unfinished prepare; rerun the same prepare command "
                     "to complete it") if partial else "run `python -m train.prepare` into it first"
             raise DataError(f"{root} has no {INDEX_NAME}: {hint}")
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT_VERSION:
-            raise DataError(f"{path}: format {raw.get('format')!r} is not {FORMAT_VERSION}; "
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON ({err}): it was cut short or edited; "
+                            f"prepare the data again") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise DataError(f"{path}: format {found!r} is not {FORMAT_VERSION}; "
                             f"prepare the data again with this version")
+        try:
+            return cls._from_raw(root, raw)
+        except KeyError as err:
+            raise DataError(f"{path} lacks the key {err}; prepare the data again") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{path} is damaged ({err}); prepare the data again") from None
+
+    @classmethod
+    def _from_raw(cls, root: Path, raw: dict) -> "ShardIndex":
+        if raw["dtype"] not in TOKEN_DTYPES:
+            raise ValueError(f"dtype {raw['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)}")
         labels = raw.get("labels")
         return cls(root, np.dtype(raw["dtype"]), int(raw["eos_id"]), int(raw["vocab_size"]),
                    raw["tokenizer_sha256"], _splits_from(raw["splits"]),

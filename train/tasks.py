@@ -165,10 +165,14 @@ TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification)}
 
 def check_shards_fit(task: str, index: ShardIndex) -> None:
     """The shards were prepared for a task this run can use: labelled sentences for token
-    classification, documents (clm and mlm share them) otherwise."""
+    classification; documents otherwise (mlm may read clm shards, whose tokenizer then needs a
+    mask token; clm does not read an encoder's [CLS] ... [SEP] documents)."""
     if task == "token-classification" and (index.task != task or not index.label_names):
         raise DataError(f"{index.root} has no label set: prepare it with --task "
                         f"token-classification (it was prepared with --task {index.task})")
+    if task == "clm" and index.task == "mlm":
+        raise DataError(f"{index.root} was prepared with --task mlm ([CLS] text [SEP] documents "
+                        f"for an encoder); task: clm needs shards from --task clm")
     if task != "token-classification" and index.task == "token-classification":
         raise DataError(f"{index.root} was prepared with --task token-classification (labelled "
                         f"sentences); task: {task} needs shards from --task clm or mlm")
