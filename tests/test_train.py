@@ -250,14 +250,6 @@ def test_damaged_or_foreign_index_is_one_line_and_exit_2(stdlib_data, tmp_path, 
         assert fragment in err.getvalue(), (fragment, err.getvalue())
 
 
-def test_constant_schedule_has_no_warmup_and_constant_with_warmup_has():
-    """TrainingArguments' meaning: `constant` ignores warmup_steps."""
-    from train.engine import lr_lambda
-
-    assert [lr_lambda("constant", 4, 100)(s) for s in (0, 3, 50)] == [1.0, 1.0, 1.0]
-    assert [lr_lambda("constant_with_warmup", 4, 100)(s) for s in (0, 3, 50)] == [0.2, 0.8, 1.0]
-
-
 @pytest.mark.parametrize("module", ["train", "train.generate"])
 def test_help_shows_what_the_command_does(module):
     res = run_cli("-m", module, "--help")
@@ -334,8 +326,11 @@ def test_distributed_environment_from_each_launcher():
 def test_lr_schedules():
     from train.engine import lr_lambda
 
-    lin, cos, const = (lr_lambda(k, 10, 110) for k in ("linear", "cosine", "constant"))
+    lin, cos, const, cwarm = (lr_lambda(k, 10, 110) for k in ("linear", "cosine", "constant",
+                                                              "constant_with_warmup"))
     assert lin(0) == pytest.approx(1 / 11) and lin(9) == pytest.approx(10 / 11)
     assert lin(10) == 1.0 and lin(60) == pytest.approx(0.5) and lin(110) == 0.0
     assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
-    assert const(5) == pytest.approx(6 / 11) and const(100) == 1.0
+    # TrainingArguments: `constant` has no warmup, `constant_with_warmup` has it
+    assert const(0) == const(5) == const(100) == 1.0
+    assert cwarm(5) == pytest.approx(6 / 11) and cwarm(100) == 1.0
