@@ -250,6 +250,21 @@ def test_damaged_or_foreign_index_is_one_line_and_exit_2(stdlib_data, tmp_path, 
         assert fragment in err.getvalue(), (fragment, err.getvalue())
 
 
+def test_evaluate_uses_the_runs_own_seq_len(tmp_path):
+    """train.evaluate evaluates in the exporting run's windows (gpt2-wikitext2 trains on 1024),
+    not a fixed 128; --seq-len still wins; an export without train_config.json gets 128."""
+    from transformers import GPT2Config
+
+    from train.evaluate import run_config
+    from train.export import TRAIN_CONFIG
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    assert run_config(str(tmp_path)).data.seq_len == 128
+    (tmp_path / TRAIN_CONFIG).write_text(json.dumps({"data": {"seq_len": 1024}, "seed": 7}))
+    assert run_config(str(tmp_path)).data.seq_len == 1024
+    assert run_config(str(tmp_path), **{"data.seq_len": 256}).data.seq_len == 256
+
+
 @pytest.mark.parametrize("module", ["train", "train.generate"])
 def test_help_shows_what_the_command_does(module):
     res = run_cli("-m", module, "--help")
@@ -334,3 +349,22 @@ def test_lr_schedules():
     # TrainingArguments: `constant` has no warmup, `constant_with_warmup` has it
     assert const(0) == const(5) == const(100) == 1.0
     assert cwarm(5) == pytest.approx(6 / 11) and cwarm(100) == 1.0
+
+
+def test_a_partial_last_metrics_line_does_not_stop_resume_or_plot(tmp_path, capsys):
+    """A writer killed mid-line leaves half a JSON record: resume trims it away with a warning,
+    and train.plot draws the rest; a damaged line in the middle is named."""
+    from train.errors import UsageError
+    from train.metrics import MetricsLog, plot_run
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 5.0 - s / 10, "lr": 1e-3}) for s in range(1, 8)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 8, "loss": 4.')
+    assert plot_run(tmp_path).stat().st_size > 1000
+    log = MetricsLog(tmp_path, rank=0)
+    log.start(resumed_at=5)
+    assert [r["step"] for r in log.records()] == [1, 2, 3, 4, 5]
+    assert "dropped a partial last line" in capsys.readouterr().err
+    path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
+    with pytest.raises(UsageError, match="metrics.jsonl:2 is not a JSON record"):
+        MetricsLog(tmp_path, rank=0).start(resumed_at=5)

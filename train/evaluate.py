@@ -34,7 +34,11 @@ def task_of(model_dir: str) -> str:
 
 
 # What eval depends on besides the model and the data: the masking and the label alignment.
-EVAL_SETTINGS = ("seed", "data.mlm_probability", "data.whole_word_masking", "data.label_all_tokens")
+EVAL_SETTINGS = ("seed", "data.seq_len", "data.mlm_probability", "data.whole_word_masking",
+                 "data.label_all_tokens")
+# the window length for an export without train_config.json (older exports, or a model from
+# elsewhere): the Hugging Face course's block_size
+DEFAULT_SEQ_LEN = 128
 
 
 def run_config(model_dir: str, **overrides):
@@ -44,7 +48,8 @@ def run_config(model_dir: str, **overrides):
     from train.export import TRAIN_CONFIG
 
     saved = Path(model_dir) / TRAIN_CONFIG
-    raw = json.loads(saved.read_text()) if saved.exists() else {}
+    raw = (json.loads(saved.read_text()) if saved.exists()
+           else {"data": {"seq_len": DEFAULT_SEQ_LEN}})
     cfg = Config(task=task_of(model_dir))
     for key in EVAL_SETTINGS:
         section, _, name = key.rpartition(".")
@@ -56,9 +61,11 @@ def run_config(model_dir: str, **overrides):
     return cfg
 
 
-def evaluate_export(model_dir: str, data_dir: str, split: str = "validation", seq_len: int = 128,
-                    batch_size: int = 8, max_batches: int | None = None, **overrides) -> dict:
-    """The run's eval (train/eval.py) of an exported model on a shard directory."""
+def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
+                    seq_len: int | None = None, batch_size: int = 8,
+                    max_batches: int | None = None, **overrides) -> dict:
+    """The run's eval (train/eval.py) of an exported model on a shard directory, in the run's
+    own windows (data.seq_len of its train_config.json) unless seq_len is given."""
     import transformers
 
     from train.eval import evaluate
@@ -67,11 +74,11 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation", se
     from train.shards import ShardIndex, file_sha256
     from train.tasks import make_task
 
-    cfg = run_config(model_dir, **overrides)
+    cfg = run_config(model_dir, **{"data.seq_len": seq_len, **overrides})
     task = make_task(cfg, ShardIndex.load(data_dir))
     model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
     tokenizer_json = Path(model_dir) / "tokenizer.json"
-    loader = PackedLoader(data_dir, split, seq_len=seq_len, micro_batch_size=batch_size,
+    loader = PackedLoader(data_dir, split, seq_len=cfg.data.seq_len, micro_batch_size=batch_size,
                           shuffle=False, **task.loader_options(),
                           max_positions=max_positions(model.config, type(model).__name__))
     loader.index.check_vocab(model.config.vocab_size,
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, help="default: the exporting run's data.seq_len")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batches", type=int)
     # default: the exporting run's values, from the export's train_config.json

@@ -39,10 +39,9 @@ class MetricsLog:
         if resumed_at is None:
             self.path.unlink()
             return
-        lines = [line for line in self.path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= resumed_at]
+        kept = [r for r in read_records(self.path) if r["step"] <= resumed_at]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def log_step(self, record: dict, extra: dict | None = None) -> dict:
@@ -64,7 +63,7 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
 
     def finish(self, step: int, tokens_seen: int, final_dir: Path, metric: str) -> None:
         """The plot and the summary line: first and last eval of `metric`."""
@@ -79,6 +78,26 @@ class MetricsLog:
         print(line, file=sys.stderr)
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short (a writer killed mid-write) is
+    dropped with a warning, so resume and plotting go on; a damaged line elsewhere is an error
+    naming it."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UsageError(f"{path}:{number} is not a JSON record; fix or remove that "
+                                 f"line") from None
+            print(f"warning: {path}:{number}: dropped a partial last line (its writer was "
+                  f"stopped mid-write)", file=sys.stderr)
+    return records
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -87,7 +106,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.exists():
         raise UsageError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_records(metrics)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     metric = "eval_f1" if any("eval_f1" in r for r in evals) else "perplexity"
