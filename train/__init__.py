@@ -17,6 +17,7 @@ the run (`python -m train`)
     engine      process group, DeepSpeed engine, optimizer, LR schedule
     trainer     run_training(cfg): the loop
     eval        the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
+    flops       model FLOPs per step and MFU against the GPU's peak
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
     distributed, preemption, faults, config, errors
 tools
