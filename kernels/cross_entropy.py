@@ -274,14 +274,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # A tensor, not .item(): no host sync. All-ignored batches divide by 1, giving 0.
         n_valid = valid.sum().clamp(min=1).float()
         ctx.reduction = reduction
-        if not needs_grad:  # eval, or nothing requires grad: a forward pass and nothing more
+        if not needs_grad or reduction == "none":
+            # a forward pass only: eval, or "none", whose backward recomputes with the scales
             loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
                                          rows_fn=rows_fn, compute_grad=False)
-        elif reduction == "none":
-            loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
-                                         rows_fn=rows_fn, compute_grad=False)
-            ctx.save_for_backward(hidden, weight, target, bias)
-            ctx.recompute = (options, rows_fn)
+            if needs_grad:
+                ctx.save_for_backward(hidden, weight, target, bias)
+                ctx.recompute = (options, rows_fn)
         else:
             scale = valid.float() / n_valid if reduction == "mean" else valid.float()
             loss, gh, gw, gb = chunked_linear_ce(hidden, weight, target, bias, scale,

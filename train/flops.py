@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from train.model import attention_head_dim
+
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' datasheets, by the substring of
 # torch.cuda.get_device_name() that identifies the part; the first match wins, so the more
 # specific names come first. "bf16" also serves fp16; "fp32" is the non-tensor-core rate.
@@ -61,9 +63,8 @@ class ModelFlops:
     causal: bool
 
     def step_flops(self, tokens: int, head_tokens: int, sum_sq_doc_lengths: int) -> float:
-        """Model FLOPs of one optimizer step's forward and backward, on this rank's share:
-        `tokens` real tokens, `head_tokens` of them through the head, and the sum of squared
-        document lengths of the packed batches."""
+        """Model FLOPs of the forward and backward over `tokens` real tokens, `head_tokens` of
+        them through the head, in documents whose squared lengths sum to sum_sq_doc_lengths."""
         attention = 12 * self.attention_width * sum_sq_doc_lengths
         if self.causal:
             attention /= 2
@@ -88,8 +89,6 @@ def model_flops(model: nn.Module, head: nn.Module | None, *, num_layers: int, nu
     return ModelFlops(body, head_params, num_layers * num_heads * head_dim, causal)
 
 
-
-
 @dataclass(frozen=True)
 class Throughput:
     """A run's model FLOPs and its device's peak: what turns a logging window into
@@ -106,9 +105,9 @@ class Throughput:
         GPU not in the table): no MFU is reported rather than a guessed one."""
         c = hf_model.config
         head = hf_model.get_output_embeddings() or getattr(hf_model, "classifier", None)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         flops = model_flops(hf_model, head, num_layers=c.num_hidden_layers,
-                            num_heads=c.num_attention_heads, head_dim=head_dim, causal=causal)
+                            num_heads=c.num_attention_heads, head_dim=attention_head_dim(c),
+                            causal=causal)
         peak = peak_override
         if peak is None and device.type == "cuda":
             peak = peak_tflops(torch.cuda.get_device_name(device), "bf16" if bf16 else "fp32")

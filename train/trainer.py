@@ -114,7 +114,7 @@ class RankRun:
                                dtype=torch.float64)  # [loss sum, tokens] of the logging window
         started = window_start = time.time()
         window_steps = 0
-        work = torch.zeros(2, dtype=torch.float64, device=self.device)  # [real tokens, pairs]
+        work = [0, 0]  # this rank's [real tokens, attended pairs] of the logging window
         if plan.has_val and p.step == 0:  # perplexity before training, as the course shows
             self.metrics.log({"step": 0, **self.evaluate()})
         bar = self.progress_bar()
@@ -126,21 +126,22 @@ class RankRun:
                 p.skipped.append(p.step)
             window_steps += 1
             pending += torch.stack([loss_sum.double(), tokens.double()])
-            work += torch.tensor(step_work, dtype=torch.float64, device=self.device)
+            work = [a + b for a, b in zip(work, step_work)]  # host ints: no per-step copy
             bar.update(1)
             if p.step % cfg.logging_steps == 0 or p.step == plan.total_steps:
                 now = time.time()
                 seconds = max(now - window_start, 1e-9)
                 # model FLOPs of the window over all ranks: tokens and pairs summed, and the
                 # labelled tokens that reached the head (pending[1], already global)
-                real, pairs = self.all_reduce(work.clone()).tolist()
+                real, pairs = self.all_reduce(torch.tensor(work, dtype=torch.float64,
+                                                           device=self.device)).tolist()
                 rates = self.throughput.rates(real, float(pending[1]), pairs, seconds, self.world)
                 record = self.log_step(pending, window_steps * plan.tokens_per_step / seconds,
                                        now - started, rates)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
                 pending.zero_()
-                work.zero_()
+                work = [0, 0]
                 window_start, window_steps = now, 0
             if plan.has_val and p.step % eval_every == 0 and p.step < plan.total_steps:
                 self.metrics.log({"step": p.step, **self.evaluate()})
