@@ -59,7 +59,7 @@ def run_training(cfg: Config) -> int:
     env.export()
     plan = preflight(cfg, env.world_size)
     run = RankRun(plan, env.rank, pick_device(env.local_rank))
-    start_process_group(run.device)
+    start_process_group(run.device, env, Path(cfg.output_dir))
     try:
         run.start()
         return run.loop()
