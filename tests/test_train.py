@@ -50,8 +50,14 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
     out = tmp_path / "run"
     # ZeRO-3 also gets a peak to compute MFU against (on a CPU there is none by default).
     peak = ["mfu_peak_tflops=0.5"] if stage == 3 else []
-    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}", *peak)
+    secret = "hf_NotARealTokenButSecret1234"  # a cluster user's token, in the job's environment
+    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}", *peak,
+                env={"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret})
     assert res.returncode == 0, res.stderr[-3000:]
+    # No secret reaches the log, metrics.jsonl, the checkpoints or the export.
+    assert secret not in res.stdout + res.stderr
+    for f in out.rglob("*"):
+        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
     records = metrics(out)
     train_records = [r for r in records if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "elapsed",
