@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from train import checkpoint
+from train import checkpoint, config_drift
 from train.config import Config, DataSection, deepspeed_config, note
 from train.errors import UsageError
 from train.loader import num_windows
@@ -46,6 +46,7 @@ class Plan:
     ds_config: dict
     has_val: bool              # an eval split exists and eval is on
     resume_from: Path | None   # the checkpoint to continue from
+    data_identity: dict | None  # what each checkpoint records of the data (config_drift)
 
 
 def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
@@ -73,7 +74,12 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     check_validation_split(cfg, index)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
+    check_fresh_start(cfg)
     resume_from = find_resume(cfg)
+    identity = config_drift.data_identity(index) if index else None
+    if resume_from is not None:
+        config_drift.check(resume_from, checkpoint.load_state(resume_from), cfg.to_dict(), world,
+                           identity)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", None)
     ds = deepspeed_config(cfg, world, hidden or DEFAULT_HIDDEN, total_steps)
     if resume_from is not None and checkpoint.saved_world_size(resume_from) != world:
@@ -83,7 +89,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
                 * cfg.data.seq_len, ds,
                 bool(index) and cfg.eval_strategy != "no"
                 and cfg.data.validation_split in index.splits,
-                resume_from)
+                resume_from, identity)
 
 
 def check_validation_split(cfg: Config, index: ShardIndex | None) -> None:
@@ -129,6 +135,20 @@ def check_output_dir(out: Path) -> None:
         raise UsageError(f"output_dir {out} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"output_dir {out} is not writable")
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """resume: never over another run's checkpoints would prune them together with this run's
+    (and a step number of both would collide): refused unless overwrite_output_dir: true, which
+    sets them aside until this run's first checkpoint is complete (checkpoint.set_aside)."""
+    if cfg.resume != "never" or cfg.overwrite_output_dir:
+        return
+    found = checkpoint.complete_checkpoints(Path(cfg.output_dir))
+    if found:
+        raise UsageError(f"output_dir {cfg.output_dir} already holds checkpoints (latest "
+                         f"{found[-1].name}) and resume is never; use resume: auto to continue "
+                         f"them, another output_dir, or overwrite_output_dir: true to replace "
+                         f"them")
 
 
 def find_resume(cfg: Config) -> Path | None:
