@@ -211,3 +211,21 @@ def test_durable_fsync_tree_covers_nested_directories(tmp_path, fsynced):
     (tmp_path / "a" / "b" / "f").write_text("x")
     durable.fsync_tree(tmp_path)
     assert fsynced == [tmp_path / "a" / "b" / "f", tmp_path / "a" / "b", tmp_path / "a", tmp_path]
+
+
+def test_drift_rules_for_the_run_length_older_checkpoints_and_a_moved_data_path():
+    base = {"max_steps": -1, "num_train_epochs": 3.0, "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1, "data": {"path": "a"}}
+    changes = config_drift.changes
+    assert changes(base, {**base, "num_train_epochs": 4.0}, 1, 1) == []  # longer
+    assert changes(base, {**base, "num_train_epochs": 2.0}, 1, 1) == [("num_train_epochs", 3.0, 2.0)]
+    # switching from epochs to max_steps changes the schedule's length
+    assert changes(base, {**base, "max_steps": 100}, 1, 1) == [("max_steps", -1, 100)]
+    by_steps = {**base, "max_steps": 100}
+    assert changes(by_steps, {**by_steps, "num_train_epochs": 1.0}, 1, 1) == []  # max_steps decides
+    # a key the saving version did not have is not compared
+    assert changes(base, {**base, "a_new_key": 1}, 1, 1) == []
+    # data.path may move when the data's identity is known to be the same; not otherwise
+    moved = {**base, "data": {"path": "b"}}
+    assert changes(base, moved, 1, 1, {"tokenizer_sha256": "x"}, {"tokenizer_sha256": "x"}) == []
+    assert changes(base, moved, 1, 1) == [("data.path", "a", "b")]

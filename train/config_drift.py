@@ -73,9 +73,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def data_identity(index) -> dict:
     """What makes the training data this data: another corpus with the same number of samples, or
     another tokenizer, differs here."""
-    return {"task": index.task, "dtype": index.dtype.name,
-            "tokenizer_sha256": index.tokenizer_sha256,
-            "train_shards": [r.sha256 for r in index.splits.get("train", [])]}
+    identity = {"task": index.task, "dtype": index.dtype.name,
+                "tokenizer_sha256": index.tokenizer_sha256,
+                "train_shards": [r.sha256 for r in index.splits.get("train", [])]}
+    if index.labels is not None:  # token classification: the labels are data too
+        identity["label_names"] = index.label_names
+        identity["train_label_shards"] = [r.sha256 for r in index.labels.splits.get("train", [])]
+    return identity
 
 
 def changes(saved: dict, new: dict, saved_world: int, world: int,
@@ -105,7 +109,7 @@ def changes(saved: dict, new: dict, saved_world: int, world: int,
         for key in sorted(set(saved_data) & set(data)):
             if saved_data[key] != data[key]:
                 old, cur = saved_data[key], data[key]
-                if key == "train_shards":  # a list of hashes: say how it differs, not all of it
+                if key.endswith("_shards"):  # a list of hashes: say how it differs, not all of it
                     old, cur = f"{len(old)} shards", f"{len(cur)} shards, other contents"
                 found.append((f"data.{key}", old, cur))
     return found
