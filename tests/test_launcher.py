@@ -28,6 +28,7 @@ OK = [TINY, "data.path={data}", "output_dir={out}"]
      "batch arithmetic does not divide"),
     ("mlm on clm shards", [*OK, "task=mlm"], "has no mask token"),
     ("ner on clm shards", [*OK, "task=token-classification"], "has no label set"),
+    ("save_total_limit 0", [*OK, "save_total_limit=0"], "save_total_limit must be at least 1"),
     ("zero minutes", ["--time", "0", *OK], "--time '0' is no time at all"),
     ("zero hours", ["--time", "0:00:00", *OK], "give at least one minute"),
     ("unparsable --prepare", ["--prepare", "--input 'unclosed --output d", *OK],
