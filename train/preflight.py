@@ -140,7 +140,8 @@ def check_output_dir(out: Path) -> None:
 def check_fresh_start(cfg: Config) -> None:
     """resume: never over another run's checkpoints would prune them together with this run's
     (and a step number of both would collide): refused unless overwrite_output_dir: true, which
-    sets them aside until this run's first checkpoint is complete (checkpoint.set_aside)."""
+    sets them aside until this run's first checkpoint is complete
+    (checkpoint.set_previous_run_aside)."""
     if cfg.resume != "never" or cfg.overwrite_output_dir:
         return
     found = checkpoint.complete_checkpoints(Path(cfg.output_dir))
