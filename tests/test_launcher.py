@@ -136,3 +136,16 @@ def test_time_parsing():
     assert minutes("00:00:30") == 1
     with pytest.raises(UsageError, match="--time"):
         minutes("four hours")
+
+
+def test_reading_the_partitions_limits():
+    """sinfo's %G and scontrol's MaxTime as Slurm prints them (the real cluster's refusals are
+    in test_slurm.py)."""
+    from launcher.partition import _minutes, format_minutes, gpu_count
+
+    assert gpu_count("(null)") == 0 and gpu_count("gpu:8") == 8
+    assert gpu_count("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and gpu_count("gpu:h100:8(S:0-1)") == 8
+    assert gpu_count("shard:4,mps:100") == 0
+    assert _minutes("UNLIMITED") is None and _minutes("INFINITE") is None
+    assert _minutes("1-00:00:00") == 1440 and _minutes("04:00:00") == 240 and _minutes("30") == 30
+    assert format_minutes(1440) == "1-00:00:00" and format_minutes(90) == "01:30:00"
