@@ -7,7 +7,10 @@
 
 Everything that can be checked here is checked before anything is submitted (config, data
 against the tokenizer and the model, output_dir and its lock, a resume's config changes, batch
-arithmetic for nodes x tasks), so a mistake costs seconds, not a queue wait. Errors: one line, exit status 2, nothing submitted.
+arithmetic for nodes x tasks, the partition's limits), so a mistake costs seconds, not a queue
+wait. Errors: one line, exit status 2, nothing submitted. With --wait: exit status 0 when the job
+completes, 1 when it (or its --prepare job) fails, or when it pends for a reason that can never
+clear (left in the queue).
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from train.errors import USAGE_EXIT_CODE, UsageError
+
+POLL_S = 5.0  # how often --wait looks at a pending job's reason (one squeue call)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +100,9 @@ def main(argv=None) -> int:
 
 
 def launch(args) -> int:
+    from launcher.partition import check_request
     from launcher.submit import Resources, TrainJob, make_executor, render_sbatch
+    from train.health import describe
 
     if args.cluster == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "
@@ -106,6 +114,8 @@ def launch(args) -> int:
     res = Resources(args.cluster, args.nodes, tasks, args.gpus_per_node, minutes(args.time),
                     args.partition, args.account, args.qos, args.constraint, args.exclude,
                     job_name=job_name(Path(cfg.output_dir).name))
+    partition = (check_request(args.partition, args.nodes, res.minutes, args.gpus_per_node)
+                 if args.cluster == "slurm" else None)
     folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
     executor = make_executor(res, folder, render_only=args.dry_run)
     if args.dry_run:
@@ -113,9 +123,16 @@ def launch(args) -> int:
               f"# --cluster local: {tasks} task(s) of TrainJob on this machine")
         print("# resolved DeepSpeed config:")
         print(json.dumps(ds, indent=1))
+        if partition:
+            print(f"# partition limits: {partition}")
+        print("# node health checks at job start (every rank, before the first step):")
+        print("\n".join(f"#   {line}" for line in describe(cfg, args.gpus_per_node)))
         return 0
+    if partition and partition.startswith("not checked"):
+        print(f"note: partition limits {partition}", file=sys.stderr)
     import submitit
 
+    prep_job = None
     if args.prepare:
         prep_res = Resources(args.cluster, 1, 1, None, minutes(args.time), args.partition,
                              args.account, args.qos, job_name="prepare")
@@ -123,10 +140,13 @@ def launch(args) -> int:
         prep_job = submit(prep_exec, prepare_job(prepare_args))
         print(f"submitted prepare job {prep_job.job_id}")
         if args.cluster == "slurm":
+            # a failed prepare ends the chain: Slurm cancels the training job rather than leave
+            # it pending forever on a dependency that can never be satisfied
             executor.update_parameters(additional_parameters={
-                "requeue": True, "open-mode": "append", "dependency": f"afterok:{prep_job.job_id}"})
-        else:
-            prep_job.results()
+                "requeue": True, "open-mode": "append", "dependency": f"afterok:{prep_job.job_id}",
+                "kill-on-invalid-dep": "yes"})
+        elif not prepare_succeeded(prep_job, None):
+            return 1
     job = submit(executor, TrainJob(config, list(args.overrides)))
     print(f"submitted job {job.job_id}: {world} task(s) on {args.nodes} node(s)")
     print(f"logs: {job.paths.stdout} (rank 0), {job.paths.stderr}")
@@ -134,7 +154,16 @@ def launch(args) -> int:
     if not args.wait:
         return 0
     try:
+        slurm = args.cluster == "slurm"
+        if prep_job is not None and slurm:
+            follow(prep_job, slurm)
+            if not prepare_succeeded(prep_job, job):
+                return 1
+        follow(job, slurm)
         job.results()  # one result per task
+    except JobNeverStarts as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except submitit.core.utils.FailedJobError as err:
         print(f"job {job.job_id} failed:\n{failing_rank_report(job, str(err))}", file=sys.stderr)
         return 1
@@ -143,6 +172,44 @@ def launch(args) -> int:
         return 1
     print(f"job {job.job_id} completed; model in {Path(cfg.output_dir) / 'final'}")
     return 0
+
+
+class JobNeverStarts(Exception):
+    """A job pending for a reason that no waiting clears (the message says what to do)."""
+
+
+def follow(job, slurm: bool, poll_s: float = POLL_S) -> None:
+    """Until the job has ended. A Slurm job pending for a reason that can never clear raises
+    JobNeverStarts and is left in the queue: whether to cancel it or fix it is the user's call
+    (a partition's limits may be about to change)."""
+    from launcher.partition import never_starts
+
+    while not job.done():
+        reason = never_starts(str(job.job_id)) if slurm else None
+        if reason:
+            raise JobNeverStarts(
+                f"job {job.job_id} can never start as requested: it pends with reason {reason}. "
+                f"It is left in the queue: `scancel {job.job_id}` removes it; fixing the request "
+                f"(scontrol update jobid={job.job_id} ...) or the partition lets it start")
+        time.sleep(poll_s)
+
+
+def prepare_succeeded(prep_job, train_job) -> bool:
+    """Whether the --prepare job succeeded; if not, its error is printed (one line from
+    prepare's own `error: ...` where it has one)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        prep_job.results()
+        return True
+    except (FailedJobError, UncompletedJobError) as err:
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+        errors = [l[l.index("error:"):] for l in lines if "error:" in l]
+        reason = errors[-1] if errors else "\n".join(lines[-10:])
+        then = (f"; training job {train_job.job_id} is cancelled with it" if train_job
+                else "; no training job was started")
+        print(f"prepare job {prep_job.job_id} failed: {reason}{then}", file=sys.stderr)
+        return False
 
 
 def submit(executor, fn):

@@ -3,6 +3,10 @@
 # (node1, node2) on this host, private ports, state under DIR. Needs root and Debian's
 # slurm-wlm and munge packages (.ci/run installs them).
 #
+# Like a real cluster's nodes, each test node has a node-local scratch directory, DIR/scratch:
+# each slurmd runs in its own mount namespace where DIR/local/NODE is mounted there, so a job
+# step on node1 and one on node2 see different files under the same path (node health tests).
+#
 #   slurm/testcluster.sh start DIR     # prints the SLURM_CONF to export
 #   slurm/testcluster.sh stop DIR
 set -euo pipefail
@@ -29,7 +33,8 @@ stop() {
 
 if [ "$cmd" = stop ]; then stop; exit 0; fi
 
-mkdir -p "$dir"/state "$dir"/spool/node1 "$dir"/spool/node2
+mkdir -p "$dir"/state "$dir"/spool/node1 "$dir"/spool/node2 "$dir"/scratch \
+    "$dir"/local/node1 "$dir"/local/node2
 host=$(hostname -s)
 base=$(( 17000 + RANDOM % 20000 ))
 cpus=$(nproc)
@@ -63,7 +68,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 NodeName=node1 NodeHostname=$host Port=$((base + 1)) CPUs=$cpus State=UNKNOWN
 NodeName=node2 NodeHostname=$host Port=$((base + 2)) CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=1-00:00:00 State=UP OverSubscribe=FORCE:4
 CONF
 
 stop  # anything left by an earlier run on this directory
@@ -79,10 +84,12 @@ if ! pgrep -x munged >/dev/null; then
     touch "$dir/munged.started"  # ours to stop
 fi
 
-slurmctld -f "$conf" -c
-slurmd -f "$conf" -N node1
-slurmd -f "$conf" -N node2
 export SLURM_CONF=$conf
+slurmctld -f "$conf" -c
+for node in node1 node2; do  # each in its own mount namespace: DIR/scratch is node-local
+    unshare --mount --propagation private sh -c \
+        "mount --bind '$dir/local/$node' '$dir/scratch' && exec slurmd -f '$conf' -N $node"
+done
 for _ in $(seq 60); do
     if [ "$(sinfo -h -o %T 2>/dev/null | grep -c -E '^(idle|mixed)')" -ge 1 ] && \
        [ "$(sinfo -h -N -o %T 2>/dev/null | grep -c -E '^(idle|mixed)')" -eq 2 ]; then

@@ -69,6 +69,26 @@ def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, t
     assert "#SBATCH --nodes=4" in res.stdout
     assert f"-m submitit.core._submit '{out.resolve()}/logs/%j'" in res.stdout
     assert not out.exists()  # a dry run leaves nothing behind
+    # what is checked where: the partition's limits need Slurm, the node health is the job's
+    assert "# partition limits: not checked: no scontrol on PATH" in res.stdout
+    for check in ("devices: skipped (CPU job", "output_dir: writable and the same shared",
+                  "free space: two checkpoints", "versions: the same code"):
+        assert f"#   {check}" in res.stdout, check
+
+
+def test_a_failed_prepare_on_this_machine_is_reported_not_raised(tmp_path):
+    """--cluster local runs the --prepare job first: its failure is prepare's one line and exit
+    status 1, and no training job starts."""
+    res = run_cli("-m", "launcher", "--cluster", "local", "--tasks-per-node", "1", "--wait",
+                  "--prepare", f"--input {tmp_path}/missing.jsonl --output {tmp_path}/data "
+                  "--train-tokenizer 300", TINY, f"data.path={tmp_path / 'data'}",
+                  f"output_dir={tmp_path / 'o'}", timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    line = next(l for l in res.stderr.splitlines() if l.startswith("prepare job"))
+    assert "failed: error:" in line and "missing.jsonl" in line, line
+    assert "no training job was started" in line
+    assert "submitted job" not in res.stdout
 
 
 def test_job_name_is_sanitized(prepared, tmp_path):
@@ -118,3 +138,16 @@ def test_time_parsing():
     assert minutes("00:00:30") == 1
     with pytest.raises(UsageError, match="--time"):
         minutes("four hours")
+
+
+def test_reading_the_partitions_limits():
+    """sinfo's %G and scontrol's MaxTime as Slurm prints them (the real cluster's refusals are
+    in test_slurm.py)."""
+    from launcher.partition import _minutes, format_minutes, gpu_count
+
+    assert gpu_count("(null)") == 0 and gpu_count("gpu:8") == 8
+    assert gpu_count("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and gpu_count("gpu:h100:8(S:0-1)") == 8
+    assert gpu_count("shard:4,mps:100") == 0
+    assert _minutes("UNLIMITED") is None and _minutes("INFINITE") is None
+    assert _minutes("1-00:00:00") == 1440 and _minutes("04:00:00") == 240 and _minutes("30") == 30
+    assert format_minutes(1440) == "1-00:00:00" and format_minutes(90) == "01:30:00"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +104,8 @@ def reference(cluster, data, tmp_path_factory):
 
 @NEEDS_SLURM
 def test_sbatch_script_trains_on_two_nodes(reference):
+    log = next(reference.parent.glob("slurm-*.out")).read_text()
+    assert "node health: 2 host(s), 2 rank(s) ok" in log  # node1 and node2, before step 1
     got = losses(reference)
     assert sorted(got) == list(range(5, 61, 5))
     assert got[60] < got[5] - 1.0
@@ -194,3 +198,90 @@ def test_mlm_sbatch_script_trains_bert_on_two_nodes(cluster, corpus_dir, tmp_pat
     assert sorted(got) == list(range(5, 31, 5)) and got[30] < got[5] - 0.5
     from transformers import AutoModelForMaskedLM
     assert AutoModelForMaskedLM.from_pretrained(out / "run" / "final").config.model_type == "bert"
+
+
+@NEEDS_SLURM
+def test_node_local_output_dir_ends_the_job_before_training(cluster, data, tmp_path):
+    """The classic silent failure: output_dir on a node-local disk. Each test node mounts its
+    own directory at DIR/scratch (slurm/testcluster.sh); rank 1 on node2 does not find rank 0's
+    token directory, and the job ends before the first step, naming the host and the check."""
+    scratch = Path(cluster["SLURM_CONF"]).parent / "scratch"
+    out = tmp_path / "node-local"
+    job = sbatch(cluster, data, out, f"output_dir={scratch / 'run'}")
+    assert wait(cluster, job) == "FAILED"
+    log = (out / f"slurm-{job}.out").read_text()
+    # the health exit status (train.health.HEALTH_EXIT_CODE); srun then ends the other rank
+    assert re.search(r"task \d: Exited with exit code 5", log), log[-3000:]
+    report = [l for l in log.splitlines() if "node health: host" in l]
+    assert len(report) == 1 and "host node2: output_dir:" in report[0], log[-3000:]
+    assert "not the directory rank 0 writes to" in report[0]
+    local = scratch.parent / "local"
+    assert not (local / "node1" / "run" / "checkpoints").exists()
+    metrics = local / "node1" / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "loss" not in metrics.read_text()
+
+
+@NEEDS_SLURM
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--nodes", "4", "--nodes 4: partition debug has 2 node(s); lower --nodes"),
+    ("--time", "2-00:00:00", "partition debug allows at most 1-00:00:00 (MaxTime); lower --time"),
+])
+def test_a_request_beyond_the_partition_is_refused_before_sbatch(cluster, data, tmp_path, flag,
+                                                                 value, expected):
+    res = run_cli("-m", "launcher", flag, value, str(REPO / "configs" / "tiny-clm.yaml"),
+                  f"data.path={data}", f"output_dir={tmp_path / 'o'}", env=cluster)
+    assert res.returncode == 2, res.stdout + res.stderr[-2000:]
+    assert expected in res.stderr and "Traceback" not in res.stderr
+    assert "submitted" not in res.stdout
+
+
+@NEEDS_SLURM
+def test_wait_reports_a_job_that_can_never_start_and_leaves_it_queued(cluster, data, tmp_path):
+    """The request fits when submitted (the partition is down for maintenance: a reason that
+    clears, so --wait waits), then the partition shrinks to 1 node: the 2-node job can never
+    start; --wait says so and exits 1, and the job stays queued for the user to cancel or fix."""
+    part = ["scontrol", "update", "PartitionName=debug"]
+    slurm(cluster, *part, "State=DOWN")
+    launcher, job = None, None
+    try:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
+             str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+             f"output_dir={tmp_path / 'o'}", *COMMON], cwd=REPO, text=True,
+            env={**os.environ, **cluster, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = launcher.stdout.readline()
+        job = re.search(r"submitted job (\d+)", first).group(1)
+        time.sleep(12)  # two of --wait's looks at the reason
+        assert launcher.poll() is None, "gave up on a reason that clears (PartitionDown)"
+        assert job_field(cluster, job, "Reason") == "PartitionDown"
+        slurm(cluster, *part, "MaxNodes=1", "State=UP")
+        _, err = launcher.communicate(timeout=240)
+        assert launcher.returncode == 1, err[-2000:]
+        assert f"job {job} can never start as requested" in err and "PartitionNodeLimit" in err
+        assert f"scancel {job}" in err and "Traceback" not in err
+        assert job_field(cluster, job, "JobState") == "PENDING"  # left as it was
+    finally:
+        if launcher and launcher.poll() is None:
+            launcher.kill()
+        if job:
+            slurm(cluster, "scancel", job, check=False)
+        slurm(cluster, *part, "MaxNodes=UNLIMITED", "State=UP")
+
+
+@NEEDS_SLURM
+def test_a_failed_prepare_ends_the_chain_and_the_launcher_says_why(cluster, tmp_path):
+    """--prepare with an input that does not exist: the prepare job fails in seconds, Slurm
+    cancels the training job that depended on it, and --wait exits 1 with prepare's error."""
+    res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
+                  "--prepare", f"--input {tmp_path}/missing.jsonl --output {tmp_path}/data "
+                  "--train-tokenizer 300", str(REPO / "configs" / "tiny-clm.yaml"),
+                  f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'o'}", env=cluster,
+                  timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    line = next(l for l in res.stderr.splitlines() if l.startswith("prepare job"))
+    assert "failed: error:" in line and "missing.jsonl" in line, line
+    job = re.search(r"submitted job (\d+)", res.stdout).group(1)
+    assert f"training job {job} is cancelled" in line
+    wait_for(lambda: job_field(cluster, job, "JobState") == "CANCELLED", timeout=60,
+             what="Slurm to cancel the dependent job (--kill-on-invalid-dep)")

@@ -14,6 +14,8 @@ model
     model       build the HF model; route its attention and loss to kernels/ (PackedModel)
 the run (`python -m train`)
     preflight   preflight(cfg, world) -> Plan: every check before a job (the launcher's too)
+    health      node health at job start, every rank: devices, shared output_dir, free space,
+                the same code and versions (exit status 5)
     engine      process group, DeepSpeed engine, optimizer, LR schedule
     trainer     run_training(cfg): the loop
     eval        the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary

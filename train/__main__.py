@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from kernels import KernelBackendError
     from train.config import load_config
+    from train.health import HEALTH_EXIT_CODE, NodeHealthError
     from train.trainer import NonFiniteError, run_training
 
     try:
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except NodeHealthError as err:  # a broken node, before the first step
+        print(f"error: {err}", file=sys.stderr)
+        return HEALTH_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ group exists.
 
 Top-level training hyperparameters use the names of transformers' `TrainingArguments`
 (learning_rate, per_device_train_batch_size, ...); the sections are `model`, `data`,
-`deepspeed`, `kernels` and `task`; `resume` says where to continue from. An unknown key is an
-error listing the valid ones; a name from older tutorials (warmup_ratio, evaluation_strategy) is
+`deepspeed`, `kernels`, `health` and `task`; `resume` says where to continue from. An unknown
+key is an error listing the valid ones; a name from older tutorials (warmup_ratio, evaluation_strategy) is
 accepted with a note naming the current one.
 """
 from __future__ import annotations
@@ -57,6 +57,13 @@ class KernelsSection:
 
 
 @dataclass
+class HealthSection:
+    min_free_gb: float = 0.0          # free space to keep on output_dir's file system beyond
+                                      # two checkpoints (the export, logs, a shared scratch's
+                                      # other users); checked on every node at job start
+
+
+@dataclass
 class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
@@ -95,6 +102,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
+    health: HealthSection = field(default_factory=HealthSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,6 +257,8 @@ def check(cfg: Config) -> None:
                          "(model_type and sizes, to train from scratch)")
     if cfg.model.config and "model_type" not in cfg.model.config:
         raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
+    if cfg.health.min_free_gb < 0:
+        raise UsageError(f"health.min_free_gb must be >= 0, got {cfg.health.min_free_gb}")
     if cfg.warmup_steps < 0:
         raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

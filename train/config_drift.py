@@ -45,7 +45,7 @@ RULES = {
     "eval_max_batches": HARMLESS, "per_device_eval_batch_size": HARMLESS,
     "save_steps": HARMLESS, "save_total_limit": HARMLESS, "nonfinite": HARMLESS,
     "report_to": HARMLESS, "mfu_peak_tflops": HARMLESS, "data.verify": HARMLESS,
-    "data.validation_split": HARMLESS, "kernels": HARMLESS,
+    "data.validation_split": HARMLESS, "kernels": HARMLESS, "health": HARMLESS,
 }
 UNSET = "(unset)"
 GLOBAL_BATCH = "global_batch"  # the key a batch change is reported (and accepted) under

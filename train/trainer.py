@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, distributed, run_lock
+from train import checkpoint, distributed, health, run_lock
 from train.config import Config
 from train.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
@@ -66,6 +66,7 @@ def run_training(cfg: Config) -> int:
         run = RankRun(plan, env.rank, pick_device(env.local_rank))
         start_process_group(run.device, env, Path(cfg.output_dir))
         try:
+            health.check_nodes(plan, env.rank, run.device, run.hf_model)
             run.start()
             return run.loop()
         finally:

@@ -1,0 +1,153 @@
+"""What the partition allows: the request checked against its limits before submitting, and a
+pending job's reason read while waiting, for the jobs that could never start.
+
+Slurm accepts a job that asks for more than its partition has (4 nodes of a 2-node partition, a
+--time above MaxTime, more GPUs than a node holds) and leaves it pending forever with a reason
+such as PartitionConfig or PartitionTimeLimit. `check_request` refuses such a request before
+sbatch; `never_starts` recognises those reasons in a job that got through anyway (limits changed
+after submission, a QOS or account limit the partition does not show).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from train.errors import UsageError
+
+# Pending reasons that no amount of waiting clears: only a change to the job or to the
+# partition, QOS or account does (squeue(1), JOB REASON CODES). Reasons that do clear by
+# themselves (Resources, Priority, Dependency, BeginTime, PartitionDown, ReqNodeNotAvail, ...)
+# are not here: --wait keeps waiting through them.
+NEVER_CLEARING = {
+    "PartitionConfig": "the request does not fit the partition's configuration",
+    "PartitionNodeLimit": "the partition's node limits exclude --nodes",
+    "PartitionTimeLimit": "--time is above the partition's MaxTime",
+    "BadConstraints": "no node of the partition satisfies the constraints (--constraint, GPUs)",
+    "DependencyNeverSatisfied": "the job it depends on failed",
+    "AccountNotAllowed": "the account may not use the partition",
+    "QOSNotAllowed": "the QOS may not be used in the partition",
+    "InvalidAccount": "the account does not exist",
+    "InvalidQOS": "the QOS does not exist",
+    "QOSMaxWallDurationPerJobLimit": "--time is above the QOS's per-job limit",
+    "QOSMaxNodePerJobLimit": "--nodes is above the QOS's per-job limit",
+    "QOSMaxGRESPerJob": "the GPUs requested are above the QOS's per-job limit",
+    "AssocMaxWallDurationPerJobLimit": "--time is above the account's per-job limit",
+    "AssocMaxNodesPerJobLimit": "--nodes is above the account's per-job limit",
+}
+
+
+@dataclass
+class Partition:
+    name: str
+    total_nodes: int
+    max_nodes: int | None        # None: unlimited
+    max_minutes: int | None      # None: unlimited
+    nodes_by_gpus: dict[int, int]  # GPUs per node -> how many of the partition's nodes have that
+
+
+def check_request(partition: str | None, nodes: int, minutes: int,
+                  gpus_per_node: int | None) -> str:
+    """Refuse (UsageError naming the limit and the flag) a request the partition can never run.
+    Returns one line saying what was checked, or "not checked: WHY" when the limits cannot be
+    read here (no Slurm, scontrol failing): sbatch then has the last word."""
+    try:
+        part = read_partition(partition)
+    except LimitsUnknown as why:
+        return f"not checked: {why}"
+    where = f"partition {part.name}"
+    most_nodes = min(part.total_nodes, part.max_nodes or part.total_nodes)
+    if nodes > most_nodes:
+        limit = (f"has {part.total_nodes} node(s)" if most_nodes == part.total_nodes
+                 else f"allows at most {part.max_nodes} node(s) per job (MaxNodes)")
+        raise UsageError(f"--nodes {nodes}: {where} {limit}; lower --nodes or pick another "
+                         f"--partition (the job would pend forever)")
+    if part.max_minutes is not None and minutes > part.max_minutes:
+        raise UsageError(f"--time of {minutes} minutes: {where} allows at most "
+                         f"{format_minutes(part.max_minutes)} (MaxTime); lower --time or pick "
+                         f"another --partition (the job would pend forever)")
+    if gpus_per_node:
+        enough = sum(n for gpus, n in part.nodes_by_gpus.items() if gpus >= gpus_per_node)
+        if enough < nodes:
+            most = max(part.nodes_by_gpus, default=0)
+            raise UsageError(f"--gpus-per-node {gpus_per_node} on --nodes {nodes}: {where} has "
+                             f"{enough} node(s) with {gpus_per_node} GPUs (at most {most} per "
+                             f"node); lower --gpus-per-node or pick another --partition")
+    limits = [f"{most_nodes} node(s)",
+              f"MaxTime {format_minutes(part.max_minutes) if part.max_minutes else 'UNLIMITED'}",
+              f"at most {max(part.nodes_by_gpus, default=0)} GPU(s) per node"]
+    return f"the request fits {where} ({', '.join(limits)})"
+
+
+class LimitsUnknown(Exception):
+    """The partition's limits cannot be read here (the reason is the message)."""
+
+
+def read_partition(name: str | None) -> Partition:
+    """The named partition, or the default one, from `scontrol show partition` and `sinfo`."""
+    if shutil.which("scontrol") is None:
+        raise LimitsUnknown("no scontrol on PATH (no Slurm here)")
+    fields = None
+    for line in _run("scontrol", "show", "partition", "--oneliner", *([name] if name else [])):
+        f = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if name or f.get("Default") == "YES":
+            fields = f
+            break
+    if fields is None:
+        raise LimitsUnknown(f"no partition {name!r}" if name else "no default partition")
+    name = fields["PartitionName"]
+    nodes_by_gpus: dict[int, int] = {}
+    for line in _run("sinfo", "--noheader", "--partition", name, "--format", "%D %G"):
+        count, gres = line.split(maxsplit=1)
+        gpus = gpu_count(gres)
+        nodes_by_gpus[gpus] = nodes_by_gpus.get(gpus, 0) + int(count)
+    return Partition(name, int(fields.get("TotalNodes", 0)), _limit(fields.get("MaxNodes")),
+                     _minutes(fields.get("MaxTime")), nodes_by_gpus)
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs per node in sinfo's %G: 'gpu:8', 'gpu:a100:4(S:0-1),gpu:v100:2', '(null)'."""
+    return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def never_starts(job_id: str) -> str | None:
+    """'REASON: what it means' when the job is pending for a reason that never clears."""
+    try:
+        lines = _run("squeue", "--noheader", "--jobs", job_id, "--format", "%T %r")
+    except LimitsUnknown:
+        return None  # squeue unreachable for a moment: keep waiting, submitit follows the job
+    for line in lines:
+        state, _, reason = line.partition(" ")
+        if state == "PENDING" and reason in NEVER_CLEARING:
+            return f"{reason}: {NEVER_CLEARING[reason]}"
+    return None
+
+
+def _run(*command: str) -> list[str]:
+    try:
+        res = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise LimitsUnknown(f"{command[0]} failed: {err}") from None
+    if res.returncode:
+        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
+        raise LimitsUnknown(f"{command[0]}: {lines[-1].removeprefix(command[0] + ': ')}")
+    return [line for line in res.stdout.splitlines() if line.strip()]
+
+
+def _limit(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None  # UNLIMITED
+
+
+def _minutes(text: str | None) -> int | None:
+    """Slurm's MaxTime: UNLIMITED/INFINITE, MM, HH:MM:SS or D-HH:MM:SS."""
+    from launcher.__main__ import minutes
+
+    if not text or not text[0].isdigit():
+        return None
+    return minutes(text)
+
+
+def format_minutes(total: int) -> str:
+    days, rest = divmod(total, 1440)
+    return (f"{days}-" if days else "") + f"{rest // 60:02d}:{rest % 60:02d}:00"
