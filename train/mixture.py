@@ -40,9 +40,10 @@ import numpy as np
 from train.errors import DataError
 from train.loader import PackedLoader, segments
 
-# The longest period tabled (two int64 arrays of this length, built once per loader in about a
-# second): weights written with up to 5 decimals fit exactly; longer ones are rounded to
-# shares of this period, which preflight reports.
+# The longest period tabled: two int64 arrays of this length (1.6 MB), built once per loader in
+# 0.16 s (measured with 3 sources on the 2-core AMD EPYC dev machine). Small integer ratios, and
+# weights of up to 5 decimals that sum to 1, fit exactly; other weights are rounded to shares of
+# this period, which preflight reports in a note.
 MAX_PERIOD = 100_000
 
 
@@ -126,20 +127,20 @@ class MixtureLoader:
     def __init__(self, sources, split: str = "train", *, seq_len: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
                  **options):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.names = [s.name for s in sources]
-        self.weights = [s.weight for s in sources]
+        self.schedule = MixtureSchedule([s.weight for s in sources])
+        # each source assembles its own windows; micro_batch_size, rank and world size are
+        # this loader's business, not theirs
         self.sources = [PackedLoader(s.path, split, seq_len=seq_len, micro_batch_size=1,
                                      seed=source_seed(seed, s.name), shuffle=shuffle, **options)
                         for s in sources]
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.schedule = MixtureSchedule(self.weights)
         self.seq_len, self.micro_batch_size, self.seed, self.shuffle = (seq_len, micro_batch_size,
                                                                         seed, shuffle)
         self.rank, self.world_size = rank, world_size
         sizes = [s.num_samples for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.index = self.sources[0].index  # the tokenizer and specials all sources share
         self.consumed = 0
 
     def __iter__(self):

@@ -31,8 +31,8 @@ from train.eval import evaluate, evaluate_sources
 from train.faults import Faults
 from train.flops import Throughput
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
-from train.mixture import MixtureLoader
 from train.metrics import MetricsLog
+from train.mixture import MixtureLoader
 from train.model import build_hf_model
 from train.preemption import StopReason, StopRequest
 from train.preflight import Plan, data_sources, preflight
