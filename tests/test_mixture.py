@@ -338,3 +338,30 @@ def mixture_order(sources, n: int) -> list[tuple[int, int]]:
     batch = loader.batch_at(np.arange(n))
     return [(int(s), int(k - loader.offsets[s])) for s, k in zip(batch["source_ids"],
                                                                 batch["sample_ids"])]
+
+
+def test_max_epochs_arithmetic_counts_a_resumed_runs_samples_under_its_new_world_size(
+        stdlib_data, small_corpus, tmp_path):
+    """Resuming: the samples drawn so far (the checkpoint's loader position) plus the remaining
+    steps at the new world size's global batch; a cap that the first world size kept but the
+    new batch exceeds is refused before the job starts."""
+    from train.config import load_config
+    from train.errors import UsageError
+    from train.preflight import preflight
+
+    saved = tmp_path / "o" / "checkpoints" / "step-00000010"
+    saved.mkdir(parents=True)
+    # 10 steps of 1 rank x 4 samples drawn so far
+    (saved / "trainer_state.json").write_text(json.dumps(
+        {"step": 10, "world_size": 1, "loader": {"consumed": 40}}))
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'o'}", "max_steps=30",
+                             "per_device_train_batch_size=4", *mixture_args(
+                                 f"{{path: {stdlib_data}, weight: 1}}",
+                                 f"{{path: {small_corpus}, weight: 1, max_epochs: 2}}")])
+    preflight(cfg, 1)  # 40 + 20 x 4 = 120 samples, 60 of the prose: within 2 x 38
+    with pytest.raises(UsageError, match=r"200 samples in the run x its share 0.5 = 100 samples"
+                                         r".* raise its max_epochs to 3"):
+        preflight(cfg, 2)  # 40 + 20 x 8 = 200 samples: 100 of the prose
+    cfg.data.mixture[1].max_epochs = 1
+    with pytest.raises(UsageError, match=r"120 samples in the run .* raise its max_epochs to 2"):
+        preflight(cfg, 1)
