@@ -6,8 +6,8 @@
     python -m launcher --nodes 2 --dry-run configs/tiny-clm.yaml       # print the sbatch script
 
 Everything that can be checked here is checked before anything is submitted (config, data
-against the tokenizer and the model, output_dir, batch arithmetic for nodes x tasks), so a
-mistake costs seconds, not a queue wait. Errors: one line, exit status 2, nothing submitted.
+against the tokenizer and the model, output_dir and its lock, a resume's config changes, batch
+arithmetic for nodes x tasks), so a mistake costs seconds, not a queue wait. Errors: one line, exit status 2, nothing submitted.
 """
 from __future__ import annotations
 
@@ -74,8 +74,10 @@ def validate(args):
     (config, DeepSpeed config, world size)."""
     from train.config import load_config
     from train.preflight import preflight
+    from train.run_lock import refuse_if_held
 
     cfg = load_config(args.config, args.overrides)
+    refuse_if_held(cfg.output_dir)  # a live run on this output_dir: submitting would only fail
     world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
     # with --prepare the data is made by the first job: what needs it is checked there
     plan = preflight(cfg, world, data_ready=not args.prepare)

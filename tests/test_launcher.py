@@ -28,6 +28,7 @@ OK = [TINY, "data.path={data}", "output_dir={out}"]
      "batch arithmetic does not divide"),
     ("mlm on clm shards", [*OK, "task=mlm"], "has no mask token"),
     ("ner on clm shards", [*OK, "task=token-classification"], "has no label set"),
+    ("save_total_limit 0", [*OK, "save_total_limit=0"], "save_total_limit must be at least 1"),
     ("zero minutes", ["--time", "0", *OK], "--time '0' is no time at all"),
     ("zero hours", ["--time", "0:00:00", *OK], "give at least one minute"),
     ("unparsable --prepare", ["--prepare", "--input 'unclosed --output d", *OK],
@@ -41,7 +42,7 @@ def test_bad_input_exits_2_and_submits_nothing(prepared, tmp_path, case, args, e
     assert res.returncode == 2, res.stderr
     assert expected in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
-    assert not (tmp_path / "o" / "logs").exists()
+    assert not (tmp_path / "o").exists()  # a refused launch leaves nothing behind
 
 
 def test_no_sbatch_on_path_is_a_clear_error(prepared, tmp_path):
@@ -52,6 +53,7 @@ def test_no_sbatch_on_path_is_a_clear_error(prepared, tmp_path):
                   f"output_dir={tmp_path / 'o'}", env={"PATH": str(bare)})
     assert res.returncode == 2
     assert "no sbatch on PATH" in res.stderr and "--cluster local" in res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, tmp_path):

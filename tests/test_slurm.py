@@ -111,13 +111,20 @@ def test_sbatch_script_trains_on_two_nodes(reference):
 @NEEDS_SLURM
 def test_launcher_submits_through_submitit_and_waits(cluster, data, tmp_path, reference):
     out = tmp_path / "launched"
+    secret = "hf_NotARealTokenButSecret1234"  # the user's token, in the submitting environment
     res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--cluster", "slurm",
                   "--wait", str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
-                  f"output_dir={out}", *COMMON, env=cluster, timeout=400)
+                  f"output_dir={out}", *COMMON, env={**cluster, "HF_TOKEN": secret}, timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert "submitted job" in res.stdout and "logs:" in res.stdout and "completed" in res.stdout
     assert losses(out) == losses(reference)  # the same job, launched another way
     assert (out / "final" / "model.safetensors").exists()
+    # Nothing the job wrote holds the secret: not submitit's logs, script and pickles (in
+    # output_dir/logs), not metrics, checkpoints or the export.
+    assert secret not in res.stdout + res.stderr
+    written = [f for f in out.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".out" for f in written)
+    assert [f for f in written if secret.encode() in f.read_bytes()] == []
 
 
 @NEEDS_SLURM

@@ -42,8 +42,14 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
     out = tmp_path / "run"
     # ZeRO-3 also gets a peak to compute MFU against (on a CPU there is none by default).
     peak = ["mfu_peak_tflops=0.5"] if stage == 3 else []
-    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}", *peak)
+    secret = "hf_NotARealTokenButSecret1234"  # a cluster user's token, in the job's environment
+    res = train(stdlib_data, out, *SHORT, f"deepspeed.zero_stage={stage}", *peak,
+                env={"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret})
     assert res.returncode == 0, res.stderr[-3000:]
+    # No secret reaches the log, metrics.jsonl, the checkpoints or the export.
+    assert secret not in res.stdout + res.stderr
+    for f in out.rglob("*"):
+        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
     records = metrics(out)
     train_records = [r for r in records if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "real_tokens_seen", "elapsed",
@@ -94,6 +100,14 @@ def test_resume_is_exact_also_after_a_kill_in_save_and_under_another_world_size(
     assert (ckpts / "step-00000005" / "trainer_state.json").exists()
     assert (ckpts / ".partial-step-00000010").exists() and not (ckpts / "step-00000010").exists()
     assert not (killed / "final").exists()
+    # our own state is safetensors and JSON, nothing pickled (DeepSpeed's files are its own)
+    assert sorted(p.name for p in (ckpts / "step-00000005").glob("rng-*")) == \
+        ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    # the killed rank 0 left its lock: a dead pid on this host, which the resume takes over
+    from train.run_lock import pid_alive, read_holder
+    assert not pid_alive(read_holder(killed).pid)
+    # a stale partial save of a step the resumed run never saves again: the resume removes it
+    shutil.copytree(ckpts / ".partial-step-00000010", ckpts / ".partial-step-00000012")
 
     # A copy of that state resumed under 1 rank with the same global batch (4 x 2 -> 8 x 1).
     moved = tmp_path / "moved"
@@ -104,6 +118,7 @@ def test_resume_is_exact_also_after_a_kill_in_save_and_under_another_world_size(
     assert "resumed from" in res.stderr and "step-00000005" in res.stderr
     want, got = losses(straight), losses(killed)
     assert got == want  # bit for bit, steps 10-20 included: data order, RNG, optimizer, schedule
+    assert not list(ckpts.glob(".partial-*")) and not (killed / ".lock").exists()
 
     res = train(stdlib_data, moved, *common, "per_device_train_batch_size=8", nproc=1)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -113,6 +128,68 @@ def test_resume_is_exact_also_after_a_kill_in_save_and_under_another_world_size(
     for step in (10, 15, 20):
         assert got[step] == pytest.approx(want[step], abs=1e-3)
     assert (moved / "final" / "model.safetensors").exists()
+
+
+def test_one_run_per_output_dir_one_save_per_step_and_overwrite(stdlib_data, tmp_path):
+    """While a run holds output_dir, a second torchrun and the launcher are refused naming it; a
+    stop that lands on a save step saves once; overwrite_output_dir takes over a stale lock and
+    replaces the stopped run's checkpoints with its own."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train.run_lock import read_holder
+    out = tmp_path / "run"
+    common = ["per_device_train_batch_size=4", "logging_steps=5", "eval_strategy=no", "save_steps=5"]
+    log = open(tmp_path / "first.log", "w+")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", "-m", "train", TINY, f"data.path={stdlib_data}",
+         f"output_dir={out}", "max_steps=10", *common], cwd=REPO, stdout=log,
+        stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "TRAIN_EXIT_AFTER_STEPS": "5"})
+    try:
+        deadline = time.time() + 120
+        while (holder := read_holder(out)) is None:
+            assert first.poll() is None and time.time() < deadline, log.read()
+            time.sleep(0.1)
+        os.kill(holder.pid, signal.SIGSTOP)  # the first run's rank 0 holds on while we try
+        try:
+            second = train(stdlib_data, out, "max_steps=10", *common)
+            launched = run_cli("-m", "launcher", "--dry-run", TINY, f"data.path={stdlib_data}",
+                               f"output_dir={out}")
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    log.seek(0)
+    first_log = log.read()
+    named = f"is in use by another run (host {holder.host}, pid {holder.pid}, started"
+    assert second.returncode != 0 and named in second.stderr, second.stderr[-3000:]
+    assert launched.returncode == 2 and named in launched.stderr, launched.stderr
+    assert "Traceback" not in launched.stderr
+    # the stop after step 5 (a save step) saved step 5 once (each commit prints one line)
+    assert first_log.count("step-00000005 saved") == 1, first_log
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000005"]
+    assert not (out / ".lock").exists()  # released at the end
+
+    # a lock left by a run that died (a dead pid on this host) is taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"slurm_job_id": None, "host": holder.host,
+                                           "pid": dead.pid, "started": "then"}))
+    res = train(stdlib_data, out, "max_steps=6", *common, "resume=never",
+                "overwrite_output_dir=true", nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    states = {p.name: json.loads((p / "trainer_state.json").read_text())
+              for p in (out / "checkpoints").glob("step-*")}
+    assert sorted(states) == ["step-00000005", "step-00000006"]  # the old step 5 replaced
+    assert not (out / "checkpoints" / "previous-run").exists()
+    assert all(s["config"]["overwrite_output_dir"] for s in states.values())
+    assert sorted(losses(out)) == [5, 6] and not (out / ".lock").exists()
 
 
 def test_golden_losses_of_the_tiny_config(prepared, tmp_path):
@@ -318,7 +395,7 @@ def test_deepspeed_auto_values_are_resolved_like_the_trainer(tmp_path):
 
 
 def test_distributed_environment_from_each_launcher():
-    from train.distributed import first_host, from_environment, port_for_job
+    from train.distributed import first_host, from_environment
 
     t = from_environment({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1",
                           "MASTER_PORT": "1234"})
@@ -327,7 +404,7 @@ def test_distributed_environment_from_each_launcher():
     s = from_environment({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
                           "SLURM_JOB_NODELIST": "gpu[003-004,009]", "SLURM_JOB_ID": "4242"})
     assert (s.rank, s.local_rank, s.world_size, s.master_addr, s.source) == (5, 1, 8, "gpu003", "slurm")
-    assert s.master_port == port_for_job("4242") == 20000 + 4242
+    assert s.master_port is None and s.attempt == "4242.0"  # rank 0 publishes a free port
     assert first_host("node1,node2") == "node1" and first_host("a[1-2]") == "a1"
     single = from_environment({})
     assert (single.rank, single.world_size, single.source) == (0, 1, "single")
@@ -363,3 +440,108 @@ def test_a_partial_last_metrics_line_does_not_stop_resume_or_plot(tmp_path, caps
     path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
     with pytest.raises(UsageError, match="metrics.jsonl:2 is not a JSON record"):
         MetricsLog(tmp_path, rank=0).start(resumed_at=5)
+
+
+# -- resuming with another config (train/config_drift.py) -----------------------------------------
+DRIFT_BASE = ["max_steps=20", "per_device_train_batch_size=4", "save_steps=5"]
+
+
+@pytest.fixture
+def saved_run(stdlib_data, tmp_path):
+    """An output_dir whose latest checkpoint's trainer_state.json is what a 2-rank run of
+    DRIFT_BASE saves (only preflight reads it; the engine files are not needed to refuse)."""
+    from train.config import load_config
+    from train.config_drift import data_identity
+    from train.shards import ShardIndex
+
+    out = tmp_path / "o"
+    cfg = load_config(TINY, [f"data.path={stdlib_data}", f"output_dir={out}", *DRIFT_BASE])
+    step = out / "checkpoints" / "step-00000005"
+    step.mkdir(parents=True)
+
+    def write(**data_edit):
+        identity = {**data_identity(ShardIndex.load(stdlib_data)), **data_edit}
+        (step / "trainer_state.json").write_text(json.dumps(
+            {"step": 5, "world_size": 2, "config": cfg.to_dict(), "data": identity}))
+    write()
+    return out, write
+
+
+@pytest.mark.parametrize("case,overrides,data_edit,expected", [
+    ("learning rate", ["learning_rate=1e-3"], {}, ["learning_rate: 0.003 -> 0.001"]),
+    ("schedule", ["lr_scheduler_type=linear"], {}, ["lr_scheduler_type: 'cosine' -> 'linear'"]),
+    ("seq_len", ["data.seq_len=64"], {}, ["data.seq_len: 128 -> 64"]),
+    ("model", ["model.config.n_layer=3"], {}, ["model.config.n_layer: 2 -> 3"]),
+    ("model override", ["model.overrides.initializer_range=0.1"], {},
+     ["model.overrides.initializer_range: '(unset)' -> 0.1"]),
+    ("optimizer", ["adam_beta2=0.95", "weight_decay=0"], {},
+     ["adam_beta2: 0.999 -> 0.95", "weight_decay: 0.01 -> 0.0"]),
+    ("global batch", ["per_device_train_batch_size=4"], {},
+     ["global_batch: '4 x 1 x 2 ranks = 8' -> '4 x 1 x 1 ranks = 4'"]),
+    ("fewer steps", ["max_steps=10"], {}, ["max_steps: 20 -> 10"]),
+    ("seed", ["seed=1"], {}, ["seed: 42 -> 1"]),
+    ("precision", ["bf16=true"], {}, ["bf16: False -> True"]),
+    ("zero stage", ["deepspeed.zero_stage=3"], {}, ["deepspeed.zero_stage: 2 -> 3"]),
+    ("other tokenizer", [], {"tokenizer_sha256": "0" * 64}, ["data.tokenizer_sha256: '0000"]),
+    ("other data, same size", [], {"train_shards": ["0" * 64]},
+     ["data.train_shards: '1 shards' -> '1 shards, other contents'"]),
+    ("accepting another key", ["learning_rate=1e-3", "resume_accept_config_changes=[seed]"], {},
+     ["learning_rate: 0.003 -> 0.001", "resume_accept_config_changes: [learning_rate]"]),
+    # fresh starts and checkpoints kept (item: checkpoints silently deleted)
+    ("resume never over checkpoints", ["resume=never"], {},
+     ["already holds checkpoints (latest step-00000005) and resume is never",
+      "overwrite_output_dir: true"]),
+    ("overwrite without resume never", ["overwrite_output_dir=true"], {},
+     ["overwrite_output_dir: true starts the run afresh, but resume is 'auto'"]),
+    ("save_total_limit 0", ["save_total_limit=0"], {}, ["save_total_limit must be at least 1"]),
+])
+def test_a_resume_that_changes_the_math_is_refused_naming_the_keys(
+        stdlib_data, saved_run, case, overrides, data_edit, expected):
+    import io
+    from contextlib import redirect_stderr
+
+    from train.__main__ import main
+    out, write = saved_run
+    write(**data_edit)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = main([TINY, f"data.path={stdlib_data}", f"output_dir={out}", *DRIFT_BASE,
+                     "per_device_train_batch_size=8", *overrides])  # 8 x 1 rank: the same batch
+    assert code == 2, err.getvalue()
+    lines = [l for l in err.getvalue().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err.getvalue()
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005"]
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("case,overrides,warned", [
+    ("cadence and output", ["logging_steps=1", "eval_steps=3", "save_steps=2",
+                            "save_total_limit=5", "eval_max_batches=2", "report_to=tensorboard",
+                            "kernels.attention=torch", "checkpoint_conversion_timeout_s=60"], []),
+    ("more steps", ["max_steps=40"], []),
+    ("same global batch, 1 rank", [], []),
+    ("moved output_dir and data", ["output_dir={tmp}/moved", "data.path={tmp}/data-copy"], []),
+    ("accepted on purpose", ["learning_rate=1e-3", "lr_scheduler_type=linear",
+                             "resume_accept_config_changes=[learning_rate,lr_scheduler_type]"],
+     ["learning_rate changed from 0.003 to 0.001", "lr_scheduler_type changed from 'cosine'"]),
+])
+def test_a_resume_with_harmless_or_accepted_changes_goes_ahead(
+        stdlib_data, saved_run, tmp_path, capsys, case, overrides, warned):
+    from train.config import load_config
+    from train.preflight import preflight
+
+    out, _ = saved_run
+    if "moved" in case:
+        shutil.copytree(out, tmp_path / "moved")
+        shutil.copytree(stdlib_data, tmp_path / "data-copy")
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    cfg = load_config(TINY, [f"data.path={stdlib_data}", f"output_dir={out}", *DRIFT_BASE,
+                             "per_device_train_batch_size=8", *overrides])
+    plan = preflight(cfg, 1)
+    assert plan.resume_from is not None and plan.resume_from.name == "step-00000005"
+    err = capsys.readouterr().err
+    assert [l for l in err.splitlines() if l.startswith("warning:")] == \
+        [l for l in err.splitlines() if any(w in l for w in warned)]
+    assert len(warned) == err.count("warning: resuming from")

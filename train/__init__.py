@@ -20,6 +20,9 @@ the run (`python -m train`)
     eval        the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
     flops       model FLOPs per step and MFU against the GPU's peak
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
+    config_drift  what a resume may change in the config (the table), refusing the rest
+    run_lock    output_dir/.lock: one run per output_dir, naming its holder
+    durable     fsync files, directory and rename at a commit
     distributed, preemption, faults, config, errors
 tools
     evaluate, generate, plot

@@ -1,17 +1,28 @@
-"""Checkpoints that are whole or absent.
+"""Checkpoints that are whole or absent, durable, and readable without pickle.
 
     output_dir/checkpoints/step-00000100/   complete: DeepSpeed state, trainer_state.json, RNG
     output_dir/checkpoints/.partial-step-00000200/   a save in progress (or killed): ignored
+    output_dir/checkpoints/previous-run/    overwrite_output_dir: the replaced run's, until the
+                                            new run's first checkpoint is complete
 
 Every rank writes its part into the `.partial-` directory (DeepSpeed's save is collective) and its
 own RNG state; after a barrier, rank 0 writes trainer_state.json (loader position, step, the
-resolved config) and renames the directory, one atomic rename on a POSIX file system. A crash
-anywhere before that rename leaves the previous checkpoint the latest complete one; old ones are
-pruned only after a new one is complete.
+resolved config, the data's identity), fsyncs the files and the directory, and renames it, one
+atomic rename on a POSIX file system, itself fsynced (train/durable.py). A crash anywhere before
+that rename leaves the previous checkpoint the latest complete one; old ones are pruned only
+after a new one is complete. A later run that holds the output_dir's lock removes the partial
+directories a killed save left (`take_over`).
+
+Our own state is JSON (trainer_state.json) and safetensors (rng-rankN.safetensors: the torch
+CPU and CUDA generators, numpy's and python's streams), so nothing of ours is unpickled. The
+DeepSpeed files (`*_model_states.pt`, `*_optim_states.pt`) are DeepSpeed's pickles, loaded by
+DeepSpeed: a checkpoint directory must be trusted. RNG state in the older pickled format
+(`rng-rankN.pt`) is not loaded: such a checkpoint resumes with streams reseeded, with a note.
 
 Resuming under a different number of ranks: ZeRO's optimizer state is partitioned by rank, so
 the checkpoint is converted once with DeepSpeed's `ds_to_universal` (into `step-N/universal/`)
-and loaded with `checkpoint.load_universal`.
+and loaded with `checkpoint.load_universal`; the other ranks wait for the conversion in a barrier
+of their own with a timeout sized to the checkpoint (`convert_for_world_size`).
 """
 from __future__ import annotations
 
@@ -20,13 +31,18 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from train import durable
+
 STATE = "trainer_state.json"
 NAME = re.compile(r"^step-(\d{8})$")
+PARTIAL = ".partial-"
+SET_ASIDE = "previous-run"
 
 
 def root(output_dir: str | Path) -> Path:
@@ -50,18 +66,60 @@ def latest(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's random streams as tensors and JSON text: stored with safetensors, so a
+    checkpoint of ours never needs pickle to be read."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {"python": json.dumps([version, list(mt), gauss]),
+            "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)])}
+    return tensors, meta
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    version, mt, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(mt), gauss))
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng-rank{rank}.safetensors"
+
+
+def save_rng(path: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = rng_state()
+    save_file(tensors, rng_file(path, rank), metadata=meta)
+    durable.fsync_path(rng_file(path, rank))
+
+
+def load_rng(path: Path, rank: int) -> bool:
+    """Restore this rank's streams; False when the checkpoint has none readable without pickle
+    (saved by another world size, or by a version that pickled them: `rng-rank*.pt`, which is
+    deliberately not opened)."""
+    from safetensors import safe_open
+
+    file = rng_file(path, rank)
+    if not file.exists():
+        if (path / f"rng-rank{rank}.pt").exists() and rank == 0:
+            print(f"note: {path} keeps its RNG state in the old pickled format, which is not "
+                  f"loaded; the random streams restart from the seed (resume is not bit-exact "
+                  f"where dropout or masking draws)", file=sys.stderr)
+        return False
+    with safe_open(file, framework="pt") as f:
+        set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return True
 
 
 def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
@@ -69,31 +127,78 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     """Collective: every rank calls it. Returns the complete checkpoint's path."""
     r = root(output_dir)
     final = r / name(step)
-    partial = r / f".partial-{name(step)}"
+    partial = r / f"{PARTIAL}{name(step)}"
     if rank == 0:
         r.mkdir(parents=True, exist_ok=True)
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
     barrier()
     engine.save_checkpoint(str(r), tag=partial.name, save_latest=False)
-    torch.save(rng_state(), partial / f"rng-rank{rank}.pt")
+    save_rng(partial, rank)
     barrier()
     if rank == 0:
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
             os._exit(17)
-        state_path = partial / STATE
-        with open(state_path, "w") as f:
-            json.dump(trainer_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
+        # Every rank's files were closed before the barrier; one page cache on one node (and
+        # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
+        durable.fsync_tree(partial)
         if final.exists():  # the same step saved again (a resumed run): replace it whole
             shutil.rmtree(final)
-        os.rename(partial, final)
+        durable.commit_rename(partial, final)
+        print(f"checkpoint {final} saved", file=sys.stderr, flush=True)
+        drop_set_aside(output_dir)  # the previous run's, now that this run has one of its own
         if keep:
             for old in complete_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def take_over(output_dir, set_aside: bool) -> None:
+    """Rank 0 of a run that holds output_dir's lock: remove the partial saves of a killed earlier
+    run, and with overwrite_output_dir set the previous run's checkpoints aside."""
+    clean_partials(output_dir)
+    if set_aside:
+        set_previous_run_aside(output_dir)
+
+
+def clean_partials(output_dir) -> list[Path]:
+    """Remove `.partial-step-*` directories left by a killed save of an earlier run in this
+    output_dir. Rank 0 only, and only while it holds the output_dir's lock (train/run_lock.py):
+    another live run's save in progress must never be touched."""
+    r = root(output_dir)
+    found = sorted(p for p in r.glob(f"{PARTIAL}step-*")
+                   if p.is_dir() and NAME.match(p.name[len(PARTIAL):])) if r.is_dir() else []
+    for p in found:
+        shutil.rmtree(p)
+    return found
+
+
+def set_previous_run_aside(output_dir) -> Path | None:
+    """overwrite_output_dir with resume: never: move the previous run's checkpoints out of the
+    way (into checkpoints/previous-run/), so that pruning never counts them with the new run's
+    and a step number never collides. They are deleted only when the new run's first checkpoint
+    is complete; until then they can be moved back by hand."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        return None
+    aside = root(output_dir) / SET_ASIDE
+    aside.mkdir(exist_ok=True)
+    for p in found:
+        target = aside / p.name
+        if target.exists():  # set aside by an earlier overwrite that never saved: keep the newer
+            shutil.rmtree(target)
+        os.rename(p, target)
+    durable.fsync_path(aside)
+    durable.fsync_path(root(output_dir))
+    return aside
+
+
+def drop_set_aside(output_dir) -> None:
+    aside = root(output_dir) / SET_ASIDE
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def load_state(path: Path) -> dict:
@@ -102,6 +207,43 @@ def load_state(path: Path) -> dict:
 
 def saved_world_size(path: Path) -> int:
     return int(load_state(path)["world_size"])
+
+
+# ds_to_universal reads every ZeRO shard and writes one file per parameter and optimizer state,
+# single-threaded (num_extract_workers=1). 20 MB/s is a deliberately low rate for that on a shared
+# file system, and the factor 3 covers reading, merging and writing: a 7B model with fp32 Adam
+# state (~112 GB) gets about 4.7 hours, a tiny one the floor.
+CONVERSION_BYTES_PER_S = 20e6
+
+
+def conversion_timeout_s(checkpoint_bytes: int, floor_s: float) -> float:
+    """How long the other ranks wait for rank 0's conversion: the configured floor
+    (checkpoint_conversion_timeout_s), raised for a checkpoint too big to convert within it."""
+    return max(float(floor_s), 3.0 * checkpoint_bytes / CONVERSION_BYTES_PER_S)
+
+
+def size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def convert_for_world_size(path: Path, rank: int, floor_s: float) -> Path:
+    """Collective: rank 0 converts the checkpoint for another world size while the others wait.
+    Not in the default process group's barrier, whose timeout (DeepSpeed's 10 minutes) a large
+    model's conversion outlasts, but in a gloo group made for this wait alone, with a timeout
+    from the checkpoint's size. Returns the directory to load the universal checkpoint from."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = conversion_timeout_s(size_bytes(path), floor_s)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+    try:
+        if rank == 0:
+            to_universal(path)
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+    return path / "universal"
 
 
 def to_universal(path: Path) -> Path:

@@ -73,6 +73,11 @@ class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
     resume: str = "auto"              # auto (latest complete checkpoint, if any) | never | a path
+    overwrite_output_dir: bool = False  # resume: never over existing checkpoints replaces them
+    resume_accept_config_changes: list[str] | None = None  # keys allowed to differ on resume
+                                      # although they change the math (train/config_drift.py)
+    checkpoint_conversion_timeout_s: float = 1800.0  # the least the ranks wait for a checkpoint's
+                                      # conversion to another world size (more for a big one)
     learning_rate: float = 5e-5
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -111,7 +116,6 @@ class Config:
 LEGACY = {
     "warmup_ratio": ("warmup_steps", float),
     "evaluation_strategy": ("eval_strategy", None),  # the value is checked as eval_strategy
-    "overwrite_output_dir": (None, None),  # there is nothing to overwrite: runs resume
 }
 CHOICES = {
     "task": ("clm", "mlm", "token-classification"),
@@ -154,6 +158,8 @@ def _coerce(value, annotation, key: str):
             return "yes" if value else "no"  # YAML 1.1 reads `eval_strategy: no` as false
         if t == "dict" and isinstance(value, dict):
             return value
+        if t == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
     raise UsageError(f"config key {key} is {value!r} ({type(value).__name__}); it must be "
                      f"{' or '.join(t for t in types if t != 'None')}")
 
@@ -168,9 +174,6 @@ def _build(cls, raw: dict, prefix: str = ""):
         for old, (new, convert) in LEGACY.items():
             if old in raw:
                 value = raw.pop(old)
-                if new is None:
-                    note(f"{old} is ignored: a run in an existing output_dir resumes (resume: auto)")
-                    continue
                 if new in raw:
                     raise UsageError(f"both {old} (the old name of {new}) and {new} are set; "
                                      f"keep only {new}")
@@ -273,6 +276,14 @@ def check(cfg: Config) -> None:
         raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
     if cfg.warmup_steps < 0:
         raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        # 0 would delete every checkpoint right after it is complete
+        raise UsageError(f"config key save_total_limit must be at least 1 (or null: keep every "
+                         f"checkpoint), got {cfg.save_total_limit}")
+    if cfg.overwrite_output_dir and cfg.resume != "never":
+        raise UsageError(f"overwrite_output_dir: true starts the run afresh, but resume is "
+                         f"{cfg.resume!r}; set resume: never with it, or drop overwrite_output_dir "
+                         f"to continue from the checkpoints")
     check_ranges(cfg)
 
 
@@ -321,6 +332,7 @@ RANGES = {
     "weight_decay": (lambda x: x >= 0, ">= 0"),
     "max_grad_norm": (lambda x: x >= 0, ">= 0 (0 turns clipping off)"),
     "eval_max_batches": (lambda x: x is None or x >= 1, "at least 1 (or null: the whole split)"),
+    "checkpoint_conversion_timeout_s": (lambda x: x > 0, "> 0"),
 }
 
 

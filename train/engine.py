@@ -4,10 +4,13 @@ DeepSpeed JSON names its own), which keeps the FusedAdam JIT build out of the wa
 """
 from __future__ import annotations
 
+import datetime
 import math
+from pathlib import Path
 
 import torch
 
+from train.distributed import DistEnv, forget_rendezvous, rendezvous_store
 from train.model import PackedModel
 
 
@@ -19,11 +22,20 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
 
 
-def start_process_group(device: torch.device) -> None:
+def start_process_group(device: torch.device, env: DistEnv, rendezvous_dir: Path) -> None:
+    """The process group, through the rendezvous train/distributed.py describes; DeepSpeed then
+    adopts it (its init_distributed wraps a group that exists)."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=10)  # DeepSpeed's default for collectives
+    store = rendezvous_store(env, rendezvous_dir, timeout)
+    if store is not None:
+        torch.distributed.init_process_group(backend, store=store, rank=env.rank,
+                                             world_size=env.world_size, timeout=timeout)
+        env.export()
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    forget_rendezvous(rendezvous_dir, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

@@ -6,15 +6,15 @@ safetensors; `save_pretrained` with the gathered dict knows the model's tied key
 attention are put back to plain nn.Linear and SDPA, and the shards' tokenizer is copied beside
 the weights, with the run's resolved config as train_config.json (what `train.evaluate` needs to
 score the export exactly as the run did: seed, masking, label alignment). The directory is
-written under a temporary name and renamed when complete.
+written under a temporary name, fsynced, and renamed when complete (train/durable.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from train import durable
 from train.shards import TOKENIZER_FILES
 
 PREFIX = "hf_model."
@@ -39,7 +39,8 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
                 shutil.copyfile(data_dir / name, tmp / name)
         if config is not None:
             (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        durable.fsync_tree(tmp)
         if final_dir.exists():
             shutil.rmtree(final_dir)
-        os.rename(tmp, final_dir)
+        durable.commit_rename(tmp, final_dir)
     barrier()

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from train import checkpoint
+from train import checkpoint, config_drift
 from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
 from train.errors import DataError, UsageError
 from train.loader import num_windows
@@ -48,6 +48,7 @@ class Plan:
     has_val: bool              # an eval split exists and eval is on
     resume_from: Path | None   # the checkpoint to continue from
     eval_sources: list         # the data sources (MixtureSource) with the validation split
+    data_identity: dict | None  # what each checkpoint records of the data (config_drift)
 
 
 def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
@@ -76,7 +77,12 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
+    check_fresh_start(cfg)
     resume_from = find_resume(cfg)
+    identity = training_data_identity(indexes) if indexes else None
+    if resume_from is not None:
+        config_drift.check(resume_from, checkpoint.load_state(resume_from), cfg.to_dict(), world,
+                           identity)
     if cfg.data.mixture is not None and indexes:
         check_mixture_epochs(cfg, indexes, planned_samples(cfg, world, total_steps, resume_from))
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", None)
@@ -86,7 +92,16 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     return Plan(cfg, world, index, task, hf_config, architecture, max_pos, total_steps,
                 cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
                 * cfg.data.seq_len, ds,
-                bool(eval_sources), resume_from, eval_sources)
+                bool(eval_sources), resume_from, eval_sources, identity)
+
+
+def training_data_identity(indexes: list[ShardIndex]) -> dict:
+    """config_drift's identity of the training data: a mixture's is its first source's with
+    the train shards of every source, in order."""
+    identity = config_drift.data_identity(indexes[0])
+    identity["train_shards"] = [r.sha256 for index in indexes
+                                for r in index.splits.get("train", [])]
+    return identity
 
 
 def data_sources(cfg: Config) -> list[MixtureSource]:
@@ -202,6 +217,21 @@ def check_output_dir(out: Path) -> None:
         raise UsageError(f"output_dir {out} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"output_dir {out} is not writable")
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """resume: never over another run's checkpoints would prune them together with this run's
+    (and a step number of both would collide): refused unless overwrite_output_dir: true, which
+    sets them aside until this run's first checkpoint is complete
+    (checkpoint.set_previous_run_aside)."""
+    if cfg.resume != "never" or cfg.overwrite_output_dir:
+        return
+    found = checkpoint.complete_checkpoints(Path(cfg.output_dir))
+    if found:
+        raise UsageError(f"output_dir {cfg.output_dir} already holds checkpoints (latest "
+                         f"{found[-1].name}) and resume is never; use resume: auto to continue "
+                         f"them, another output_dir, or overwrite_output_dir: true to replace "
+                         f"them")
 
 
 def find_resume(cfg: Config) -> Path | None:

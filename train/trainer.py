@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, distributed
+from train import checkpoint, distributed, run_lock
 from train.config import Config
 from train.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
@@ -59,14 +59,22 @@ def run_training(cfg: Config) -> int:
     env = distributed.from_environment()
     env.export()
     plan = preflight(cfg, env.world_size)
-    run = RankRun(plan, env.rank, pick_device(env.local_rank))
-    start_process_group(run.device)
+    # rank 0 holds output_dir for the run; only then does it clear what an earlier run left
+    holder = run_lock.acquire(cfg.output_dir) if env.rank == 0 else None
     try:
-        run.start()
-        return run.loop()
+        if holder:
+            checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
+        run = RankRun(plan, env.rank, pick_device(env.local_rank))
+        start_process_group(run.device, env, Path(cfg.output_dir))
+        try:
+            run.start()
+            return run.loop()
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if holder:
+            run_lock.release(cfg.output_dir, holder)
 
 
 class RankRun:
@@ -106,6 +114,7 @@ class RankRun:
         self.engine, self.model, self.scheduler = build_engine(
             self.cfg, self.hf_model, self.plan.ds_config, self.plan.total_steps)
         self.progress = Progress(real_tokens_seen=[0] * len(self.sources))
+        self.saved_step = None  # a stop on a save step must not save (and replace) it again
         if self.plan.resume_from is not None:
             self.progress = self.load(self.plan.resume_from)
         self.metrics.start(self.progress.step if self.plan.resume_from is not None else None)
@@ -276,11 +285,14 @@ class RankRun:
     # -- checkpoints and export ----------------------------------------------------------------
     def save(self, pending: torch.Tensor):
         p = self.progress
+        if self.saved_step == p.step:
+            return
+        self.saved_step = p.step
         p.pending_loss, p.pending_tokens = pending.tolist()
         state = {"step": p.step, "real_tokens_seen": p.real_tokens_seen, "world_size": self.world,
                  "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
                  "skipped_steps": p.skipped, "pending_loss": p.pending_loss,
-                 "pending_tokens": p.pending_tokens}
+                 "pending_tokens": p.pending_tokens, "data": self.plan.data_identity}
         checkpoint.save(self.engine, self.out, p.step, state, self.rank, self.barrier,
                         keep=self.cfg.save_total_limit,
                         crash_before_commit=self.faults.crash_in_save(p.step))
@@ -288,20 +300,18 @@ class RankRun:
     def load(self, path: Path) -> Progress:
         state = checkpoint.load_state(path)
         if state["world_size"] != self.world:
-            if self.rank == 0:
-                checkpoint.to_universal(path)
-            self.barrier()
-            load_dir, tag = path / "universal", path.name
+            load_dir = checkpoint.convert_for_world_size(
+                path, self.rank, self.cfg.checkpoint_conversion_timeout_s)
+            tag = path.name
         else:
             load_dir, tag = path.parent, path.name
         loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
             raise DataError(f"DeepSpeed could not load the checkpoint {path}")
         self.loader.load_state_dict(state["loader"])
-        rng = path / f"rng-rank{self.rank}.pt"
-        if rng.exists() and state["world_size"] == self.world:
-            checkpoint.set_rng_state(torch.load(rng, weights_only=False))
-        else:  # a new rank layout: fresh, reproducible streams
+        if state["world_size"] != self.world or not checkpoint.load_rng(path, self.rank):
+            # a new rank layout, or RNG state in the old pickled format (never unpickled):
+            # fresh, reproducible streams
             torch.manual_seed(self.cfg.seed + 1000 * state["step"] + self.rank)
         if self.rank == 0:
             print(f"resumed from {path} at step {state['step']} "
