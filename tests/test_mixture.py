@@ -365,3 +365,19 @@ def test_max_epochs_arithmetic_counts_a_resumed_runs_samples_under_its_new_world
     cfg.data.mixture[1].max_epochs = 1
     with pytest.raises(UsageError, match=r"120 samples in the run .* raise its max_epochs to 2"):
         preflight(cfg, 1)
+
+
+def test_resuming_with_another_mixture_is_config_drift_and_older_checkpoints_still_resume():
+    """data.mixture decides the sample order: a changed weight is refused on resume by key (as
+    any math change); a checkpoint from before data.mixture existed lacks the key, which is no
+    change when the run leaves it null."""
+    from train import config_drift
+    from train.config import load_config
+
+    mixed = load_config(TINY, mixture_args("{path: a, weight: 0.7}", "{path: b, weight: 0.3}"))
+    reweighted = load_config(TINY, mixture_args("{path: a, weight: 0.5}", "{path: b, weight: 0.5}"))
+    found = config_drift.changes(mixed.to_dict(), reweighted.to_dict(), 1, 1)
+    assert [key for key, _, _ in found] == ["data.mixture"]
+    single = load_config(TINY).to_dict()
+    older = {**single, "data": {k: v for k, v in single["data"].items() if k != "mixture"}}
+    assert config_drift.changes(older, single, 1, 1) == []
