@@ -8,22 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import REPO, free_port, run_cli
+from train.loader import PackedLoader
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_clm_losses.json"
 TINY = str(REPO / "configs" / "tiny-clm.yaml")
-
-
-@pytest.fixture(scope="session")
-def stdlib_data(tmp_path_factory) -> Path:
-    """The embedded corpus with a 2,048-id BPE, as the README's first command prepares it."""
-    out = tmp_path_factory.mktemp("stdlib")
-    res = run_cli("-m", "train.prepare", "--input", "python-stdlib", "--output", str(out),
-                  "--train-tokenizer", "2048", "--no-progress")
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def train(data: Path, out: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
@@ -60,7 +52,7 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
         assert not f.is_file() or secret.encode() not in f.read_bytes(), f
     records = metrics(out)
     train_records = [r for r in records if "loss" in r]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "elapsed",
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "real_tokens_seen", "elapsed",
                 "tflops_per_gpu"):
         assert key in train_records[0], key
     for r in train_records:  # model FLOPs counted before ZeRO-3 partitions the parameters
@@ -71,7 +63,10 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
             assert "mfu" not in r  # a CPU has no peak in the table: no MFU rather than a guess
     # A tiny GPT-2 on code falls from ~7.6 nats (uniform over 2,048 ids) by well over a nat.
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0, train_records
-    assert train_records[-1]["tokens_seen"] == 40 * 2 * 4 * 128  # steps x ranks x batch x seq
+    # the non-padding tokens of the 40 x 2 x 4 samples of the global order (seed 42)
+    order = PackedLoader(stdlib_data, seq_len=128, micro_batch_size=320, seed=42)
+    real = order.batch(order.sample_ids(np.arange(320)))["real_tokens"]
+    assert train_records[-1]["real_tokens_seen"] == real
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 20, 40]  # before training, every 20, at the end
     assert all(math.isclose(r["perplexity"], math.exp(r["eval_loss"])) for r in evals)

@@ -8,6 +8,7 @@ prepare time (no torch; `python -m train.prepare`, once, before any job)
     prepare     the phases: resume or clear, tokenizer, open writers, tokenize, write the index
 batches
     loader      packed batches, resumable under any world size
+    mixture     data.mixture: weighted sources in one deterministic order (MixtureLoader)
     masking     MLM masking at batch time
     tasks       the Task interface: clm, mlm, token-classification
 model

@@ -33,8 +33,20 @@ class ModelSection:
 
 
 @dataclass
-class DataSection:
+class MixtureSource:
+    """One entry of data.mixture (train/mixture.py)."""
+
     path: str = ""                    # a shard directory from `python -m train.prepare`
+    weight: float | None = None       # a fraction of the training tokens (normalized by the sum)
+    max_epochs: int | None = None     # how many passes over it at most (None: no cap)
+    name: str | None = None           # in eval_loss/<name> and the metrics; default: basename
+
+
+@dataclass
+class DataSection:
+    path: str | None = ""             # a shard directory from `python -m train.prepare`
+    mixture: list | None = field(default=None, metadata={"items": MixtureSource})
+                                      # or several, with weights: [{path, weight}, ...]
     seq_len: int = 1024
     verify: str = "sample"            # sample | full | none: shard integrity check at start
     validation_split: str = "validation"
@@ -185,6 +197,13 @@ def _build(cls, raw: dict, prefix: str = ""):
         if dataclasses.is_dataclass(f.default_factory):  # a section
             kwargs[key] = _build(f.default_factory, value or {}, f"{prefix}{key}.")
             continue
+        if "items" in f.metadata and value is not None:  # a list of sections
+            if not isinstance(value, list):
+                raise UsageError(f"config key {prefix}{key} must be a list, got "
+                                 f"{type(value).__name__}")
+            kwargs[key] = [_build(f.metadata["items"], item, f"{prefix}{key}[{i}].")
+                           for i, item in enumerate(value)]
+            continue
         kwargs[key] = _coerce(value, f.type, prefix + key)
         choices = CHOICES.get(prefix + key)
         if choices and kwargs[key] not in choices:
@@ -248,8 +267,14 @@ def check(cfg: Config) -> None:
                          "parameters are partitioned outside forward); use nonfinite: stop")
     if cfg.bf16 and cfg.fp16:
         raise UsageError("bf16 and fp16 are both true; choose one")
-    if not cfg.data.path:
-        raise UsageError("data.path is not set: point it at a directory from `python -m train.prepare`")
+    if cfg.data.path and cfg.data.mixture is not None:
+        raise UsageError("data.path and data.mixture are both set; keep one (data.mixture for "
+                         "several directories with weights)")
+    if cfg.data.mixture is not None:
+        check_mixture(cfg)
+    elif not cfg.data.path:
+        raise UsageError("data.path is not set: point it at a directory from `python -m "
+                         "train.prepare`, or list several in data.mixture")
     if cfg.model.name_or_path and cfg.model.config:
         raise UsageError("set model.name_or_path (fine-tune) or model.config (from scratch), not both")
     if not cfg.model.name_or_path and not cfg.model.config:
@@ -270,6 +295,41 @@ def check(cfg: Config) -> None:
                          f"{cfg.resume!r}; set resume: never with it, or drop overwrite_output_dir "
                          f"to continue from the checkpoints")
     check_ranges(cfg)
+
+
+def check_mixture(cfg: Config) -> None:
+    """data.mixture's entries, and what a mixture needs of the rest of the config. Fills in
+    each source's default name (its directory's basename)."""
+    sources = cfg.data.mixture
+    if not sources:
+        raise UsageError("data.mixture is empty; list {path, weight} entries, or use data.path")
+    for i, source in enumerate(sources):
+        key = f"data.mixture[{i}]"
+        if not source.path:
+            raise UsageError(f"{key} has no path; give each entry a path and a weight")
+        if source.weight is None:
+            raise UsageError(f"{key} has no weight; give each entry a path and a weight")
+        if not (math.isfinite(source.weight) and source.weight >= 0):
+            raise UsageError(f"{key}.weight must be a finite number >= 0, got {source.weight}")
+        if source.max_epochs is not None and source.max_epochs < 1:
+            raise UsageError(f"{key}.max_epochs must be at least 1 (or null: no cap), got "
+                             f"{source.max_epochs}")
+        source.name = source.name or Path(source.path).name
+    if all(s.weight == 0 for s in sources):
+        raise UsageError("data.mixture: every weight is 0; give at least one source a positive "
+                         "weight")
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UsageError(f"data.mixture names {', '.join(twice)} more than once (a name defaults "
+                         f"to the directory's basename); give those entries distinct names")
+    if cfg.task == "token-classification":
+        raise UsageError("data.mixture needs fixed windows (task clm or mlm), where a sample is "
+                         "seq_len tokens; token classification packs whole sentences: use "
+                         "data.path")
+    if cfg.max_steps < 1:
+        raise UsageError("data.mixture needs max_steps: an epoch of a weighted mixture is not "
+                         "defined, so num_train_epochs cannot size the run")
 
 
 # key -> (test, what it must be): numbers that would otherwise fail minutes into a job, inside

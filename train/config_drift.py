@@ -39,6 +39,9 @@ RULES = {
     "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": BATCH,
     "max_steps": STEPS, "num_train_epochs": STEPS,
     "data.path": DATA_PATH,
+    # a mixture's sources, weights, caps and names decide the sample order (names key each
+    # source's permutation): refused as a whole; its data is compared by identity as well
+    "data.mixture": MATH,
     "output_dir": HARMLESS, "resume": HARMLESS, "overwrite_output_dir": HARMLESS,
     "resume_accept_config_changes": HARMLESS, "checkpoint_conversion_timeout_s": HARMLESS,
     "logging_steps": HARMLESS, "eval_strategy": HARMLESS, "eval_steps": HARMLESS,
@@ -92,6 +95,8 @@ def changes(saved: dict, new: dict, saved_world: int, world: int,
         if key.split(".")[0] not in saved or key.split(".")[0] not in new:
             continue  # a key one side's version did not have
         old, cur = old_flat.get(key, UNSET), new_flat.get(key, UNSET)
+        if old == UNSET and cur is None:
+            continue  # a key added since (data.mixture), left at its null default
         kind = rule(key)
         if old == cur or kind in (HARMLESS, BATCH) or (kind == DATA_PATH and identity_known):
             continue

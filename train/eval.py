@@ -4,7 +4,8 @@ eval_loss is the token average of the loss over the split's labelled tokens; the
 sums into its metrics (perplexity = exp(eval_loss), or entity precision, recall, F1 and token
 accuracy for token classification). Every rank runs the same number of forwards (ZeRO-3 gathers
 parameters collectively): a rank with fewer batches repeats its last one with every label
-ignored, which adds nothing.
+ignored, which adds nothing. A mixture is evaluated source by source (`evaluate_sources`): each
+source's metrics under `<metric>/<name>`, and the plain names over all their tokens together.
 """
 from __future__ import annotations
 
@@ -18,11 +19,32 @@ import torch
 from train.loader import IGNORE_INDEX, PackedLoader
 
 
-@torch.no_grad()
 def evaluate(forward: Callable, loader: PackedLoader, task, *, max_batches: int | None = None,
              world: int = 1, all_reduce: Callable | None = None, device=None) -> dict:
     """forward(batch, return_predictions) -> (loss sum, labelled tokens[, predicted classes]);
     all_reduce(tensor) sums over ranks (None: one process)."""
+    return task.eval_record(*eval_sums(forward, loader, task, max_batches=max_batches,
+                                       world=world, all_reduce=all_reduce, device=device))
+
+
+def evaluate_sources(forward: Callable, loaders: dict, task, **options) -> dict:
+    """A mixture's eval: each source's metrics under `<metric>/<name>` (eval_loss/code,
+    perplexity/code, ...) and, under the plain names, the metrics of all their tokens together
+    (the token-weighted total). loaders: {name: PackedLoader of that source's split}."""
+    record, totals = {}, None
+    for name, loader in loaders.items():
+        sums = eval_sums(forward, loader, task, **options)
+        record.update({f"{key}/{name}": value for key, value in task.eval_record(*sums).items()})
+        totals = sums if totals is None else (
+            totals[0] + sums[0], totals[1] + sums[1], [a + b for a, b in zip(totals[2], sums[2])])
+    return {**task.eval_record(*totals), **record}
+
+
+@torch.no_grad()
+def eval_sums(forward: Callable, loader: PackedLoader, task, *, max_batches: int | None = None,
+              world: int = 1, all_reduce: Callable | None = None,
+              device=None) -> tuple[float, int, list]:
+    """(loss sum, labelled tokens, the task's additive counts) of one split, over all ranks."""
     per_rank = math.ceil(math.ceil(loader.num_samples / world) / loader.micro_batch_size)
     if max_batches is not None:
         per_rank = min(per_rank, max_batches)
@@ -47,4 +69,4 @@ def evaluate(forward: Callable, loader: PackedLoader, task, *, max_batches: int 
         all_reduce(total)
         if counts.numel():
             all_reduce(counts)
-    return task.eval_record(total[0].item(), int(total[1].item()), counts.tolist())
+    return total[0].item(), int(total[1].item()), counts.tolist()

@@ -206,6 +206,13 @@ class PackedLoader:
         for i in range(0, len(mine), self.micro_batch_size):
             yield self.batch(mine[i:i + self.micro_batch_size])
 
+    def real_tokens_by_source(self, start: int, stop: int) -> np.ndarray:
+        """Tokens that are data, not padding, in global positions [start, stop) of all ranks
+        together: what the batches of those positions hold in `real_tokens`, summed, computed
+        from the order alone (no collective). One entry: this loader is one source."""
+        lengths = np.diff(self.window_starts)
+        return np.array([int(lengths[self.sample_ids(np.arange(start, stop))].sum())])
+
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return LoaderState(self.consumed, self.seed, self.seq_len, self.num_samples,
@@ -213,6 +220,10 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where the saved loader stopped; the world size may differ."""
+        if "mixture" in state:
+            raise DataError(f"the checkpoint's loader read data.mixture {state['mixture']} but "
+                            f"this run reads data.path: resume with the same data, or start "
+                            f"afresh")
         for key in ("seed", "seq_len", "num_samples", "shuffle"):
             if state[key] != getattr(self, key):
                 raise DataError(f"the checkpoint's loader has {key}={state[key]} but this run has "
@@ -260,12 +271,7 @@ class PackedLoader:
         if self.max_positions:
             position_ids %= self.max_positions
 
-        # Attention segments: a new document, a position restart, or the start of a row.
-        boundary = position_ids == 0
-        boundary[:, 0] = True
-        flat = np.flatnonzero(boundary.reshape(-1))
-        cu_seqlens = np.append(flat, B * L).astype(np.int32)
-        lengths = np.diff(cu_seqlens).astype(np.int64)
+        cu_seqlens, lengths = segments(position_ids)
         real = valid[:, :L].reshape(-1)
         real_segments = real[cu_seqlens[:-1]]  # padding forms segments of its own
         batch = {"input_ids": input_ids, "position_ids": position_ids,
@@ -278,6 +284,17 @@ class PackedLoader:
         if codes is not None:
             batch["label_codes"] = codes
         return batch
+
+
+def segments(position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cu_seqlens (int32) and segment lengths of a [B, L] batch: a segment starts at a new
+    document, a position restart, or the start of a row."""
+    B, L = position_ids.shape
+    boundary = position_ids == 0
+    boundary[:, 0] = True
+    flat = np.flatnonzero(boundary.reshape(-1))
+    cu_seqlens = np.append(flat, B * L).astype(np.int32)
+    return cu_seqlens, np.diff(cu_seqlens).astype(np.int64)
 
 
 def num_windows(index: ShardIndex, split: str, seq_len: int, whole_documents: bool = False) -> int:

@@ -65,13 +65,20 @@ class MetricsLog:
     def records(self) -> list[dict]:
         return read_records(self.path)
 
-    def finish(self, step: int, tokens_seen: int, final_dir: Path, metric: str) -> None:
-        """The plot and the summary line: first and last eval of `metric`."""
+    def finish(self, step: int, final_dir: Path, metric: str,
+               real_tokens: dict[str, int]) -> None:
+        """The plot and the summary line: the real tokens trained on (a mixture's as realized,
+        per source), first and last eval of `metric`. real_tokens: {source name: tokens}."""
         if not self.active:
             return
         plot_run(self.out)
         evals = [r for r in self.records() if metric in r]
-        line = f"done: {step} steps, {tokens_seen:,} tokens; model in {final_dir}"
+        total = sum(real_tokens.values())
+        line = f"done: {step} steps, {total:,} real tokens"
+        if len(real_tokens) > 1:
+            line += " (" + ", ".join(f"{name} {n / max(total, 1):.1%}"
+                                     for name, n in real_tokens.items()) + ")"
+        line += f"; model in {final_dir}"
         if evals:
             line += (f"; eval {metric.removeprefix('eval_')} {evals[0][metric]:.3f} at step "
                      f"{evals[0]['step']} -> {evals[-1][metric]:.3f} at step {evals[-1]['step']}")

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train import checkpoint, config_drift
-from train.config import Config, DataSection, deepspeed_config, note
-from train.errors import UsageError
+from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
+from train.errors import DataError, UsageError
 from train.loader import num_windows
+from train.mixture import MAX_PERIOD, MixtureSchedule
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,
                          unsupported_attention_features)
 from train.shards import ShardIndex, file_sha256
-from train.tasks import Task, make_task
+from train.tasks import Task, check_shards_fit, make_task
 
 # DeepSpeed's bucket sizes follow the hidden size (the Trainer's rule); a config with neither
 # hidden_size nor n_embd gets GPT-2 small's, which only sizes those buckets.
@@ -46,13 +47,15 @@ class Plan:
     ds_config: dict
     has_val: bool              # an eval split exists and eval is on
     resume_from: Path | None   # the checkpoint to continue from
+    eval_sources: list         # the data sources (MixtureSource) with the validation split
     data_identity: dict | None  # what each checkpoint records of the data (config_drift)
 
 
 def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     """Check and derive; raises UsageError. data_ready=False (the launcher with --prepare, whose
     first job makes the data) skips what needs the shards."""
-    index = ShardIndex.load(cfg.data.path) if data_ready else None
+    indexes = load_indexes(cfg) if data_ready else []
+    index = indexes[0] if indexes else None  # a mixture's sources share its tokenizer
     task = make_task(cfg, index) if index else None  # the shards fit the task
     kwargs = task.model_kwargs() if task else {}
     auto_class = task.auto_class if task else "AutoModelForCausalLM"
@@ -71,15 +74,17 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     if max_pos and cfg.data.seq_len > max_pos:
         raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's {max_pos} "
                          f"positions; lower data.seq_len")
-    check_validation_split(cfg, index)
+    eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
     check_fresh_start(cfg)
     resume_from = find_resume(cfg)
-    identity = config_drift.data_identity(index) if index else None
+    identity = training_data_identity(indexes) if indexes else None
     if resume_from is not None:
         config_drift.check(resume_from, checkpoint.load_state(resume_from), cfg.to_dict(), world,
                            identity)
+    if cfg.data.mixture is not None and indexes:
+        check_mixture_epochs(cfg, indexes, planned_samples(cfg, world, total_steps, resume_from))
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", None)
     ds = deepspeed_config(cfg, world, hidden or DEFAULT_HIDDEN, total_steps)
     if resume_from is not None and checkpoint.saved_world_size(resume_from) != world:
@@ -87,23 +92,100 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     return Plan(cfg, world, index, task, hf_config, architecture, max_pos, total_steps,
                 cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
                 * cfg.data.seq_len, ds,
-                bool(index) and cfg.eval_strategy != "no"
-                and cfg.data.validation_split in index.splits,
-                resume_from, identity)
+                bool(eval_sources), resume_from, eval_sources, identity)
 
 
-def check_validation_split(cfg: Config, index: ShardIndex | None) -> None:
-    """A validation split that the shards lack: an error when named on purpose, a note when it
-    is the default (data prepared without one), rather than eval silently off."""
-    if index is None or cfg.eval_strategy == "no" or cfg.data.validation_split in index.splits:
-        return
-    have = ", ".join(sorted(index.splits))
-    if cfg.data.validation_split != DataSection.validation_split:
-        raise UsageError(f"data.validation_split {cfg.data.validation_split!r} is not in "
-                         f"{cfg.data.path} (it has: {have}); name one of those, or set "
+def training_data_identity(indexes: list[ShardIndex]) -> dict:
+    """config_drift's identity of the training data: a mixture's is its first source's with
+    the train shards of every source, in order."""
+    identity = config_drift.data_identity(indexes[0])
+    identity["train_shards"] = [r.sha256 for index in indexes
+                                for r in index.splits.get("train", [])]
+    return identity
+
+
+def data_sources(cfg: Config) -> list[MixtureSource]:
+    """data.mixture, or data.path as a mixture of one (named after its directory)."""
+    if cfg.data.mixture is not None:
+        return cfg.data.mixture
+    return [MixtureSource(cfg.data.path, 1.0, None, Path(cfg.data.path).name)]
+
+
+def load_indexes(cfg: Config) -> list[ShardIndex]:
+    """Each source's index.json; a mixture's sources must share one tokenizer, fit the task
+    and have a train split. A problem names the source (data.mixture[i] and its name)."""
+    if cfg.data.mixture is None:
+        return [ShardIndex.load(cfg.data.path)]
+    indexes = []
+    for i, source in enumerate(cfg.data.mixture):
+        where = f"data.mixture[{i}] ({source.name})"
+        try:
+            index = ShardIndex.load(source.path)
+            check_shards_fit(cfg.task, index)
+            index.shards("train")
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        if indexes and index.tokenizer_sha256 != indexes[0].tokenizer_sha256:
+            raise DataError(
+                f"{where} was tokenized with another tokenizer than data.mixture[0] "
+                f"({cfg.data.mixture[0].name}) (tokenizer.json sha256 "
+                f"{index.tokenizer_sha256[:12]} vs {indexes[0].tokenizer_sha256[:12]}): prepare "
+                f"every source with the same --tokenizer")
+        indexes.append(index)
+    return indexes
+
+
+def check_validation_split(cfg: Config, indexes: list[ShardIndex]) -> list[MixtureSource]:
+    """The sources to evaluate: those with the validation split. A split that no source has is
+    an error when named on purpose, else a note, rather than eval silently off; a mixture's
+    sources without it are skipped with a note."""
+    if not indexes or cfg.eval_strategy == "no":
+        return []
+    split = cfg.data.validation_split
+    sources = data_sources(cfg)
+    have = [s for s, index in zip(sources, indexes) if split in index.splits]
+    lacking = [(s, index) for s, index in zip(sources, indexes) if split not in index.splits]
+    if not have and split != DataSection.validation_split:
+        s, index = lacking[0]
+        raise UsageError(f"data.validation_split {split!r} is not in {s.path} (it has: "
+                         f"{', '.join(sorted(index.splits))}); name one of those, or set "
                          f"eval_strategy: no")
-    note(f"{cfg.data.path} has no {cfg.data.validation_split!r} split ({have}): no eval; "
-         f"prepare with --val-fraction or --validation-input to get one")
+    for s, index in lacking:
+        outcome = "not evaluated" if have else "no eval"
+        note(f"{s.path} has no {split!r} split ({', '.join(sorted(index.splits))}): {outcome}; "
+             f"prepare with --val-fraction or --validation-input to get one")
+    return have
+
+
+def planned_samples(cfg: Config, world: int, total_steps: int, resume_from: Path | None) -> int:
+    """Global samples the whole run draws: a resumed run's so far, plus its remaining steps."""
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    if resume_from is None:
+        return total_steps * per_step
+    state = checkpoint.load_state(resume_from)
+    return int(state["loader"]["consumed"]) + max(0, total_steps - state["step"]) * per_step
+
+
+def check_mixture_epochs(cfg: Config, indexes: list[ShardIndex], samples: int) -> None:
+    """A source capped by max_epochs must not run out before the run ends: refused here, with
+    the arithmetic, rather than a loader that stops mid-run."""
+    schedule = MixtureSchedule([s.weight for s in cfg.data.mixture])
+    if schedule.rounded:
+        note(f"data.mixture: the weights need a period over {MAX_PERIOD:,} samples; they are "
+             f"rounded to {', '.join(f'{s.name} {float(f):.6g}' for s, f in zip(cfg.data.mixture, schedule.fractions()))}")
+    taken = schedule.counts(samples)
+    for i, (source, index) in enumerate(zip(cfg.data.mixture, indexes)):
+        if source.max_epochs is None:
+            continue
+        n = num_windows(index, "train", cfg.data.seq_len)
+        if taken[i] > source.max_epochs * n:
+            share = schedule.fractions()[i]
+            raise UsageError(
+                f"data.mixture[{i}] ({source.name}) runs out: {samples:,} samples in the run x "
+                f"its share {float(share):.4g} = {int(taken[i]):,} samples, but it has {n:,} "
+                f"samples of {cfg.data.seq_len} tokens x max_epochs {source.max_epochs} = "
+                f"{source.max_epochs * n:,}; raise its max_epochs to "
+                f"{math.ceil(taken[i] / n)}, lower its weight, or lower max_steps")
 
 
 def model_tokenizer_sha256(cfg: Config) -> str | None:

@@ -27,14 +27,15 @@ from train import checkpoint, distributed, health, run_lock
 from train.config import Config
 from train.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
-from train.eval import evaluate
+from train.eval import evaluate, evaluate_sources
 from train.faults import Faults
 from train.flops import Throughput
 from train.loader import IGNORE_INDEX, PackedLoader, as_torch
 from train.metrics import MetricsLog
+from train.mixture import MixtureLoader
 from train.model import build_hf_model
 from train.preemption import StopReason, StopRequest
-from train.preflight import Plan, preflight
+from train.preflight import Plan, data_sources, preflight
 
 
 class NonFiniteError(RuntimeError):
@@ -46,7 +47,7 @@ class Progress:
     """What the loop carries from step to step, and a checkpoint saves beside the engine."""
 
     step: int = 0
-    tokens_seen: int = 0
+    real_tokens_seen: list[int] = field(default_factory=list)  # per data source; no padding
     skipped: list[int] = field(default_factory=list)  # steps with a skipped micro-batch
     # the logging window in progress: saved, so that a stop between two logging steps changes
     # no logged loss
@@ -87,9 +88,10 @@ class RankRun:
         self.faults = Faults.from_environment()
         self.hf_model = build_hf_model(cfg.model, plan.hf_config, plan.task.auto_class,
                                        plan.task.model_kwargs(), cfg.seed)
+        self.sources = data_sources(cfg)
         self.loader = self.open_loader("train", cfg.per_device_train_batch_size, shuffle=True,
                                        verify=cfg.data.verify)
-        self.eval_loader = None  # opened at the first eval: it scans the split's EOSes
+        self.eval_loaders = None  # opened at the first eval: it scans the split's EOSes
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out, rank, tensorboard=cfg.report_to == "tensorboard")
@@ -98,17 +100,21 @@ class RankRun:
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
                                         peak_override=cfg.mfu_peak_tflops)
 
-    def open_loader(self, split: str, batch_size: int, shuffle: bool, verify: str) -> PackedLoader:
-        return PackedLoader(self.cfg.data.path, split, seq_len=self.cfg.data.seq_len,
-                            micro_batch_size=batch_size, rank=self.rank, world_size=self.world,
-                            seed=self.cfg.seed, shuffle=shuffle, verify=verify,
-                            max_positions=self.plan.max_positions, **self.task.loader_options())
+    def open_loader(self, split: str, batch_size: int, shuffle: bool, verify: str,
+                    path: str | None = None) -> PackedLoader | MixtureLoader:
+        """The data.path (or `path`) loader of a split, or data.mixture's when there is one."""
+        options = dict(seq_len=self.cfg.data.seq_len, micro_batch_size=batch_size, rank=self.rank,
+                       world_size=self.world, seed=self.cfg.seed, shuffle=shuffle, verify=verify,
+                       max_positions=self.plan.max_positions, **self.task.loader_options())
+        if path is None and self.cfg.data.mixture is not None:
+            return MixtureLoader(self.cfg.data.mixture, split, **options)
+        return PackedLoader(path or self.cfg.data.path, split, **options)
 
     def start(self) -> None:
         """The engine (collective), then the state to continue from."""
         self.engine, self.model, self.scheduler = build_engine(
             self.cfg, self.hf_model, self.plan.ds_config, self.plan.total_steps)
-        self.progress = Progress()
+        self.progress = Progress(real_tokens_seen=[0] * len(self.sources))
         self.saved_step = None  # a stop on a save step must not save (and replace) it again
         if self.plan.resume_from is not None:
             self.progress = self.load(self.plan.resume_from)
@@ -129,9 +135,12 @@ class RankRun:
             self.metrics.log({"step": 0, **self.evaluate()})
         bar = self.progress_bar()
         while p.step < plan.total_steps:
+            drawn = self.loader.consumed
             loss_sum, tokens, skipped, step_work = self.train_step(train_iter)
             p.step += 1
-            p.tokens_seen += plan.tokens_per_step
+            # the step's global samples, all ranks', from the order alone: no collective
+            p.real_tokens_seen = (self.loader.real_tokens_by_source(drawn, self.loader.consumed)
+                                  + p.real_tokens_seen).tolist()
             if skipped:
                 p.skipped.append(p.step)
             window_steps += 1
@@ -169,7 +178,8 @@ class RankRun:
             self.metrics.log({"step": p.step, **self.evaluate()})
         self.save(pending)
         self.export()
-        self.metrics.finish(p.step, p.tokens_seen, self.out / "final", self.task.headline_metric)
+        self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
+                            dict(zip(self.source_names(), p.real_tokens_seen)))
         return 0
 
     def train_step(self, train_iter):
@@ -216,7 +226,10 @@ class RankRun:
         record = {"step": p.step, "loss": loss,
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.learning_rate,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **rates,
-                  "tokens_seen": p.tokens_seen, "elapsed": elapsed}
+                  "real_tokens_seen": sum(p.real_tokens_seen), "elapsed": elapsed}
+        if cfg.data.mixture is not None:
+            record.update({f"real_tokens_seen/{name}": n
+                           for name, n in zip(self.source_names(), p.real_tokens_seen)})
         if p.skipped:
             record["skipped_steps"] = len(p.skipped)
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
@@ -235,15 +248,22 @@ class RankRun:
                            position_ids=t["position_ids"], cu_seqlens=t["cu_seqlens"],
                            max_seqlen=t["max_seqlen"], return_predictions=return_predictions)
 
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
     def evaluate(self) -> dict:
-        if self.eval_loader is None:
-            self.eval_loader = self.open_loader(self.cfg.data.validation_split,
-                                                self.cfg.per_device_eval_batch_size,
-                                                shuffle=False, verify="none")
+        """eval_loss and the task's metrics; for a mixture also per source (train/eval.py)."""
+        if self.eval_loaders is None:
+            self.eval_loaders = {s.name: self.open_loader(
+                self.cfg.data.validation_split, self.cfg.per_device_eval_batch_size,
+                shuffle=False, verify="none", path=s.path) for s in self.plan.eval_sources}
         self.engine.eval()
-        record = evaluate(self.forward, self.eval_loader, self.task,
-                          max_batches=self.cfg.eval_max_batches or None, world=self.world,
-                          all_reduce=self.all_reduce, device=self.device)
+        options = dict(max_batches=self.cfg.eval_max_batches or None, world=self.world,
+                       all_reduce=self.all_reduce, device=self.device)
+        if self.cfg.data.mixture is not None:
+            record = evaluate_sources(self.forward, self.eval_loaders, self.task, **options)
+        else:
+            record = evaluate(self.forward, *self.eval_loaders.values(), self.task, **options)
         self.engine.train()
         return record
 
@@ -270,7 +290,7 @@ class RankRun:
             return
         self.saved_step = p.step
         p.pending_loss, p.pending_tokens = pending.tolist()
-        state = {"step": p.step, "tokens_seen": p.tokens_seen, "world_size": self.world,
+        state = {"step": p.step, "real_tokens_seen": p.real_tokens_seen, "world_size": self.world,
                  "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
                  "skipped_steps": p.skipped, "pending_loss": p.pending_loss,
                  "pending_tokens": p.pending_tokens, "data": self.plan.data_identity}
@@ -297,13 +317,19 @@ class RankRun:
         if self.rank == 0:
             print(f"resumed from {path} at step {state['step']} "
                   f"(saved by {state['world_size']} ranks, now {self.world})", file=sys.stderr)
-        return Progress(state["step"], state["tokens_seen"], state.get("skipped_steps", []),
+        real = state.get("real_tokens_seen")
+        if real is None:  # a checkpoint from before the count was kept: count it once
+            chunk, consumed = 1 << 20, self.loader.consumed
+            real = sum(self.loader.real_tokens_by_source(a, min(a + chunk, consumed))
+                       for a in range(0, consumed, chunk)) if consumed else [0] * len(self.sources)
+            real = [int(n) for n in real]
+        return Progress(state["step"], real, state.get("skipped_steps", []),
                         state.get("pending_loss", 0.0), state.get("pending_tokens", 0.0))
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
         from train.export import export_final
-        export_final(self.engine, self.model, self.out / "final", Path(self.cfg.data.path),
+        export_final(self.engine, self.model, self.out / "final", Path(self.sources[0].path),
                      self.rank, self.barrier, config=self.cfg.to_dict())
 
     def progress_bar(self):
