@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from multiprocessing import get_context
@@ -43,6 +44,7 @@ from train.errors import UsageError, exits_cleanly_on_usage_error
 from train.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
                           ShardIndex, ShardWriter, completed_shards, dtype_for_vocab, file_sha256,
                           label_split, write_json_atomic)
+from train.tiktoken_bpe import TiktokenBPE, first_difference, why_not
 from train.tokenizer import (ENCODER_TASKS, install_tokenizer, save_pretrained, special_token_ids,
                              tokenizer_facts, train_bpe, train_wordpiece)
 
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="close a shard after the document that reaches this many tokens")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete shard directory made with other inputs or options")
+    p.add_argument("--tokenizer-engine", choices=("auto", "hf", "tiktoken"), default="auto",
+                   help="auto (default): tiktoken for a byte-level BPE tokenizer when it gives "
+                        "the same ids as Hugging Face on the first documents, else Hugging Face; "
+                        "the shards are identical either way")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -147,33 +153,45 @@ def split_documents(train_sources, val_sources, val_fraction, counts: DocCounts
 # ---------------------------------------------------------------------------------------------
 
 _tokenizer = None
+_tiktoken = None  # a TiktokenBPE under --tokenizer-engine tiktoken (or auto, when it applies)
 _eos_id = None
 _prefix = []  # [CLS id] for the encoder tasks: a document reads [CLS] text [SEP], as BERT's do
 _dtype = None
 
 
-def _init_tokenizer(tokenizer_json: str, eos_id: int, dtype: str, prefix_id: int | None = None) -> None:
+def _init_tokenizer(tokenizer_json: str, eos_id: int, dtype: str, prefix_id: int | None = None,
+                    engine: str = "hf") -> None:
     # One Rust thread per worker process: the parallelism is the processes.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
+    global _tokenizer, _tiktoken, _eos_id, _dtype, _prefix
+    # Both set each time: with --workers 1 or tiktoken threads these are this process's own,
+    # and a second prepare in it (the tests) must not find the first one's engine.
+    _tokenizer, _tiktoken = None, None
+    if engine == "tiktoken":
+        _tiktoken = TiktokenBPE(tokenizer_json)
+    else:
+        from tokenizers import Tokenizer
 
-    global _tokenizer, _eos_id, _dtype, _prefix
-    _tokenizer = Tokenizer.from_file(tokenizer_json)
-    # A document that contains the literal text of a special token (this very file names
-    # "<|endoftext|>") must not be cut in two by it: special tokens are matched as plain text.
-    _tokenizer.encode_special_tokens = True
+        _tokenizer = Tokenizer.from_file(tokenizer_json)
+        # A document that contains the literal text of a special token (this very file names
+        # "<|endoftext|>") must not be cut in two by it: special tokens are matched as plain text.
+        _tokenizer.encode_special_tokens = True
     _eos_id, _dtype = eos_id, np.dtype(dtype)
     _prefix = [] if prefix_id is None else [prefix_id]
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Documents -> (their concatenated ids, each followed by EOS; tokens per document)."""
+    if _tiktoken is not None:
+        return _concatenate(_tiktoken.encode_ranks(texts), _tiktoken.rank_to_id)
     encodings = _tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return _concatenate([e.ids for e in encodings])
 
 
-def _concatenate(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (prefix + tokens + EOS of each, concatenated; tokens per document)."""
+def _concatenate(docs: list[list[int]], id_of: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (prefix + tokens + EOS of each, concatenated; tokens per document).
+    id_of: when the lists hold tiktoken ranks, the tokenizer's id of each rank."""
     extra = len(_prefix) + 1
     lengths = np.fromiter((len(ids) + extra for ids in docs), dtype=np.int64, count=len(docs))
     tokens = np.empty(int(lengths.sum()), dtype=_dtype)
@@ -185,7 +203,9 @@ def _concatenate(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         is_text[ends - lengths] = False
         tokens[ends - lengths] = _prefix[0]
     if len(tokens) > extra * len(docs):
-        tokens[is_text] = np.concatenate([np.asarray(ids, dtype=_dtype) for ids in docs])
+        values = np.concatenate([np.asarray(ids, dtype=_dtype if id_of is None else None)
+                                 for ids in docs])
+        tokens[is_text] = values if id_of is None else id_of[values]
     return tokens, lengths
 
 
@@ -450,6 +470,40 @@ def install_and_check_tokenizer(args, out: Path, state, train_sources, inputs) -
                           dtype_for_vocab(vocab_size, args.dtype))
 
 
+# The start-up check of the tiktoken engine: the first documents of the input, each cut to its
+# first characters, keep its cost to a fraction of a second (500 x 2,000 characters: ~0.2 s of
+# the Hugging Face tokenizer on the 2-core benchmark machine) whatever the documents' sizes.
+CHECK_DOCS = 500
+CHECK_CHARS = 2000
+
+
+def choose_engine(args, out: Path, first_texts: Callable[[], list[str]]) -> str:
+    """Phase 2b: "tiktoken" when it applies to the installed tokenizer and gives Hugging Face's
+    ids on the first documents; else "hf", with a note (or, under --tokenizer-engine tiktoken,
+    refused)."""
+    if args.tokenizer_engine == "hf":
+        return "hf"
+    tokenizer_json = out / "tokenizer.json"
+    if args.task == "token-classification":
+        reason = "token classification encodes pre-split words, which only Hugging Face does"
+    else:
+        reason = why_not(json.loads(tokenizer_json.read_text(encoding="utf-8")))
+    if reason is None:
+        from tokenizers import Tokenizer
+
+        difference = first_difference(Tokenizer.from_file(str(tokenizer_json)),
+                                      TiktokenBPE(tokenizer_json), first_texts())
+        if difference:
+            reason = f"on the first {CHECK_DOCS} documents' starts, {difference}"
+    if reason is None:
+        return "tiktoken"
+    if args.tokenizer_engine == "tiktoken":
+        raise UsageError(f"--tokenizer-engine tiktoken cannot be used: {reason}; use "
+                         f"--tokenizer-engine auto or hf")
+    note(f"note: tokenizing with Hugging Face, not tiktoken: {reason}")
+    return "hf"
+
+
 def open_writers(out: Path, streams, shard_tokens: int) -> tuple[list[list[ShardWriter]], list[int]]:
     """Phase 3: a writer per stream and split, each after the shards an interrupted prepare
     completed, and how many documents of each split those hold. Streams resume together, from
@@ -478,6 +532,11 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
     each document, in order, to its split's writers. Returns the tokens written."""
     if workers == 1:
         pool = SerialPool(*init)
+    elif init[-1] == "tiktoken":
+        # tiktoken releases the GIL while it encodes: threads share one encoder, and no
+        # document or result is pickled between processes.
+        _init_tokenizer(*init)
+        pool = ThreadPoolExecutor(workers)
     else:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                    initializer=_init_tokenizer, initargs=init)
@@ -552,7 +611,6 @@ def make_progress(total_bytes, disabled: bool, unit: str = "B"):
 @exits_cleanly_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sources.REPLACED.reset()
     inputs = SentenceInputs(args) if args.task == "token-classification" else TextInputs(args)
     train_sources = [inputs.source(s) for s in args.input]
     val_sources = [inputs.source(s) for s in args.validation_input or []]
@@ -569,15 +627,25 @@ def main(argv=None) -> int:
     tok = install_and_check_tokenizer(args, out, state, train_sources, inputs)
     write_json_atomic(out / STATE_NAME, {"fingerprint": fp, "tokenizer_sha256": tok.sha256})
 
+
+    def first_texts() -> list[str]:
+        docs = split_documents(train_sources, val_sources, args.val_fraction, DocCounts())
+        texts = (inputs.as_text(doc)[:CHECK_CHARS] for split, doc, _ in docs if split is not None)
+        return list(itertools.islice(texts, CHECK_DOCS))
+    engine = choose_engine(args, out, first_texts)
+
     writers, skip = open_writers(out, inputs.streams(tok.dtype), args.shard_tokens)
     started = time.time()  # the tokenization pass: tokenizer training is reported apart
     total_bytes = sum(s.total_bytes or 0 for s in train_sources + val_sources) or None
     counts = DocCounts()
+    # Counted in this pass alone: tokenizer training and the engine check read documents too.
+    sources.REPLACED.reset()
     docs = ((split, inputs.encode(doc) if split is not None else doc, n) for split, doc, n
             in split_documents(train_sources, val_sources, args.val_fraction, counts))
     tokens_done = tokenize_into(
         writers, batch_documents(docs, skip),
-        (str(out / "tokenizer.json"), tok.eos_id, tok.dtype.name, tok.prefix_id), args.workers,
+        (str(out / "tokenizer.json"), tok.eos_id, tok.dtype.name, tok.prefix_id, engine),
+        args.workers,
         inputs.tokenize, make_progress(total_bytes, args.no_progress, inputs.progress_unit))
     records = [[w.finish() for w in stream_writers] for stream_writers in writers]
     index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts)
@@ -586,7 +654,7 @@ def main(argv=None) -> int:
     summary = ", ".join(f"{name}: {sum(r.num_docs for r in shards)} docs, "
                         f"{sum(r.num_tokens for r in shards)} tokens in {len(shards)} shards"
                         for name, shards in index.splits.items() if shards)
-    print(f"prepared {out} ({tok.dtype.name}, vocab {tok.vocab_size}): {summary}; "
+    print(f"prepared {out} ({tok.dtype.name}, vocab {tok.vocab_size}, {engine}): {summary}; "
           f"{tokens_done / max(elapsed, 1e-9) / 1e6:.2f}M tok/s over {elapsed:.1f}s")
     replaced = sources.REPLACED
     if replaced.count:
