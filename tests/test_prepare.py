@@ -424,3 +424,103 @@ def test_tiktoken_engine_falls_back_on_a_difference_and_is_refused_where_it_cann
                    str(tmp_path / "hf-prepared"), "--val-fraction", "0",
                    "--tokenizer-engine", "hf") == 0
     assert_same_output(tmp_path / "hf-prepared", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare deletes only what it wrote
+# ---------------------------------------------------------------------------------------------
+
+def test_an_output_holding_an_input_is_refused_and_the_input_survives(tmp_path, prepared):
+    """Issue 12's reproduction: `--input p/train-2023.json --output p` deleted its own input."""
+    p = tmp_path / "p"
+    p.mkdir()
+    data = json.dumps({"text": "the user's only copy"}) + "\n"
+    (p / "train-2023.json").write_text(data)
+    for inputs, output, named in [
+            (["--input", str(p / "train-2023.json")], p, "--input"),
+            (["--input", str(tmp_path / "*" / "*.json")], p, "--input"),       # a glob
+            (["--input", str(p)], p / "shards", "--input"),                    # inside an input dir
+            (["--input", str(p / "train-2023.json"), "--validation-input",
+              str(p / "train-2023.json")], tmp_path / "elsewhere" / ".." / "p", "--input")]:
+        res = run_cli("-m", "train.prepare", *inputs, "--output", str(output), "--tokenizer",
+                      str(prepared))
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"--output {p.resolve()}" in res.stderr and named in res.stderr, res.stderr
+        assert str(p) in res.stderr.split(named, 1)[1], res.stderr  # the input, named too
+        assert (p / "train-2023.json").read_text() == data
+        assert sorted(f.name for f in p.iterdir()) == ["train-2023.json"]  # nothing written
+
+
+def test_user_files_in_the_output_survive_stale_cleanup_and_overwrite(tmp_path, corpus_dir,
+                                                                     prepared, monkeypatch):
+    """Files of the user's beside the shards, named like shards or sidecars, survive a resume's
+    stale-shard cleanup and --overwrite (both deleted by glob before); prepare refuses to write
+    over one that has exactly a shard's name."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"train-notes.txt": "notes", "train-2023.json": "{}", "validation-00099.json": "[]",
+            "scratch.tmp": "keep", "train_labels-x.bin": "y"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    args = ["--input", str(corpus_dir / "a.jsonl"), "--tokenizer", str(prepared),
+            "--shard-tokens", "4000", "--val-fraction", "0.1", "--output", str(out)]
+    real_close, closed = shards.ShardWriter._close, []
+
+    def crashing_close(self):  # killed after two train shards, the third half written
+        if self.split == "train" and len(closed) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        real_close(self)
+        closed.append(self._name)
+
+    monkeypatch.setattr(shards.ShardWriter, "_close", crashing_close)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args)
+    monkeypatch.undo()
+    with open(out / "train-00001.bin", "r+b") as f:  # the second shard is redone, and what follows
+        f.write(b"\x00\x00")
+    res = run_cli("-m", "train.prepare", *args)
+    assert res.returncode == 0 and "resuming: 1 train" in res.stderr, res.stderr
+    res = run_cli("-m", "train.prepare", *args[:-4], "--val-fraction", "0.2", "--output",
+                  str(out), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    for name, text in mine.items():
+        assert (out / name).read_text() == text, name
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"]["val_fraction"] == 0.2
+    listed = {s["file"] for split in index["splits"].values() for s in split["shards"]}
+    assert not listed & set(mine) and (out / "train-00000.bin").exists()
+
+    taken = tmp_path / "taken"  # a user's file with exactly a shard's name: refused, kept
+    taken.mkdir()
+    (taken / "train-00000.bin").write_bytes(b"mine")
+    res = run_cli("-m", "train.prepare", *args[:-1], str(taken))
+    assert res.returncode == 2 and "train-00000.bin exists and prepare did not write it" in \
+        res.stderr, res.stderr
+    assert (taken / "train-00000.bin").read_bytes() == b"mine"
+    assert not (taken / "index.json").exists()
+
+
+def test_an_interrupted_overwrite_never_looks_complete(tmp_path, corpus_dir, prepared,
+                                                       monkeypatch):
+    """--overwrite deletes the old index.json before any shard it lists, so a kill in between
+    leaves a directory that no run mistakes for complete."""
+    out = tmp_path / "out"
+    args = ["--input", str(corpus_dir / "a.jsonl"), "--tokenizer", str(prepared),
+            "--shard-tokens", "4000", "--output", str(out)]
+    assert prepare(*args) == 0
+    real_unlink, unlinked = Path.unlink, []
+
+    def killed_after_first_unlink(self, missing_ok=False):
+        if unlinked:
+            raise KeyboardInterrupt("simulated kill")
+        unlinked.append(self.name)
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_first_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, "--val-fraction", "0.3", "--overwrite")
+    monkeypatch.undo()
+    assert unlinked == ["index.json"] and (out / "train-00000.bin").exists()
+    assert prepare(*args, "--val-fraction", "0.3", "--overwrite") == 0
+    assert decode_split(out, "validation")  # the rerun completes it

@@ -42,8 +42,8 @@ import numpy as np
 from train import ner_data, sources
 from train.errors import UsageError, exits_cleanly_on_usage_error
 from train.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
-                          ShardIndex, ShardWriter, completed_shards, dtype_for_vocab, file_sha256,
-                          label_split, write_json_atomic)
+                          ShardIndex, ShardWriter, WrittenFiles, completed_shards, dtype_for_vocab,
+                          file_sha256, label_split, write_json_atomic)
 from train.tiktoken_bpe import TiktokenBPE, first_difference, why_not
 from train.tokenizer import (ENCODER_TASKS, install_tokenizer, save_pretrained, special_token_ids,
                              tokenizer_facts, train_bpe, train_wordpiece)
@@ -386,16 +386,27 @@ def fingerprint(args, train_sources, val_sources) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def clear_outputs(out: Path) -> None:
-    for pattern in ("train-*", "validation-*", "*_labels-*", INDEX_NAME, STATE_NAME, "*.tmp"):
-        for f in out.glob(pattern):
-            f.unlink()
+def check_output_apart_from_inputs(out: Path, inputs: list[tuple[str, str, object]]) -> None:
+    """Phase 0: refuse an --output that holds an input file, or that lies inside an input
+    directory (a rerun would read prepare's own JSON files as documents). inputs: (flag, spec,
+    source) triples."""
+    out = out.resolve()
+    for flag, spec, source in inputs:
+        spec_path = Path(spec)
+        if spec_path.is_dir() and (spec_path.resolve() == out or spec_path.resolve() in out.parents):
+            raise UsageError(f"--output {out} is inside {flag} {spec}: choose an --output "
+                             f"outside the input directories")
+        for path in getattr(source, "files", []):
+            if out in path.resolve().parents:
+                raise UsageError(f"--output {out} contains {flag} {spec} ({path}): prepare "
+                                 f"must not write beside its inputs; choose another --output")
 
 
-def resume_or_clear(args, out: Path, fp: str) -> dict | None:
+def resume_or_clear(args, out: Path, fp: str, written: WrittenFiles) -> dict | None:
     """Phase 1. A complete directory for the same fingerprint: raises AlreadyComplete. Another
     complete one: an error, or cleared under --overwrite. An interrupted prepare with the same
-    fingerprint: its state, to resume; with another: cleared."""
+    fingerprint: its state, to resume; with another: cleared. Clearing deletes what prepare
+    recorded writing, nothing else."""
     existing = ShardIndex.existing_fingerprint(out)
     if existing is not None or (out / INDEX_NAME).exists():
         if existing == fp and not args.overwrite:
@@ -404,11 +415,15 @@ def resume_or_clear(args, out: Path, fp: str) -> dict | None:
             raise UsageError(f"{out} already holds a complete shard directory made from other "
                              f"inputs or options; pass --overwrite to replace it, or choose "
                              f"another --output")
-        clear_outputs(out)
+        if not written.owns(INDEX_NAME):
+            raise UsageError(f"{out / INDEX_NAME} was not written by prepare (it lists no "
+                             f"files prepare recorded): choose another --output")
+        written.remove_all()
     state_path = out / STATE_NAME
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    state = json.loads(state_path.read_text()) if written.owns(STATE_NAME) and \
+        state_path.exists() else None
     if state and state.get("fingerprint") != fp:
-        clear_outputs(out)
+        written.remove_all()
         state = None
     return state
 
@@ -417,14 +432,15 @@ class AlreadyComplete(Exception):
     """The output directory is complete for these inputs and options: nothing to do."""
 
 
-def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_text) -> str:
+def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_text,
+                      written: WrittenFiles) -> str:
     """Install the tokenizer into out (reusing an interrupted run's, when it has the same
     fingerprint) and return its sha256."""
     if state and (out / "tokenizer.json").exists() and \
             file_sha256(out / "tokenizer.json") == state.get("tokenizer_sha256"):
         return state["tokenizer_sha256"]
     if args.tokenizer:
-        return install_tokenizer(args.tokenizer, out)
+        return install_tokenizer(args.tokenizer, out, written.record)
     docs_seen = [0]
 
     def texts():  # the training split only: validation documents stay unseen
@@ -438,7 +454,7 @@ def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_tex
     tok = (train_wordpiece if encoder else train_bpe)(texts(), args.train_tokenizer)
     if docs_seen[0] == 0:  # refused before any tokenizer is installed
         raise empty_corpus_error(args.input)
-    save_pretrained(tok, out)
+    save_pretrained(tok, out, written.record)
     return file_sha256(out / "tokenizer.json")
 
 
@@ -457,9 +473,10 @@ class TokenizerFacts:
     dtype: np.dtype
 
 
-def install_and_check_tokenizer(args, out: Path, state, train_sources, inputs) -> TokenizerFacts:
+def install_and_check_tokenizer(args, out: Path, state, train_sources, inputs,
+                                written: WrittenFiles) -> TokenizerFacts:
     """Phase 2: the tokenizer in out, and what the shards need from it."""
-    sha = prepare_tokenizer(args, out, state, train_sources, inputs.as_text)
+    sha = prepare_tokenizer(args, out, state, train_sources, inputs.as_text, written)
     vocab_size, eos_id = tokenizer_facts(out)
     special_ids = special_token_ids(out)
     if args.task == "mlm" and "mask_token" not in special_ids:
@@ -504,24 +521,28 @@ def choose_engine(args, out: Path, first_texts: Callable[[], list[str]]) -> str:
     return "hf"
 
 
-def open_writers(out: Path, streams, shard_tokens: int) -> tuple[list[list[ShardWriter]], list[int]]:
+def sidecar_name(record) -> str:
+    return Path(record.file).with_suffix(".json").name
+
+
+def open_writers(out: Path, streams, shard_tokens: int, written: WrittenFiles
+                 ) -> tuple[list[list[ShardWriter]], list[int]]:
     """Phase 3: a writer per stream and split, each after the shards an interrupted prepare
     completed, and how many documents of each split those hold. Streams resume together, from
     the shards complete in all of them."""
-    done = [[completed_shards(out, name(split), dtype) for split in SPLIT_NAMES]
+    done = [[completed_shards(out, name(split), dtype, written) for split in SPLIT_NAMES]
             for name, dtype in streams]
     for split in range(len(SPLIT_NAMES)):
         common = min(len(stream_done[split]) for stream_done in done)
         for stream_done in done:
-            for extra in stream_done[split][common:]:
-                (out / extra.file).unlink()
-                (out / extra.file).with_suffix(".json").unlink(missing_ok=True)
+            written.remove([name for extra in stream_done[split][common:]
+                            for name in (extra.file, sidecar_name(extra))])
             stream_done[split] = stream_done[split][:common]
     skip = [sum(r.num_docs for r in records) for records in done[0]]
     if any(skip):
         note(f"resuming: {len(done[0][TRAIN])} train and {len(done[0][VALIDATION])} validation "
              f"shards are complete ({skip[TRAIN]} + {skip[VALIDATION]} documents)")
-    writers = [[ShardWriter(out, name(split), dtype, shard_tokens, stream_done[i])
+    writers = [[ShardWriter(out, name(split), dtype, shard_tokens, stream_done[i], written)
                 for i, split in enumerate(SPLIT_NAMES)]
                for (name, dtype), stream_done in zip(streams, done)]
     return writers, skip
@@ -568,7 +589,7 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
 
 
 def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, labels,
-                counts: DocCounts) -> ShardIndex:
+                counts: DocCounts, written: WrittenFiles) -> ShardIndex:
     """Phase 5: index.json, last: its presence marks the directory complete. records: per
     stream, per split, the shard records."""
     if counts.docs[TRAIN] == 0:
@@ -592,12 +613,11 @@ def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, la
     if not index.splits[VALIDATION_NAME] and args.val_fraction:
         note(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
              f"selects none; there is no validation split")
+    written.record(INDEX_NAME)
     index.save()
-    (out / STATE_NAME).unlink(missing_ok=True)
-    for stream in records:
-        for split_records in stream:
-            for r in split_records:  # the sidecars' job (resume) is done; index.json holds it all
-                (out / r.file).with_suffix(".json").unlink(missing_ok=True)
+    # the state's and the sidecars' job (resume) is done; index.json holds it all
+    written.remove([STATE_NAME, *(sidecar_name(r) for stream in records
+                                  for split_records in stream for r in split_records)])
     return index
 
 
@@ -615,16 +635,21 @@ def main(argv=None) -> int:
     train_sources = [inputs.source(s) for s in args.input]
     val_sources = [inputs.source(s) for s in args.validation_input or []]
     out = Path(args.output)
+    check_output_apart_from_inputs(
+        out, [("--input", spec, s) for spec, s in zip(args.input, train_sources)] +
+        [("--validation-input", spec, s) for spec, s in zip(args.validation_input or [], val_sources)])
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(args, train_sources, val_sources)
+    written = WrittenFiles(out)
     try:
-        state = resume_or_clear(args, out, fp)
+        state = resume_or_clear(args, out, fp, written)
     except AlreadyComplete:
         note(f"{out} is already complete for these inputs and options; nothing to do")
         return 0
 
     inputs.find_labels(train_sources, val_sources)
-    tok = install_and_check_tokenizer(args, out, state, train_sources, inputs)
+    written.record(STATE_NAME)
+    tok = install_and_check_tokenizer(args, out, state, train_sources, inputs, written)
     write_json_atomic(out / STATE_NAME, {"fingerprint": fp, "tokenizer_sha256": tok.sha256})
 
 
@@ -634,7 +659,7 @@ def main(argv=None) -> int:
         return list(itertools.islice(texts, CHECK_DOCS))
     engine = choose_engine(args, out, first_texts)
 
-    writers, skip = open_writers(out, inputs.streams(tok.dtype), args.shard_tokens)
+    writers, skip = open_writers(out, inputs.streams(tok.dtype), args.shard_tokens, written)
     started = time.time()  # the tokenization pass: tokenizer training is reported apart
     total_bytes = sum(s.total_bytes or 0 for s in train_sources + val_sources) or None
     counts = DocCounts()
@@ -648,7 +673,7 @@ def main(argv=None) -> int:
         args.workers,
         inputs.tokenize, make_progress(total_bytes, args.no_progress, inputs.progress_unit))
     records = [[w.finish() for w in stream_writers] for stream_writers in writers]
-    index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts)
+    index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts, written)
 
     elapsed = time.time() - started
     summary = ", ".join(f"{name}: {sum(r.num_docs for r in shards)} docs, "
