@@ -509,10 +509,15 @@ def choose_engine(args, out: Path, first_texts: Callable[[], list[str]]) -> str:
     if reason is None:
         from tokenizers import Tokenizer
 
-        difference = first_difference(Tokenizer.from_file(str(tokenizer_json)),
-                                      TiktokenBPE(tokenizer_json), first_texts())
-        if difference:
-            reason = f"on the first {CHECK_DOCS} documents' starts, {difference}"
+        try:  # a merge whose result is not in the vocabulary, a regex tiktoken cannot compile
+            fast = TiktokenBPE(tokenizer_json)
+        except ValueError as err:
+            reason = str(err)
+        else:
+            difference = first_difference(Tokenizer.from_file(str(tokenizer_json)), fast,
+                                          first_texts())
+            if difference:
+                reason = f"on the first {CHECK_DOCS} documents' starts, {difference}"
     if reason is None:
         return "tiktoken"
     if args.tokenizer_engine == "tiktoken":
@@ -554,7 +559,7 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
     each document, in order, to its split's writers. Returns the tokens written."""
     if workers == 1:
         pool = SerialPool(*init)
-    elif init[-1] == "tiktoken":
+    elif init[-1] == "tiktoken":  # _init_tokenizer's last argument, the engine
         # tiktoken releases the GIL while it encodes: threads share one encoder, and no
         # document or result is pickled between processes.
         _init_tokenizer(*init)
