@@ -103,16 +103,19 @@ class TiktokenBPE:
         if reason:
             raise ValueError(f"{tokenizer_json}: {reason}")
         model = spec["model"]
-        to_byte = {ch: b for b, ch in byte_alphabet().items()}
+        alphabet = byte_alphabet()
+        to_byte = {ch: b for b, ch in alphabet.items()}
         spelled = lambda token: bytes(to_byte[ch] for ch in token)  # noqa: E731
         # Ranks: the 256 bytes, then each merge's result in merge order (tiktoken merges the
         # pair of lowest rank, Hugging Face the pair of lowest merge index: the same order).
         ranks = {bytes([b]): b for b in range(256)}
-        rank_tokens = [byte_alphabet()[b] for b in range(256)]
+        rank_tokens = [alphabet[b] for b in range(256)]
         for merge in model["merges"]:
             left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
             merged = spelled(left) + spelled(right)
-            if merged not in ranks:  # a later duplicate merge can never apply in either
+            # tiktoken has one rank per token: a later merge making the same token (Llama 3's
+            # merges list every pair that makes a token) keeps the first one's rank
+            if merged not in ranks:
                 ranks[merged] = len(ranks)
                 rank_tokens.append(left + right)
         vocab = model["vocab"]
