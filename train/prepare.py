@@ -393,7 +393,7 @@ def check_output_apart_from_inputs(out: Path, inputs: list[tuple[str, str, objec
     out = out.resolve()
     for flag, spec, source in inputs:
         spec_path = Path(spec)
-        if spec_path.is_dir() and (spec_path.resolve() == out or spec_path.resolve() in out.parents):
+        if spec_path.is_dir() and spec_path.resolve() in (out, *out.parents):
             raise UsageError(f"--output {out} is inside {flag} {spec}: choose an --output "
                              f"outside the input directories")
         for path in getattr(source, "files", []):
@@ -643,7 +643,8 @@ def main(argv=None) -> int:
     out = Path(args.output)
     check_output_apart_from_inputs(
         out, [("--input", spec, s) for spec, s in zip(args.input, train_sources)] +
-        [("--validation-input", spec, s) for spec, s in zip(args.validation_input or [], val_sources)])
+        [("--validation-input", spec, s)
+         for spec, s in zip(args.validation_input or [], val_sources)])
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(args, train_sources, val_sources)
     written = WrittenFiles(out)

@@ -54,7 +54,8 @@ def pretokenizer_pattern(pre_tokenizer: dict | None) -> str | None:
         return None
     if byte_level(pre_tokenizer, True):
         return GPT2_PATTERN
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else []
+    is_sequence = pre_tokenizer.get("type") == "Sequence"
+    steps = pre_tokenizer.get("pretokenizers", []) if is_sequence else []
     if len(steps) == 2 and byte_level(steps[1], False):
         split = steps[0]
         if split.get("type") == "Split" and split.get("behavior") == "Isolated" \
@@ -67,7 +68,8 @@ def why_not(spec: dict) -> str | None:
     """Why tiktoken cannot reproduce this tokenizer.json (a parsed dict), or None if it can."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
-        return f"the tokenizer is {model.get('type', 'not a model tiktoken knows')}, not byte-level BPE"
+        kind = model.get("type", "not a model tiktoken knows")
+        return f"the tokenizer is {kind}, not byte-level BPE"
     if spec.get("normalizer") is not None:
         return "the tokenizer has a normalizer"
     if pretokenizer_pattern(spec.get("pre_tokenizer")) is None:
@@ -121,14 +123,16 @@ class TiktokenBPE:
         vocab = model["vocab"]
         missing = [t for t in rank_tokens if t not in vocab]
         if missing:
-            raise ValueError(f"{tokenizer_json}: merge results {missing[:3]} are not in the vocabulary")
+            raise ValueError(f"{tokenizer_json}: merge results {missing[:3]} are not in the "
+                             f"vocabulary")
         # The ids need not follow merge order (they do not in every tokenizer): map explicitly.
         self.rank_to_id = np.array([vocab[t] for t in rank_tokens], dtype=np.int64)
         # One special token that no text holds, never allowed: with no special token at all,
         # tiktoken's encode tries an empty special-token regex at every position (1.7x slower
         # on the stdlib corpus). Nothing is allowed, so every text is encoded as ordinary text.
         self.encoding = tiktoken.Encoding(
-            name=f"bpe-{Path(tokenizer_json).name}", pat_str=pretokenizer_pattern(spec["pre_tokenizer"]),
+            name=f"bpe-{Path(tokenizer_json).name}",
+            pat_str=pretokenizer_pattern(spec["pre_tokenizer"]),
             mergeable_ranks=ranks, special_tokens={_SENTINEL: len(ranks)})
 
     def encode_ranks(self, texts: list[str]) -> list[np.ndarray]:
