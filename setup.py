@@ -30,6 +30,12 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "psutil>=5.9",
+        # prepare's fast engine for byte-level BPE; where tiktoken has no wheel, prepare uses
+        # the Hugging Face tokenizer alone (`--tokenizer-engine auto` notes it)
+        "tiktoken>=0.9; (platform_system == 'Linux' and (platform_machine == 'x86_64'"
+        " or platform_machine == 'aarch64'))"
+        " or platform_system == 'Darwin'"
+        " or (platform_system == 'Windows' and platform_machine == 'AMD64')",
     ],
     extras_require={"test": ["pytest>=8"],
                     # baselines the benchmarks compare against

@@ -84,8 +84,13 @@ def machine() -> dict:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> dict:
-    """Run a command; return wall seconds and the peak of the summed RSS of its process tree
-    (workers included: ru_maxrss would give only the largest single process)."""
+    """Run a command; return wall seconds, CPU seconds (user + system, its whole process tree)
+    and the peak of the summed RSS of its process tree (workers included: ru_maxrss would give
+    only the largest single process). On a shared machine the CPU seconds are the steadier
+    figure: other processes stretch the wall time far more than the CPU time."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -93,9 +98,11 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
     out, err = proc.communicate()
     peak = sampler.stop()
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "stdout": out, "stderr": err}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 2**20, "stdout": out, "stderr": err}
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 from pathlib import Path
 
@@ -277,3 +278,249 @@ def test_batching_counts_the_characters_of_sentences_too():
     big = (["x" * (prepare.BATCH_CHARS // 2)], [0])
     batches = list(batch_documents([(0, big, 1)] * 4, skip=[0, 0]))
     assert [len(texts) for _, texts in batches] == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiktoken engine: the same shards as the Hugging Face tokenizer's
+# ---------------------------------------------------------------------------------------------
+
+# CJK and mixed-script text (public-domain poems: Li Bai, Meng Haoran, Bashō, the iroha), and
+# the text of special tokens, which prepare tokenizes as plain text in either engine.
+CJK_AND_SPECIAL_DOCS = [
+    "静夜思\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
+    "春晓　孟浩然\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "古池や蛙飛び込む水の音 — 松尾芭蕉",
+    "いろはにほへと ちりぬるを わかよたれそ つねならむ うゐのおくやま けふこえて",
+    "def 挨拶(名前):\n    return f'こんにちは、{名前}さん'  # 日本語のコメント\n",
+    "Ελληνικά, русский, العربية, हिन्दी, ไทย, 한국어 and 😀🚀 in one line\u200b.",
+    "<|endoftext|>",
+    "text<|endoftext|><|endoftext|>more text <|endof partial [CLS] [SEP] [MASK] [PAD]",
+    "  \n\n\t  trailing whitespace and CRLF\r\n\r\n   ",
+]
+
+
+@pytest.fixture(scope="module")
+def engine_corpus(tmp_path_factory) -> Path:
+    """Real code (the first stdlib files), the tricky documents and the CJK/special ones."""
+    import itertools
+
+    from train.sources import resolve
+
+    stdlib = [text for text, _ in itertools.islice(resolve("python-stdlib").iter_docs(), 60) if text]
+    path = tmp_path_factory.mktemp("engine") / "docs.jsonl"
+    return write_jsonl(path, [{"text": d} for d in stdlib + TRICKY_DOCS + CJK_AND_SPECIAL_DOCS])
+
+
+def llama3_style_tokenizer(out: Path, texts: list[str]) -> Path:
+    """A byte-level BPE pre-tokenized as Llama 3's is: a Split on its regex, then a ByteLevel
+    without a regex of its own."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    bpe = Tokenizer(models.BPE(ignore_merges=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out.mkdir()
+    bpe.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return out
+
+
+def with_shuffled_ids(tokenizer_dir: Path, out: Path) -> Path:
+    """The same tokenizer with its non-special ids permuted: ids no longer follow merge order,
+    so an engine that assumed they did would write other ids."""
+    import random
+    import shutil
+
+    shutil.copytree(tokenizer_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    special = {t["id"] for t in spec["added_tokens"]}
+    ids = sorted(i for i in vocab.values() if i not in special)
+    shuffled = random.Random(0).sample(ids, len(ids))
+    new_id = dict(zip(ids, shuffled))
+    spec["model"]["vocab"] = {t: new_id.get(i, i) for t, i in vocab.items()}
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["trained", "shuffled_ids", "llama3_split"])
+def test_tiktoken_engine_writes_the_hf_engines_shards(tmp_path, prepared, corpus_docs,
+                                                      engine_corpus, kind):
+    """Byte-identical shards from both engines: real code, CJK and mixed scripts, special-token
+    text. The tiktoken side runs through the CLI on 2 worker threads, with the start-up check."""
+    tokenizer = {"trained": lambda: prepared,
+                 "shuffled_ids": lambda: with_shuffled_ids(prepared, tmp_path / "shuffled"),
+                 "llama3_split": lambda: llama3_style_tokenizer(
+                     tmp_path / "llama3", corpus_docs + CJK_AND_SPECIAL_DOCS)}[kind]()
+    common = ["--input", str(engine_corpus), "--tokenizer", str(tokenizer), "--val-fraction",
+              "0.1", "--shard-tokens", "30000"]
+    assert prepare(*common, "--output", str(tmp_path / "hf"), "--tokenizer-engine", "hf") == 0
+    res = run_cli("-m", "train.prepare", *common, "--output", str(tmp_path / "tiktoken"),
+                  "--tokenizer-engine", "tiktoken", "--workers", "2", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert ", tiktoken)" in res.stdout  # the summary names the engine that ran
+    assert_same_output(tmp_path / "hf", tmp_path / "tiktoken")
+    assert len(list((tmp_path / "hf").glob("train-*.bin"))) > 1
+    if kind == "trained":  # the documents that quote special tokens hold them as text
+        docs = decode_split(tmp_path / "tiktoken", "train")
+        assert "text<|endoftext|><|endoftext|>more text" in "".join(docs)
+
+
+def test_tiktoken_engine_falls_back_on_a_difference_and_is_refused_where_it_cannot_apply(
+        tmp_path, prepared, engine_corpus):
+    """A tokenizer.json whose merges tiktoken cannot follow (one merge removed by hand: Hugging
+    Face can no longer build that token, tiktoken still can), a WordPiece and a machine without
+    tiktoken: auto falls back with one line and writes Hugging Face's shards; forcing tiktoken
+    is refused with exit 2 and nothing written that looks complete."""
+    import shutil
+
+    from train.tokenizer import save_pretrained, train_wordpiece
+
+    edited = tmp_path / "edited"
+    shutil.copytree(prepared, edited, ignore=shutil.ignore_patterns("*.bin", "index.json"))
+    spec = json.loads((edited / "tokenizer.json").read_text())
+    del spec["model"]["merges"][0]  # ("Ġ", "Ġ"): runs of spaces tokenize differently
+    (edited / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    common = ["--input", str(engine_corpus), "--tokenizer", str(edited), "--val-fraction", "0"]
+    assert prepare(*common, "--output", str(tmp_path / "hf"), "--tokenizer-engine", "hf") == 0
+    res = run_cli("-m", "train.prepare", *common, "--output", str(tmp_path / "auto"))
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "not tiktoken" in line]
+    assert len(notes) == 1 and "differs from Hugging Face's ids" in notes[0], res.stderr
+    assert ", hf)" in res.stdout
+    assert_same_output(tmp_path / "hf", tmp_path / "auto")
+
+    wordpiece = tmp_path / "wordpiece"
+    wordpiece.mkdir()
+    save_pretrained(train_wordpiece(["alpha beta gamma", "delta epsilon"] * 20, 60), wordpiece)
+    no_tiktoken = tmp_path / "site"  # an import of tiktoken fails, as where it has no wheel
+    (no_tiktoken / "tiktoken").mkdir(parents=True)
+    (no_tiktoken / "tiktoken" / "__init__.py").write_text("raise ImportError('no wheel')\n")
+    without = {"PYTHONPATH": f"{no_tiktoken}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for tokenizer, extra, env, reason in [
+            (edited, [], None, "differs from Hugging Face's ids"),
+            (wordpiece, ["--task", "mlm"], None, "the tokenizer is WordPiece, not byte-level BPE"),
+            (prepared, [], without, "tiktoken is not installed")]:
+        out = tmp_path / f"forced-{tokenizer.name}-{env is None}"
+        res = run_cli("-m", "train.prepare", "--input", str(engine_corpus), "--tokenizer",
+                      str(tokenizer), "--output", str(out), "--tokenizer-engine", "tiktoken",
+                      *extra, env=env)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert "--tokenizer-engine tiktoken cannot be used" in res.stderr and reason in res.stderr
+        assert not (out / "index.json").exists()
+    # auto, without tiktoken: the Hugging Face path, the same shards as the forced hf run
+    out = tmp_path / "auto-without"
+    res = run_cli("-m", "train.prepare", "--input", str(engine_corpus), "--tokenizer",
+                  str(prepared), "--output", str(out), "--val-fraction", "0", env=without)
+    assert res.returncode == 0 and "tiktoken is not installed" in res.stderr, res.stderr
+    assert prepare("--input", str(engine_corpus), "--tokenizer", str(prepared), "--output",
+                   str(tmp_path / "hf-prepared"), "--val-fraction", "0",
+                   "--tokenizer-engine", "hf") == 0
+    assert_same_output(tmp_path / "hf-prepared", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare deletes only what it wrote
+# ---------------------------------------------------------------------------------------------
+
+def test_an_output_holding_an_input_is_refused_and_the_input_survives(tmp_path, prepared):
+    """Issue 12's reproduction: `--input p/train-2023.json --output p` deleted its own input."""
+    p = tmp_path / "p"
+    p.mkdir()
+    data = json.dumps({"text": "the user's only copy"}) + "\n"
+    (p / "train-2023.json").write_text(data)
+    for inputs, output, named in [
+            (["--input", str(p / "train-2023.json")], p, "--input"),
+            (["--input", str(tmp_path / "*" / "*.json")], p, "--input"),       # a glob
+            (["--input", str(p)], p / "shards", "--input"),                    # inside an input dir
+            (["--input", str(p / "train-2023.json"), "--validation-input",
+              str(p / "train-2023.json")], tmp_path / "elsewhere" / ".." / "p", "--input")]:
+        res = run_cli("-m", "train.prepare", *inputs, "--output", str(output), "--tokenizer",
+                      str(prepared))
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"--output {p.resolve()}" in res.stderr and named in res.stderr, res.stderr
+        assert str(p) in res.stderr.split(named, 1)[1], res.stderr  # the input, named too
+        assert (p / "train-2023.json").read_text() == data
+        assert sorted(f.name for f in p.iterdir()) == ["train-2023.json"]  # nothing written
+
+
+def test_user_files_in_the_output_survive_stale_cleanup_and_overwrite(tmp_path, corpus_dir,
+                                                                     prepared, monkeypatch):
+    """Files of the user's beside the shards, named like shards or sidecars, survive a resume's
+    stale-shard cleanup and --overwrite (both deleted by glob before); prepare refuses to write
+    over one that has exactly a shard's name."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"train-notes.txt": "notes", "train-2023.json": "{}", "validation-00099.json": "[]",
+            "scratch.tmp": "keep", "train_labels-x.bin": "y"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    args = ["--input", str(corpus_dir / "a.jsonl"), "--tokenizer", str(prepared),
+            "--shard-tokens", "4000", "--val-fraction", "0.1", "--output", str(out)]
+    real_close, closed = shards.ShardWriter._close, []
+
+    def crashing_close(self):  # killed after two train shards, the third half written
+        if self.split == "train" and len(closed) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        real_close(self)
+        closed.append(self._name)
+
+    monkeypatch.setattr(shards.ShardWriter, "_close", crashing_close)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args)
+    monkeypatch.undo()
+    with open(out / "train-00001.bin", "r+b") as f:  # the second shard is redone, and what follows
+        f.write(b"\x00\x00")
+    res = run_cli("-m", "train.prepare", *args)
+    assert res.returncode == 0 and "resuming: 1 train" in res.stderr, res.stderr
+    res = run_cli("-m", "train.prepare", *args[:-4], "--val-fraction", "0.2", "--output",
+                  str(out), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    for name, text in mine.items():
+        assert (out / name).read_text() == text, name
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"]["val_fraction"] == 0.2
+    listed = {s["file"] for split in index["splits"].values() for s in split["shards"]}
+    assert not listed & set(mine) and (out / "train-00000.bin").exists()
+
+    taken = tmp_path / "taken"  # a user's file with exactly a shard's name: refused, kept
+    taken.mkdir()
+    (taken / "train-00000.bin").write_bytes(b"mine")
+    res = run_cli("-m", "train.prepare", *args[:-1], str(taken))
+    assert res.returncode == 2 and "train-00000.bin exists and prepare did not write it" in \
+        res.stderr, res.stderr
+    assert (taken / "train-00000.bin").read_bytes() == b"mine"
+    assert not (taken / "index.json").exists()
+
+
+def test_an_interrupted_overwrite_never_looks_complete(tmp_path, corpus_dir, prepared,
+                                                       monkeypatch):
+    """--overwrite deletes the old index.json before any shard it lists, so a kill in between
+    leaves a directory that no run mistakes for complete."""
+    out = tmp_path / "out"
+    args = ["--input", str(corpus_dir / "a.jsonl"), "--tokenizer", str(prepared),
+            "--shard-tokens", "4000", "--output", str(out)]
+    assert prepare(*args) == 0
+    real_unlink, unlinked = Path.unlink, []
+
+    def killed_after_first_unlink(self, missing_ok=False):
+        if unlinked:
+            raise KeyboardInterrupt("simulated kill")
+        unlinked.append(self.name)
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_first_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, "--val-fraction", "0.3", "--overwrite")
+    monkeypatch.undo()
+    assert unlinked == ["index.json"] and (out / "train-00000.bin").exists()
+    assert prepare(*args, "--val-fraction", "0.3", "--overwrite") == 0
+    assert decode_split(out, "validation")  # the rerun completes it

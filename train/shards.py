@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,15 +114,70 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+MANIFEST_NAME = ".prepare-files.json"
+
+
+class WrittenFiles:
+    """The files prepare wrote into an output directory, by exact name, each recorded before it
+    is created (`.prepare-files.json`, beside the shards). They are the only files prepare ever
+    deletes, or replaces, there: a file of the user's in the same directory (an input named
+    train-2023.json, train-notes.txt) is never touched, whatever its name. A recorded name's
+    `.tmp` partner (what an atomic write leaves when killed) goes with it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST_NAME
+        if path.exists():
+            self.names = set(json.loads(path.read_text())["files"])
+        else:  # a directory prepared before the manifest existed: what its index.json lists
+            self.names = set(_indexed_files(self.root))
+
+    def record(self, *names: str) -> None:
+        """Note names before creating them, so that a kill right after leaves them known."""
+        if not set(names) <= self.names:
+            self.names.update(names)
+            write_json_atomic(self.root / MANIFEST_NAME, {"files": sorted(self.names)})
+
+    def owns(self, name: str) -> bool:
+        return name in self.names
+
+    def remove(self, names) -> None:
+        """Delete these recorded files (and their .tmp partners); unrecorded names are left."""
+        doomed = [n for n in names if n in self.names]
+        # index.json first: a directory never looks complete while its shards are going
+        for name in sorted(doomed, key=lambda n: n != INDEX_NAME):
+            (self.root / name).unlink(missing_ok=True)
+            (self.root / (name + ".tmp")).unlink(missing_ok=True)
+        if doomed:
+            self.names.difference_update(doomed)
+            write_json_atomic(self.root / MANIFEST_NAME, {"files": sorted(self.names)})
+
+    def remove_all(self) -> None:
+        self.remove(list(self.names))
+
+
+def _indexed_files(root: Path) -> list[str]:
+    """index.json and the shard files it lists; nothing when it is absent or unreadable."""
+    try:
+        raw = json.loads((root / INDEX_NAME).read_text())
+        splits = [raw["splits"], (raw.get("labels") or {}).get("splits", {})]
+        shards = [ShardRecord.from_dict(s).file for group in splits for split in group.values()
+                  for s in split["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError):
+        return []
+    return [INDEX_NAME, *shards]
+
+
 class ShardWriter:
     """Appends whole documents to numbered shards of one split, closing a shard once it holds
     at least `shard_tokens` tokens. Shard boundaries depend only on the document stream, never
     on how many workers tokenized it, which is what makes the output byte-identical."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int,
-                 completed: list[ShardRecord]):
+                 completed: list[ShardRecord], written: WrittenFiles | None = None):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.records = list(completed)
+        self.written = written if written is not None else WrittenFiles(out_dir)
         self._file = None
 
     def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
@@ -150,6 +206,12 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._name = shard_name(self.split, len(self.records))
+        sidecar = Path(self._name).with_suffix(".json").name
+        for name in (self._name, sidecar):
+            if (self.out_dir / name).exists() and not self.written.owns(name):
+                raise UsageError(f"{self.out_dir / name} exists and prepare did not write it: "
+                                 f"move it away or choose another --output")
+        self.written.record(self._name, sidecar)
         self._tmp = self.out_dir / (self._name + ".tmp")
         self._file = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
@@ -176,14 +238,16 @@ class ShardWriter:
         self.records.append(record)
 
 
-def completed_shards(out_dir: Path, split: str, dtype: np.dtype) -> list[ShardRecord]:
+def completed_shards(out_dir: Path, split: str, dtype: np.dtype, written: WrittenFiles
+                     ) -> list[ShardRecord]:
     """The leading run of complete, verified shards of a split from an interrupted prepare.
-    Anything after the first shard that fails verification is deleted, to be written again."""
+    Anything prepare wrote after the first shard that fails verification is deleted, to be
+    written again."""
     records, number = [], 0
     while True:
         path = out_dir / shard_name(split, number)
         sidecar = path.with_suffix(".json")
-        if not (path.exists() and sidecar.exists()):
+        if not (written.owns(path.name) and path.exists() and sidecar.exists()):
             break
         record = ShardRecord.from_dict(json.loads(sidecar.read_text()))
         if path.stat().st_size != record.num_tokens * dtype.itemsize or \
@@ -191,10 +255,9 @@ def completed_shards(out_dir: Path, split: str, dtype: np.dtype) -> list[ShardRe
             break
         records.append(record)
         number += 1
-    for stale in list(out_dir.glob(f"{split}-*.bin")) + list(out_dir.glob(f"{split}-*.json")) + \
-            list(out_dir.glob(f"{split}-*.tmp")):
-        if int(stale.name.split("-")[1].split(".")[0]) >= number:
-            stale.unlink()
+    shard_file = re.compile(rf"{re.escape(split)}-(\d+)\.(bin|json)")
+    written.remove([name for name in written.names if (m := shard_file.fullmatch(name))
+                    and int(m.group(1)) >= number])
     return records
 
 

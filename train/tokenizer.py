@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from train.errors import UsageError
 from train.shards import TOKENIZER_FILES, file_sha256
@@ -27,9 +27,14 @@ ENCODER_TASKS = ("mlm", "token-classification")
 # What a fast Hugging Face tokenizer needs; vocab/merges files are only for slow tokenizers.
 
 
-def install_tokenizer(path: str, out_dir: Path) -> str:
+def _nothing(*names: str) -> None:
+    """The default `record`: a caller that keeps no list of the files it writes."""
+
+
+def install_tokenizer(path: str, out_dir: Path, record: Callable[..., None] = _nothing) -> str:
     """Put the tokenizer at `path` (a directory or a tokenizer.json) into out_dir; return the
-    sha256 of the installed tokenizer.json."""
+    sha256 of the installed tokenizer.json. record(*names) hears each file name before the
+    file is put into out_dir (prepare's WrittenFiles.record)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--tokenizer {path} does not exist: give a tokenizer directory or a "
@@ -46,7 +51,7 @@ def install_tokenizer(path: str, out_dir: Path) -> str:
             if loaded.token_to_id(EOS_TOKEN) is not None:
                 config.update(eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
             (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-            _move_into(Path(tmp), out_dir)
+            _move_into(Path(tmp), out_dir, record)
     elif (p / "tokenizer.json").exists():
         _load_checked(p / "tokenizer.json", path)
         if p.resolve() != out_dir.resolve():
@@ -54,7 +59,7 @@ def install_tokenizer(path: str, out_dir: Path) -> str:
                 for name in TOKENIZER_FILES:
                     if (p / name).exists():
                         shutil.copyfile(p / name, Path(tmp) / name)
-                _move_into(Path(tmp), out_dir)
+                _move_into(Path(tmp), out_dir, record)
     else:
         # A slow (Python) tokenizer only: transformers converts it to a fast one.
         from transformers import AutoTokenizer
@@ -63,7 +68,7 @@ def install_tokenizer(path: str, out_dir: Path) -> str:
             tok = AutoTokenizer.from_pretrained(str(p), use_fast=True)
         except (OSError, ValueError) as err:
             raise UsageError(f"--tokenizer {path}: cannot load a tokenizer from it ({err})") from None
-        save_pretrained(tok, out_dir)
+        save_pretrained(tok, out_dir, record)
     tokenizer_facts(out_dir, where=f"--tokenizer {path}")
     return file_sha256(out_dir / "tokenizer.json")
 
@@ -150,16 +155,18 @@ def tokenizer_facts(tokenizer_dir: Path, where: str = "the tokenizer") -> tuple[
                      f"eos_token in its tokenizer_config.json or use --train-tokenizer")
 
 
-def save_pretrained(tok, out_dir: Path) -> None:
+def save_pretrained(tok, out_dir: Path, record: Callable[..., None] = _nothing) -> None:
     """transformers' save_pretrained, into a temporary directory first so that no half-written
     tokenizer file ever sits in out_dir."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
         tok.save_pretrained(tmp)
-        _move_into(Path(tmp), out_dir)
+        _move_into(Path(tmp), out_dir, record)
 
 
-def _move_into(src: Path, out_dir: Path) -> None:
-    for f in src.iterdir():
+def _move_into(src: Path, out_dir: Path, record: Callable[..., None]) -> None:
+    files = list(src.iterdir())
+    record(*(f.name for f in files))
+    for f in files:
         shutil.move(str(f), out_dir / f.name)
 
 
