@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TRICKY_DOCS, many_docs, write_jsonl
+from helpers import TRICKY_DOCS, many_docs, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -34,4 +34,14 @@ def prepared(tmp_path_factory, corpus_dir) -> Path:
     assert main(["--input", str(corpus_dir / "a.jsonl"), "--input", str(corpus_dir / "b.jsonl"),
                  "--output", str(out), "--train-tokenizer", "512", "--val-fraction", "0.1",
                  "--shard-tokens", "5000", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory) -> Path:
+    """The embedded corpus with a 2,048-id BPE, as the README's first command prepares it."""
+    out = tmp_path_factory.mktemp("stdlib")
+    res = run_cli("-m", "train.prepare", "--input", "python-stdlib", "--output", str(out),
+                  "--train-tokenizer", "2048", "--no-progress")
+    assert res.returncode == 0, res.stderr
     return out

@@ -16,16 +16,6 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_clm_losses.json"
 TINY = str(REPO / "configs" / "tiny-clm.yaml")
 
 
-@pytest.fixture(scope="session")
-def stdlib_data(tmp_path_factory) -> Path:
-    """The embedded corpus with a 2,048-id BPE, as the README's first command prepares it."""
-    out = tmp_path_factory.mktemp("stdlib")
-    res = run_cli("-m", "train.prepare", "--input", "python-stdlib", "--output", str(out),
-                  "--train-tokenizer", "2048", "--no-progress")
-    assert res.returncode == 0, res.stderr
-    return out
-
-
 def train(data: Path, out: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
           config: str = TINY):
     args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
