@@ -134,9 +134,9 @@ def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data,
     out = tmp_path / "run"
     common = ["max_steps=2000", "eval_steps=1000", "save_steps=10000"]
 
-    def stop_in(phase: str | None, expected: str, delay: str | None = None):
+    def stop_in(phase: str | None, expected: str):
         proc = start(stdlib_data, out, *common,
-                     env={"TRAIN_FAULT_DELAY": f"{delay or phase}:8"} if phase else {})
+                     env={"TRAIN_FAULT_DELAY": f"{phase}:5"} if phase else {})
         try:
             if phase:
                 wait_for(lambda: in_phase(out, phase), proc, what=phase)

@@ -73,7 +73,8 @@ def run_training(cfg: Config) -> int:
         run = RankRun(plan, env.rank, pick_device(env.local_rank), watchdog)
         start_process_group(run.device)
         try:
-            return run.start() or run.loop()
+            stopped = run.start()
+            return run.loop() if stopped is None else stopped
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
