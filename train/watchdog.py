@@ -150,10 +150,11 @@ class Watchdog:
         cause = (f"watchdog: {pos.phase} at step {pos.step} made no progress for {waited:.0f} s "
                  f"(limit {self.limit(pos.phase):.0f} s) on rank {self.rank} ({self.host}); "
                  f"ranks that did not arrive: {self.absent_ranks(now)}")
-        print(f"{cause}; ending the job with status {WATCHDOG_EXIT_CODE}", file=sys.stderr,
-              flush=True)
-        if self.requeue is not None:
-            self.requeue(cause)
+        if self.requeue is not None:  # prints the cause with what became of the job
+            self.requeue(f"{cause}; exit status {WATCHDOG_EXIT_CODE}")
+        else:
+            print(f"{cause}; ending the job with status {WATCHDOG_EXIT_CODE}", file=sys.stderr,
+                  flush=True)
         time.sleep(2 * HEARTBEAT_S)  # the other live ranks see the claim and print their stacks
         os._exit(WATCHDOG_EXIT_CODE)
 
