@@ -19,7 +19,9 @@ the run (`python -m train`)
     eval        the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
     flops       model FLOPs per step and MFU against the GPU's peak
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
-    distributed, preemption, faults, config, errors
+    watchdog    per-phase hang limits, heartbeats naming the ranks that did not arrive
+    stragglers  each rank's own work per step: the slowest rank, the warning line
+    distributed, preemption (stop signals, walltime, requeues), faults, config, errors
 tools
     evaluate, generate, plot
 """
