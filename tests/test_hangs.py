@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, run_cli
 from test_train import TINY, metrics
 from train.checkpoint import latest
 
@@ -165,3 +165,36 @@ def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data,
     stop_in("checkpoint load", rf"SIGTERM: stopped after checkpoint load, before any step; "
                                rf"nothing new to save \(resumes from {saved}\)")
     assert latest(out) == saved
+
+
+PROGRESSING = """
+import sys, time
+from pathlib import Path
+from train.config import WatchdogSection
+from train.watchdog import Watchdog, tree_bytes
+
+out = Path(sys.argv[1])
+# limits below the config's 10 s floor, to keep this test short: the rule is the same
+dog = Watchdog(out, 0, 1, WatchdogSection(eval_s=4, checkpoint_s=4))
+dog.enter("eval", 3)
+for _ in range(6):                      # an eval 1.5 x as long as its limit, batch after batch
+    time.sleep(1)
+    dog.beat()
+saving = out / "checkpoints"
+saving.mkdir()
+dog.enter("checkpoint save", 3, probe=lambda: tree_bytes(saving))
+for i in range(6):                      # a save 1.5 x as long as its limit, writing all along
+    time.sleep(1)
+    (saving / f"part-{i}").write_bytes(b"x" * 1000)
+print("progressing phases passed", flush=True)
+time.sleep(60)                          # then no progress at all
+"""
+
+
+def test_a_long_but_progressing_eval_or_save_does_not_trip_the_watchdog(tmp_path):
+    res = run_cli("-c", PROGRESSING, str(tmp_path), timeout=120)
+    assert res.returncode == 75, res.stderr[-3000:]
+    assert "progressing phases passed" in res.stdout
+    assert re.search(r"watchdog: checkpoint save at step 3 made no progress for \d+ s \(limit 4 s\) "
+                     r"on rank 0 \(.*\); ranks that did not arrive: none", res.stderr), res.stderr
+    assert "Python stacks of rank 0" in res.stderr
