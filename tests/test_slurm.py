@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,12 +59,45 @@ def job_field(env, job: str, key: str) -> str:
     return out.split(f"{key}=", 1)[1].split()[0] if f"{key}=" in out else ""
 
 
-def sbatch(env, data: Path, out: Path, *overrides) -> str:
+def sbatch(env, data: Path, out: Path, *overrides, options=()) -> str:
     out.mkdir(parents=True, exist_ok=True)
     return slurm(env, "sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1",
-                 f"--output={out}/slurm-%j.out", str(REPO / "slurm" / "clm.sh"),
+                 f"--output={out}/slurm-%j.out", *options, str(REPO / "slurm" / "clm.sh"),
                  str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
                  f"output_dir={out / 'run'}", *COMMON, *overrides).strip().split(";")[0]
+
+
+def rank_pids(job: str) -> dict[int, int]:
+    """{rank: pid} of a job's `python -m train` processes on this machine, from their
+    environment (both test nodes are this host)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        env, cmd = proc.info["environ"] or {}, proc.info["cmdline"] or []
+        if env.get("SLURM_JOB_ID") == job and "train" in cmd and "-m" in cmd:
+            found[int(env["SLURM_PROCID"])] = proc.pid
+    return found
+
+
+def heartbeat_phases(run: Path) -> list[str]:
+    """Each rank's phase, from its watchdog heartbeat (train/watchdog.py)."""
+    phases = []
+    for rank in (0, 1):
+        try:
+            phases.append(json.loads((run / ".watchdog" / f"rank-{rank}.json").read_text())["phase"])
+        except (OSError, ValueError):
+            phases.append(None)
+    return phases
+
+
+def released(env, job: str) -> bool:
+    """A requeued job is held on its BeginTime: release it (until it runs; the update fails
+    while the job is still completing)."""
+    if job_field(env, job, "JobState") == "RUNNING":
+        return True
+    slurm(env, "scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+    return False
 
 
 def wait(env, job: str, timeout=400, release_requeued=True) -> str:
@@ -141,7 +175,7 @@ def test_warning_signal_checkpoints_requeues_and_finishes_identically(cluster, d
     slurm(cluster, "scancel", "--signal=USR1", job)
     assert wait(cluster, job) == "COMPLETED"
     log = (out / f"slurm-{job}.out").read_text()
-    assert "warning signal; checkpoint saved; requeued" in log
+    assert "SIGUSR1: checkpoint saved at step" in log and "; requeued" in log
     assert "resumed from" in log and int(job_field(cluster, job, "Restarts")) >= 1
     assert losses(out / "run") == losses(reference)
 
@@ -285,3 +319,75 @@ def test_a_failed_prepare_ends_the_chain_and_the_launcher_says_why(cluster, tmp_
     assert f"training job {job} is cancelled" in line
     wait_for(lambda: job_field(cluster, job, "JobState") == "CANCELLED", timeout=60,
              what="Slurm to cancel the dependent job (--kill-on-invalid-dep)")
+
+
+@NEEDS_SLURM
+def test_a_frozen_rank_ends_the_attempt_and_the_job_requeues_and_finishes_identically(
+        cluster, data, tmp_path, reference):
+    """SIGSTOP on rank 0 after the step-20 checkpoint: rank 1's watchdog names it, prints its
+    stacks and requeues; the next attempt resumes from step 20. Nothing of the job is left."""
+    out = tmp_path / "frozen"
+    job = sbatch(cluster, data, out, "watchdog.step_floor_s=10")
+    wait_for(lambda: (out / "run" / "checkpoints" / "step-00000020" / "trainer_state.json").exists()
+             and losses(out / "run").get(25), what="step 25")
+    frozen = rank_pids(job)[0]
+    os.kill(frozen, signal.SIGSTOP)
+    assert wait(cluster, job) == "COMPLETED"
+    log = (out / f"slurm-{job}.out").read_text()
+    line = [ln for ln in log.splitlines() if "ranks that did not arrive" in ln]
+    assert len(line) == 1, log[-5000:]
+    assert f"job {job}: watchdog: step at step" in line[0] and "on rank 1" in line[0]
+    assert f"ranks that did not arrive: 0 (host " in line[0] and f"pid {frozen}: silent" in line[0]
+    assert line[0].endswith("exit status 75; requeued")
+    assert "Python stacks of rank 1" in log and "most recent call first" in log
+    assert "resumed from" in log and "step-00000020" in log
+    assert losses(out / "run") == losses(reference)
+    assert rank_pids(job) == {}  # nothing of the job left on the nodes
+
+
+@NEEDS_SLURM
+def test_sigterm_in_start_up_requeues_and_a_repeat_without_progress_is_not_requeued(
+        cluster, data, tmp_path):
+    """SIGTERM (what scancel and preemption send) while the ranks start: a clean stop and a
+    requeue. The same again in the next attempt, with requeue_without_progress=1: the job is
+    not requeued a second time, and says why once."""
+    out = tmp_path / "startup"
+    job = sbatch({**cluster, "TRAIN_FAULT_DELAY": "start-up:5"}, data, out,
+                 "requeue_without_progress=1")
+    for attempt in (0, 1):
+        wait_for(lambda: int(job_field(cluster, job, "Restarts") or 0) == attempt
+                 and heartbeat_phases(out / "run") == ["start-up", "start-up"]
+                 and set(rank_pids(job)) == {0, 1}, what=f"attempt {attempt} in start-up")
+        slurm(cluster, "scancel", "--signal=TERM", job)
+        if attempt == 0:
+            wait_for(lambda: job_field(cluster, job, "JobState") == "PENDING", what="the requeue")
+            for rank in (0, 1):  # a clean stop removes them; a killed rank may leave its own
+                (out / "run" / ".watchdog" / f"rank-{rank}.json").unlink(missing_ok=True)
+            wait_for(lambda: released(cluster, job), what="the restart")
+    assert wait(cluster, job, release_requeued=False) == "FAILED"
+    log = (out / f"slurm-{job}.out").read_text()
+    assert log.count("SIGTERM: stopped after start-up, before any step; nothing new to save "
+                     "(resumes from the start); requeued") == 1, log[-3000:]
+    refused = [ln for ln in log.splitlines() if "not requeued" in ln]
+    assert len(refused) == 1, log[-3000:]
+    assert ("SIGTERM: stopped after start-up" in refused[0] and "1 requeue(s) in a row made no "
+            "progress past checkpoint step 0 (requeue_without_progress: 1)" in refused[0])
+    assert not (out / "run" / "checkpoints").exists() or not any(
+        (out / "run" / "checkpoints").glob("step-*"))
+
+
+@NEEDS_SLURM
+def test_walltime_without_a_warning_signal_saves_requeues_and_finishes_identically(
+        cluster, data, tmp_path, reference):
+    """A 3-minute job whose warning signal would come only 10 s before the end: the trainer stops
+    TRAIN_WALLTIME_MARGIN_S (120) before it by itself, saves, requeues, and the next attempt
+    finishes with the uninterrupted losses. Rank 0 sleeps 1 s per step (its own work), so 60
+    steps cannot finish in the minute the first attempt has; the sleep changes no number."""
+    out = tmp_path / "walltime"
+    job = sbatch({**cluster, "TRAIN_WALLTIME_MARGIN_S": "120", "TRAIN_FAULT_SLOW_RANK": "0:1"},
+                 data, out, options=["--time=3", "--signal=USR1@10"])
+    assert wait(cluster, job, timeout=600) == "COMPLETED"
+    log = (out / f"slurm-{job}.out").read_text()
+    assert re.search(r"walltime: checkpoint saved at step \d+; requeued", log), log[-3000:]
+    assert "SIGUSR1" not in log and "resumed from" in log
+    assert losses(out / "run") == losses(reference)

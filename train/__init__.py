@@ -26,7 +26,9 @@ the run (`python -m train`)
     config_drift  what a resume may change in the config (the table), refusing the rest
     run_lock    output_dir/.lock: one run per output_dir, naming its holder
     durable     fsync files, directory and rename at a commit
-    distributed, preemption, faults, config, errors
+    watchdog    per-phase hang limits, heartbeats naming the ranks that did not arrive
+    stragglers  each rank's own work per step: the slowest rank, the warning line
+    distributed, preemption (stop signals, walltime, requeues), faults, config, errors
 tools
     evaluate, generate, plot
 """

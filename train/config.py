@@ -23,6 +23,7 @@ from kernels.backend import BACKENDS
 from train.errors import UsageError
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+MIN_TIMEOUT_S = 10.0  # watchdog timeouts: several heartbeat intervals (train/watchdog.py)
 
 
 @dataclass
@@ -76,6 +77,31 @@ class HealthSection:
 
 
 @dataclass
+class WatchdogSection:
+    """How long each phase of a rank may go without progress before the job is ended (seconds;
+    train/watchdog.py). A phase that reports progress (eval batches, bytes of a save) restarts
+    its clock, so a long but progressing eval or save never trips it."""
+    enabled: bool = True
+    startup_s: float = 1800.0          # process start to a built engine: model, data, rendezvous
+    first_step_s: float = 1800.0       # the first step (compilation, allocator warm-up)
+    step_s: float | None = None        # null: max(step_floor_s, step_factor x median step)
+    step_floor_s: float = 300.0
+    step_factor: float = 20.0
+    eval_s: float | None = None        # one eval batch; null: the step rule
+    checkpoint_s: float = 1800.0       # a save, load or export without a byte written
+
+
+@dataclass
+class StragglerSection:
+    """A rank whose own work per step (data and forward, timed before it waits for the others)
+    is `ratio` x the median over ranks for `windows` logging steps in a row is named in one
+    warning line, at most once per `warn_every` steps."""
+    ratio: float = 1.3
+    windows: int = 3
+    warn_every: int = 500
+
+
+@dataclass
 class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
@@ -110,11 +136,15 @@ class Config:
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
     report_to: str = "none"           # none | tensorboard
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
+    # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
+    requeue_without_progress: int = 3
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
     health: HealthSection = field(default_factory=HealthSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    stragglers: StragglerSection = field(default_factory=StragglerSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -343,12 +373,24 @@ RANGES = {
     "max_grad_norm": (lambda x: x >= 0, ">= 0 (0 turns clipping off)"),
     "eval_max_batches": (lambda x: x is None or x >= 1, "at least 1 (or null: the whole split)"),
     "checkpoint_conversion_timeout_s": (lambda x: x > 0, "> 0"),
+    "requeue_without_progress": (lambda x: x >= 0, ">= 0 (0: requeue only after progress)"),
+    # a frozen rank is told from a live one by heartbeats every few seconds (train/watchdog.py)
+    **{f"watchdog.{key}": (lambda x: x is None or x >= MIN_TIMEOUT_S,
+                           f">= {MIN_TIMEOUT_S:.0f} seconds (null: adapt to the measured steps)")
+       for key in ("startup_s", "first_step_s", "step_s", "step_floor_s", "eval_s",
+                   "checkpoint_s")},
+    "watchdog.step_factor": (lambda x: x >= 2, ">= 2 (a multiple of the median step time)"),
+    "stragglers.ratio": (lambda x: x > 1, "> 1 (the slowest rank over the median)"),
+    "stragglers.windows": (lambda x: x >= 1, "at least 1 logging step"),
+    "stragglers.warn_every": (lambda x: x >= 1, "at least 1 step"),
 }
 
 
 def check_ranges(cfg: Config) -> None:
     for key, (ok, wanted) in RANGES.items():
-        value = getattr(cfg, key)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if not ok(value):
             raise UsageError(f"config key {key} must be {wanted}, got {value}")
 

@@ -9,12 +9,15 @@ The phases, each in its own module:
      DeepSpeed engine (train/engine.py); resume from the latest complete checkpoint, also under
      another world size (train/checkpoint.py);
   3. the steps: accumulation micro-batches, the loss as a true token average over ranks and
-     micro-batches, metrics (train/metrics.py), eval (train/eval.py), checkpoints, and an early
-     stop all ranks agree on (train/preemption.py);
+     micro-batches, metrics (train/metrics.py) with the slowest rank (train/stragglers.py), eval
+     (train/eval.py), checkpoints, and an early stop all ranks agree on (train/preemption.py),
+     also at the end of each start-up phase;
   4. the final eval and checkpoint, the export of output_dir/final/ (train/export.py).
+Throughout, a watchdog thread (train/watchdog.py) ends the job if a phase stops making progress.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, distributed, health, run_lock
+from train import checkpoint, distributed, health, preemption, run_lock
 from train.config import Config
 from train.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
@@ -36,6 +39,8 @@ from train.mixture import MixtureLoader
 from train.model import build_hf_model
 from train.preemption import StopReason, StopRequest
 from train.preflight import Plan, data_sources, preflight
+from train.stragglers import Stragglers, WorkTimer
+from train.watchdog import Watchdog, tree_bytes
 
 
 class NonFiniteError(RuntimeError):
@@ -56,36 +61,46 @@ class Progress:
 
 
 def run_training(cfg: Config) -> int:
+    preemption.install_handlers()  # python -m train did it already, before the heavy imports
     env = distributed.from_environment()
     env.export()
     plan = preflight(cfg, env.world_size)
-    # rank 0 holds output_dir for the run; only then does it clear what an earlier run left
-    holder = run_lock.acquire(cfg.output_dir) if env.rank == 0 else None
-    try:
-        if holder:
+    with contextlib.ExitStack() as held:  # undone in reverse: process group, watchdog, lock
+        if env.rank == 0:  # rank 0 holds output_dir; only then does it clear what a run left
+            holder = run_lock.acquire(cfg.output_dir)
+            held.callback(run_lock.release, cfg.output_dir, holder)
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
-        run = RankRun(plan, env.rank, pick_device(env.local_rank))
+        job = preemption.slurm_job_id()
+        watchdog = Watchdog(
+            Path(cfg.output_dir), env.rank, env.world_size, cfg.watchdog,
+            requeue=(lambda cause: preemption.requeue(job, Path(cfg.output_dir),
+                                                      cfg.requeue_without_progress, cause))
+            if job else None)
+        held.callback(watchdog.close)
+        run = RankRun(plan, env.rank, pick_device(env.local_rank), watchdog)
+        held.callback(end_process_group)
         start_process_group(run.device, env, Path(cfg.output_dir))
-        try:
-            health.check_nodes(plan, env.rank, run.device, run.hf_model)
-            run.start()
-            return run.loop()
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-    finally:
-        if holder:
-            run_lock.release(cfg.output_dir, holder)
+        health.check_nodes(plan, env.rank, run.device, run.hf_model)
+        stopped = run.start()
+        return run.loop() if stopped is None else stopped
+
+
+def end_process_group():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class RankRun:
     """The pieces of one rank's run, and the loop over them."""
 
-    def __init__(self, plan: Plan, rank: int, device: torch.device):
+    def __init__(self, plan: Plan, rank: int, device: torch.device, watchdog: Watchdog):
         cfg = plan.cfg
         self.plan, self.cfg, self.rank, self.world, self.device = plan, cfg, rank, plan.world, device
-        self.out, self.task = Path(cfg.output_dir), plan.task
+        self.out, self.task, self.watchdog = Path(cfg.output_dir), plan.task, watchdog
         self.faults = Faults.from_environment()
+        self.faults.delay_phase("start-up")
+        self.stop = StopRequest(rank)
+        self.work = WorkTimer(device)
         self.hf_model = build_hf_model(cfg.model, plan.hf_config, plan.task.auto_class,
                                        plan.task.model_kwargs(), cfg.seed)
         self.sources = data_sources(cfg)
@@ -110,31 +125,58 @@ class RankRun:
             return MixtureLoader(self.cfg.data.mixture, split, **options)
         return PackedLoader(path or self.cfg.data.path, split, **options)
 
-    def start(self) -> None:
-        """The engine (collective), then the state to continue from."""
+    def start(self) -> int | None:
+        """The engine (collective), then the state to continue from, then the eval before
+        training. A stop asked for meanwhile (a signal, the walltime) ends the run after the
+        phase it came in: its exit status is returned; None goes on to the loop."""
         self.engine, self.model, self.scheduler = build_engine(
             self.cfg, self.hf_model, self.plan.ds_config, self.plan.total_steps)
+        self.hosts = self.gather_hosts()
+        self.stragglers = Stragglers(self.hosts, self.cfg.stragglers, self.rank)
         self.progress = Progress(real_tokens_seen=[0] * len(self.sources))
         self.saved_step = None  # a stop on a save step must not save (and replace) it again
+        if (code := self.stop_between_phases("start-up")) is not None:
+            return code
         if self.plan.resume_from is not None:
+            self.watchdog.enter("checkpoint load", 0)
+            self.faults.delay_phase("checkpoint load")
             self.progress = self.load(self.plan.resume_from)
+            if (code := self.stop_between_phases("checkpoint load")) is not None:
+                return code
         self.metrics.start(self.progress.step if self.plan.resume_from is not None else None)
+        if self.plan.has_val and self.progress.step == 0:  # perplexity before training, as the
+            self.watchdog.enter("eval", 0)                 # course shows
+            self.faults.delay_phase("eval")
+            self.metrics.log({"step": 0, **self.evaluate()})
+            return self.stop_between_phases("the step-0 eval")
+        return None
+
+    def stop_between_phases(self, phase: str) -> int | None:
+        """Before the first step: a stop all ranks agree on ends the run with nothing to save
+        (nothing was trained since the checkpoint it resumed from)."""
+        reason = self.agree_to_stop(self.stop.local_reason(self.progress.step, starting=True))
+        if reason is None:
+            return None
+        latest = checkpoint.latest(self.out)
+        return self.stop.requeue(reason, self.out, self.cfg.requeue_without_progress,
+                                 f"stopped after {phase}, before any step; nothing new to save "
+                                 f"(resumes from {latest or 'the start'})")
 
     # -- the loop -------------------------------------------------------------------------------
     def loop(self) -> int:
         cfg, plan, p = self.cfg, self.plan, self.progress
         train_iter = iter(self.loader)
         eval_every = cfg.eval_steps or cfg.logging_steps
-        stop = StopRequest(self.rank)
         pending = torch.tensor([p.pending_loss, p.pending_tokens], device=self.device,
                                dtype=torch.float64)  # [loss sum, tokens] of the logging window
         started = window_start = time.time()
         window_steps = 0
         work = [0, 0]  # this rank's [real tokens, attended pairs] of the logging window
-        if plan.has_val and p.step == 0:  # perplexity before training, as the course shows
-            self.metrics.log({"step": 0, **self.evaluate()})
         bar = self.progress_bar()
+        first = True
         while p.step < plan.total_steps:
+            self.watchdog.enter("first step" if first else "step", p.step + 1)
+            first = False
             drawn = self.loader.consumed
             loss_sum, tokens, skipped, step_work = self.train_step(train_iter)
             p.step += 1
@@ -155,6 +197,8 @@ class RankRun:
                 real, pairs = self.all_reduce(torch.tensor(work, dtype=torch.float64,
                                                            device=self.device)).tolist()
                 rates = self.throughput.rates(real, float(pending[1]), pairs, seconds, self.world)
+                rates.update(self.stragglers.fields(p.step, self.per_rank(
+                    self.work.take() / window_steps)))
                 record = self.log_step(pending, window_steps * plan.tokens_per_step / seconds,
                                        now - started, rates)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
@@ -163,18 +207,20 @@ class RankRun:
                 work = [0, 0]
                 window_start, window_steps = now, 0
             if plan.has_val and p.step % eval_every == 0 and p.step < plan.total_steps:
+                self.watchdog.enter("eval", p.step)
                 self.metrics.log({"step": p.step, **self.evaluate()})
             if p.step % cfg.save_steps == 0 and p.step < plan.total_steps:
                 self.save(pending)
             self.faults.after_step(self.rank, p.step)
-            reason = self.agree_to_stop(stop.local_reason(p.step))
+            reason = self.agree_to_stop(self.stop.local_reason(p.step))
             if reason and p.step < plan.total_steps:
                 self.save(pending)
                 bar.close()
-                stop.requeue(reason)
-                return 0
+                return self.stop.requeue(reason, self.out, cfg.requeue_without_progress,
+                                         f"checkpoint saved at step {p.step}")
         bar.close()
         if plan.has_val:
+            self.watchdog.enter("eval", p.step)
             self.metrics.log({"step": p.step, **self.evaluate()})
         self.save(pending)
         self.export()
@@ -186,15 +232,18 @@ class RankRun:
         """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss sum,
         labelled tokens) summed over ranks, as tensors, whether a micro-batch was skipped
         (nonfinite: skip), and this rank's (real tokens, attended pairs) for the FLOP count."""
-        batches = [self.task.train_batch(next(train_iter))
-                   for _ in range(self.cfg.gradient_accumulation_steps)]
+        with self.work.host():
+            self.faults.slow_work(self.rank)
+            batches = [self.task.train_batch(next(train_iter))
+                       for _ in range(self.cfg.gradient_accumulation_steps)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = self.all_reduce(torch.tensor(float(local_tokens), device=self.device))
         # [loss sum, tokens] of the micro-batches actually trained on (skipped ones excluded)
         totals = torch.zeros(2, device=self.device)
         skipped = False
         for batch in batches:
-            loss_sum, tokens = self.forward(batch)
+            with self.work.device():
+                loss_sum, tokens = self.forward(batch)
             # DeepSpeed averages gradients over ranks, so scale by world / global tokens: the
             # gradient is then that of (sum of all token losses) / (all tokens of the step).
             loss = loss_sum * (self.world / global_tokens.clamp(min=1))
@@ -258,12 +307,17 @@ class RankRun:
                 self.cfg.data.validation_split, self.cfg.per_device_eval_batch_size,
                 shuffle=False, verify="none", path=s.path) for s in self.plan.eval_sources}
         self.engine.eval()
+
+        def forward(batch, return_predictions=False):
+            self.watchdog.beat()  # an eval is watched per batch: a long one is not a hang
+            return self.forward(batch, return_predictions)
+
         options = dict(max_batches=self.cfg.eval_max_batches or None, world=self.world,
                        all_reduce=self.all_reduce, device=self.device)
         if self.cfg.data.mixture is not None:
-            record = evaluate_sources(self.forward, self.eval_loaders, self.task, **options)
+            record = evaluate_sources(forward, self.eval_loaders, self.task, **options)
         else:
-            record = evaluate(self.forward, *self.eval_loaders.values(), self.task, **options)
+            record = evaluate(forward, *self.eval_loaders.values(), self.task, **options)
         self.engine.train()
         return record
 
@@ -277,6 +331,22 @@ class RankRun:
             torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
         return tensor
 
+    def per_rank(self, value: float) -> list[float]:
+        """`value` of every rank, in rank order (one all-gather)."""
+        mine = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return [value]
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(every, mine)
+        return [float(t) for t in every]
+
+    def gather_hosts(self) -> list[str]:
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return [self.watchdog.host]
+        hosts = [None] * self.world
+        torch.distributed.all_gather_object(hosts, self.watchdog.host)
+        return hosts
+
     def agree_to_stop(self, local: StopReason | None) -> StopReason | None:
         """All ranks stop together or not at all: the reasons' values are max-reduced."""
         flag = self.all_reduce(torch.tensor(float(local or 0), device=self.device),
@@ -289,6 +359,8 @@ class RankRun:
         if self.saved_step == p.step:
             return
         self.saved_step = p.step
+        self.watchdog.enter("checkpoint save", p.step,
+                            probe=lambda: tree_bytes(checkpoint.root(self.out)))
         p.pending_loss, p.pending_tokens = pending.tolist()
         state = {"step": p.step, "real_tokens_seen": p.real_tokens_seen, "world_size": self.world,
                  "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
@@ -329,6 +401,8 @@ class RankRun:
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
         from train.export import export_final
+        self.watchdog.enter("export", self.progress.step,
+                            probe=lambda: tree_bytes(self.out / "final"))
         export_final(self.engine, self.model, self.out / "final", Path(self.sources[0].path),
                      self.rank, self.barrier, config=self.cfg.to_dict())
 
