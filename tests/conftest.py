@@ -2,11 +2,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import TRICKY_DOCS, many_docs, run_cli, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Tests that run `train` in-process may export RANK, WORLD_SIZE and MASTER_PORT (a run does,
+    for DeepSpeed). Left in this process, every later subprocess would inherit them, and a Slurm
+    job submitted from here would export them to its tasks: each would think it ran alone."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -63,8 +63,8 @@ class Progress:
 def run_training(cfg: Config) -> int:
     preemption.install_handlers()  # python -m train did it already, before the heavy imports
     env = distributed.from_environment()
-    env.export()
     plan = preflight(cfg, env.world_size)
+    env.export()  # after preflight: a refused run leaves its caller's environment as it was
     with contextlib.ExitStack() as held:  # undone in reverse: process group, watchdog, lock
         if env.rank == 0:  # rank 0 holds output_dir; only then does it clear what a run left
             holder = run_lock.acquire(cfg.output_dir)
