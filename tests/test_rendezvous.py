@@ -60,11 +60,11 @@ def test_two_jobs_whose_ids_differ_by_20000_do_not_collide(tmp_path):
 
 
 def test_a_rank_that_cannot_see_the_published_port_names_the_file(tmp_path):
-    from train.distributed import from_environment, rendezvous_store
+    from train.distributed import RendezvousTimeout, from_environment, rendezvous_store
 
     env = from_environment(slurm_task_env(1, "77", restart="2"))
     assert env.master_port is None and env.attempt == "77.2"
-    with pytest.raises(TimeoutError, match=r"\.rendezvous-77\.2\.json.*every node shares"):
+    with pytest.raises(RendezvousTimeout, match=r"\.rendezvous-77\.2\.json.*every node shares"):
         rendezvous_store(env, tmp_path, datetime.timedelta(seconds=5), wait_s=0.5)
 
 

@@ -238,10 +238,13 @@ def test_mlm_sbatch_script_trains_bert_on_two_nodes(cluster, corpus_dir, tmp_pat
 def test_node_local_output_dir_ends_the_job_before_training(cluster, data, tmp_path):
     """The classic silent failure: output_dir on a node-local disk. Each test node mounts its
     own directory at DIR/scratch (slurm/testcluster.sh); rank 1 on node2 does not find rank 0's
-    token directory, and the job ends before the first step, naming the host and the check."""
+    rendezvous file, the first thing the ranks share through output_dir, and the job ends before
+    the first step with the health exit status, naming the host and the check."""
     scratch = Path(cluster["SLURM_CONF"]).parent / "scratch"
     out = tmp_path / "node-local"
-    job = sbatch(cluster, data, out, f"output_dir={scratch / 'run'}")
+    # rank 1 first misses rank 0's rendezvous file there; 20 s is enough to see it on a shared one
+    job = sbatch({**cluster, "TRAIN_RENDEZVOUS_WAIT_S": "20"}, data, out,
+                 f"output_dir={scratch / 'run'}")
     assert wait(cluster, job) == "FAILED"
     log = (out / f"slurm-{job}.out").read_text()
     # the health exit status (train.health.HEALTH_EXIT_CODE); srun then ends the other rank

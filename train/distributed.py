@@ -28,7 +28,12 @@ from pathlib import Path
 
 # How long ranks wait for rank 0 to publish its port: rank 0 starts as fast as any other rank,
 # so minutes of waiting mean the file cannot be seen (output_dir is not shared), not slowness.
+# TRAIN_RENDEZVOUS_WAIT_S overrides it.
 RENDEZVOUS_WAIT_S = 600.0
+
+
+class RendezvousTimeout(TimeoutError):
+    """Rank 0's published port never became visible to this rank."""
 
 
 @dataclass
@@ -97,7 +102,7 @@ def rendezvous_file(folder: Path, env: DistEnv) -> Path:
 
 
 def rendezvous_store(env: DistEnv, folder: Path, timeout: datetime.timedelta,
-                     wait_s: float = RENDEZVOUS_WAIT_S):
+                     wait_s: float | None = None):
     """The TCP store of the process group. With a port set (torchrun, or MASTER_PORT given),
     None: torch's env:// does it. Otherwise rank 0 binds a port the kernel picks and publishes
     it in `folder`; the others read it and connect."""
@@ -115,6 +120,8 @@ def rendezvous_store(env: DistEnv, folder: Path, timeout: datetime.timedelta,
         partial.replace(path)  # readers never see half a file
         env.master_port = store.port
         return store
+    if wait_s is None:
+        wait_s = float(os.environ.get("TRAIN_RENDEZVOUS_WAIT_S", RENDEZVOUS_WAIT_S))
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -122,10 +129,11 @@ def rendezvous_store(env: DistEnv, folder: Path, timeout: datetime.timedelta,
             break
         except (OSError, ValueError):
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"rank {env.rank} on {socket.gethostname()} waited {wait_s:.0f} s for rank 0 to "
-                    f"publish the rendezvous port in {path}; output_dir must be a directory "
-                    "every node shares (or set MASTER_PORT)") from None
+                raise RendezvousTimeout(
+                    f"rank {env.rank} waited {wait_s:.0f} s for rank 0's rendezvous file {path}: "
+                    "output_dir is not the directory rank 0 writes to (it must be on a "
+                    "filesystem every node shares), or rank 0 did not start (or set "
+                    "MASTER_PORT)") from None
             time.sleep(0.2)
     env.master_addr, env.master_port = published["host"], int(published["port"])
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,

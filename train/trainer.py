@@ -79,7 +79,11 @@ def run_training(cfg: Config) -> int:
         held.callback(watchdog.close)
         run = RankRun(plan, env.rank, pick_device(env.local_rank), watchdog)
         held.callback(end_process_group)
-        start_process_group(run.device, env, Path(cfg.output_dir))
+        try:
+            start_process_group(run.device, env, Path(cfg.output_dir))
+        except distributed.RendezvousTimeout as err:  # the first sign of an unshared output_dir
+            raise health.NodeHealthError(
+                f"node health: host {health.host_name()}: output_dir: {err}") from None
         health.check_nodes(plan, env.rank, run.device, run.hf_model)
         stopped = run.start()
         return run.loop() if stopped is None else stopped
