@@ -86,6 +86,11 @@ def from_environment(env: dict | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
 
 
+def host_name() -> str:
+    """The node's name as Slurm calls it (the test cluster's nodes share one host)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _port_if_set(env) -> int | None:
     return int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None
 

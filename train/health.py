@@ -26,13 +26,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from train.distributed import host_name
 
 HEALTH_EXIT_CODE = 5
 TOKEN_DIR = ".node-health"  # inside output_dir; removed again after the check
@@ -149,11 +150,6 @@ def local_facts(rank: int, device) -> NodeFacts:
     promised = os.environ.get("SLURM_GPUS_ON_NODE")
     return NodeFacts(rank, host_name(), int(promised) if promised and promised.isdigit() else None,
                      gpus, device.type == "cuda", None, versions=code_versions())
-
-
-def host_name() -> str:
-    """The node's name as Slurm calls it (the test cluster's nodes share one host)."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def make_token_dir(tokens: Path) -> str | None:

@@ -83,7 +83,7 @@ def run_training(cfg: Config) -> int:
             start_process_group(run.device, env, Path(cfg.output_dir))
         except distributed.RendezvousTimeout as err:  # the first sign of an unshared output_dir
             raise health.NodeHealthError(
-                f"node health: host {health.host_name()}: output_dir: {err}") from None
+                f"node health: host {distributed.host_name()}: output_dir: {err}") from None
         health.check_nodes(plan, env.rank, run.device, run.hf_model)
         stopped = run.start()
         return run.loop() if stopped is None else stopped

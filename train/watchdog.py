@@ -30,7 +30,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from train.config import MIN_TIMEOUT_S, WatchdogSection
+from train.distributed import host_name
 
 WATCHDOG_EXIT_CODE = 75
 HEARTBEAT_S = 2.0
@@ -78,7 +78,7 @@ class Watchdog:
                  requeue: Callable[[str], int] | None = None):
         self.dir = Path(out) / DIR
         self.rank, self.world, self.limits, self.requeue = rank, world, limits, requeue
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid = host_name(), os.getpid()
         self.started = time.time()
         self.position = Position("start-up", 0, 1, self.started)
         self.last_progress = self.started
