@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import COURSE_PIPELINE, machine, run_measured, write_results
-from train.shards import ShardIndex
+from train.data.shards import ShardIndex
 
 SEED_PIPELINE = r'''
 import sys, time
@@ -48,7 +48,7 @@ print(tokens, len(lm))
 
 
 def write_corpus(path: Path, copies: int) -> list[str]:
-    from train.sources import resolve
+    from train.data.sources import resolve
 
     docs = [text for text, _ in resolve("python-stdlib").iter_docs() if text]
     with open(path, "w", encoding="utf-8") as f:
@@ -111,7 +111,7 @@ def check_same_ids(docs: list[str], shard_dir: Path, tokenizer_dir: Path, sample
 def bench_tiktoken_alone(docs: list[str], tokenizer_dir: Path) -> dict:
     """tiktoken's own encode of the whole corpus on one thread in this process: the floor
     under the tokenizing pass (no reading, batching, id mapping or writing)."""
-    from train.tiktoken_bpe import TiktokenBPE
+    from train.data.tiktoken_bpe import TiktokenBPE
 
     fast = TiktokenBPE(tokenizer_dir / "tokenizer.json")
     start = time.process_time()
@@ -120,7 +120,7 @@ def bench_tiktoken_alone(docs: list[str], tokenizer_dir: Path) -> dict:
 
 
 def bench_loader(shard_dir: Path, seconds: float = 3.0) -> dict:
-    from train.loader import PackedLoader
+    from train.data.loader import PackedLoader
 
     loader = PackedLoader(shard_dir, seq_len=2048, micro_batch_size=8, seed=0, max_positions=2048)
     it = iter(loader)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import COURSE_PIPELINE, REPO, machine, write_results
-from train.shards import ShardIndex
+from train.data.shards import ShardIndex
 
 TRAINER_SCRIPT = r'''
 import json, sys, torch

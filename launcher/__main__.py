@@ -79,8 +79,8 @@ def validate(args):
     """The checks a job would fail on, run here by the same preflight every rank runs. Returns
     (config, DeepSpeed config, world size)."""
     from train.config import load_config
-    from train.preflight import preflight
-    from train.run_lock import refuse_if_held
+    from train.run.preflight import preflight
+    from train.run.run_lock import refuse_if_held
 
     cfg = load_config(args.config, args.overrides)
     refuse_if_held(cfg.output_dir)  # a live run on this output_dir: submitting would only fail
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 def launch(args) -> int:
     from launcher.partition import check_request
     from launcher.submit import Resources, TrainJob, make_executor, render_sbatch
-    from train.health import describe
+    from train.run.health import describe
 
     if args.cluster == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "

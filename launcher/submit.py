@@ -1,14 +1,13 @@
 """Build and submit a training job through submitit (Slurm, or this machine for `--cluster local`).
 
-Every task runs `TrainJob`, which reads its rank from the environment (train/distributed.py) and
+Every task runs `TrainJob`, which reads its rank from the environment (train/run/distributed.py) and
 runs one rank of `python -m train` in-process. The warning signal submitit asks Slurm for (USR2)
 is handled by the trainer itself, on every rank: a collective checkpoint, then a requeue (see
-train/preemption.py); submitit's own handler would checkpoint on rank 0 alone.
+train/run/preemption.py); submitit's own handler would checkpoint on rank 0 alone.
 """
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 SIGNAL_DELAY_S = 120  # the warning comes 2 minutes before the end: a save of a 1B model fits
@@ -27,7 +26,7 @@ class TrainJob:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from train.config import load_config
-        from train.trainer import run_training
+        from train.run.trainer import run_training
 
         code = run_training(load_config(self.config, self.overrides))
         if code:

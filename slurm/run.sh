@@ -6,7 +6,7 @@ set -euo pipefail
 module_name=$1; shift
 PYTHON=${SLURM_LM_PYTHON:-python}
 # The rendezvous needs nothing from here: rank 0 binds a free port and publishes it in
-# output_dir (train/distributed.py). A MASTER_PORT exported by the user is used as given.
+# output_dir (train/run/distributed.py). A MASTER_PORT exported by the user is used as given.
 if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     export DS_ACCELERATOR=cpu
 fi

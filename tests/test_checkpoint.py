@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import checkpoint, config_drift, durable, run_lock
+from train.run import checkpoint, config_drift, run_lock
+from train import durable
 from train.errors import UsageError
 
 
@@ -59,7 +60,7 @@ def test_a_checkpoint_commit_fsyncs_its_files_its_directory_then_the_rename(tmp_
 
 
 def test_the_export_is_fsynced_before_and_after_its_rename(tmp_path, fsynced):
-    from train.export import export_final
+    from train.run.export import export_final
 
     class Model:
         def unwrap_for_export(self):
@@ -151,7 +152,7 @@ def _write_lock(out: Path, holder):
     ("another job on a live pid", _holder(job="77"), _holder(job="78", pid=1), None, False),
 ])
 def test_lock_rules(tmp_path, monkeypatch, case, holder, me, squeue, taken):
-    """Who may take output_dir's lock over (train/run_lock.py's rule); squeue's answer is
+    """Who may take output_dir's lock over (train/run/run_lock.py's rule); squeue's answer is
     given (None: no Slurm here)."""
     monkeypatch.setattr(run_lock, "slurm_job_running", lambda job: squeue)
     _write_lock(tmp_path, holder)

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import REPO, free_port, run_cli
 from test_train import TINY, metrics
-from train.checkpoint import latest
+from train.run.checkpoint import latest
 
 SHORT = ["per_device_train_batch_size=4", "logging_steps=5", "eval_max_batches=2"]
 
@@ -68,7 +68,7 @@ def logged_step(out: Path) -> int:
 
 
 def in_phase(out: Path, phase: str) -> bool:
-    """Both ranks' heartbeats (train/watchdog.py) say they are in `phase`."""
+    """Both ranks' heartbeats (train/run/watchdog.py) say they are in `phase`."""
     try:
         beats = [json.loads((out / ".watchdog" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     except (OSError, ValueError):
@@ -107,7 +107,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
     assert "made no progress" in line[0] and "on rank 1" in line[0]
     assert f"ranks that did not arrive: 0 (host " in line[0] and f"pid {frozen}: silent" in line[0]
     assert "Python stacks of rank 1" in log and "most recent call first" in log
-    assert "train/trainer.py" in log  # the live rank's stack shows where it waits
+    assert "train/run/trainer.py" in log  # the live rank's stack shows where it waits
     # no process left behind: the frozen rank was killed by torchrun
     assert not Path(f"/proc/{frozen}").exists() or \
         "Z" in Path(f"/proc/{frozen}/stat").read_text().split()[2]
@@ -171,7 +171,7 @@ PROGRESSING = """
 import sys, time
 from pathlib import Path
 from train.config import WatchdogSection
-from train.watchdog import Watchdog, tree_bytes
+from train.run.watchdog import Watchdog, tree_bytes
 
 out = Path(sys.argv[1])
 # limits below the config's 10 s floor, to keep this test short: the rule is the same

@@ -1,4 +1,4 @@
-"""Node health at job start (train/health.py), with real ranks on this machine. The checks that
+"""Node health at job start (train/run/health.py), with real ranks on this machine. The checks that
 need two nodes (a node-local output_dir, promised GPUs that are not there) run on the test Slurm
 cluster in tests/test_slurm.py."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_missing_gpus_other_code_and_too_little_space_end_the_job_before_trainin
     ranks = [start_rank(0, 2, port, args, REPO), start_rank(1, 2, port, args, other,
                                                                   SLURM_GPUS_ON_NODE="1")]
     results = [r.communicate(timeout=300) for r in ranks]
-    from train.health import HEALTH_EXIT_CODE, host_name
+    from train.run.health import HEALTH_EXIT_CODE, host_name
 
     assert [r.returncode for r in ranks] == [HEALTH_EXIT_CODE] * 2, results[0][1][-3000:]
     report = [l for l in results[0][1].splitlines() if "node health: host" in l]
@@ -62,7 +62,7 @@ def test_missing_gpus_other_code_and_too_little_space_end_the_job_before_trainin
 
 def test_checkpoint_estimate_per_zero_stage():
     """The formula in checkpoint_bytes (real checkpoints are compared in test_train.py)."""
-    from train.health import checkpoint_bytes
+    from train.run.health import checkpoint_bytes
 
     assert checkpoint_bytes(10, 0, half_precision=False) == 120   # weights are the master
     assert checkpoint_bytes(10, 0, half_precision=True) == 140

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from train.errors import DataError
-from train.loader import IGNORE_INDEX, FeistelPermutation, PackedLoader
-from train.shards import FORMAT_VERSION, ShardWriter
+from train.data.loader import IGNORE_INDEX, FeistelPermutation, PackedLoader
+from train.data.shards import FORMAT_VERSION, ShardWriter
 
 EOS = 0
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from helpers import many_docs
-from train.loader import IGNORE_INDEX, PackedLoader
-from train.masking import VocabularyTables, mask_tokens
+from train.data.loader import IGNORE_INDEX, PackedLoader
+from train.data.masking import VocabularyTables, mask_tokens
 from train.tasks import MaskedLM
 
 
@@ -160,7 +160,7 @@ def test_eval_masking_is_fixed_and_training_masking_changes_by_epoch(mlm_data):
 
 
 def test_word_start_tables_for_wordpiece_and_byte_level_bpe(tmp_path):
-    from train.tokenizer import save_pretrained, train_bpe, train_wordpiece
+    from train.data.tokenizer import save_pretrained, train_bpe, train_wordpiece
 
     texts = many_docs(200)
     for train_fn, name in ((train_wordpiece, "wp"), (train_bpe, "bpe")):

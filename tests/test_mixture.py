@@ -18,7 +18,7 @@ import pytest
 from helpers import TRICKY_DOCS, free_port, many_docs, run_cli, write_jsonl
 from test_loader import random_docs, write_shard_dir
 from train.errors import DataError
-from train.mixture import MAX_PERIOD, MixtureLoader, MixtureSchedule
+from train.data.mixture import MAX_PERIOD, MixtureLoader, MixtureSchedule
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-clm.yaml")
 
@@ -347,7 +347,7 @@ def test_max_epochs_arithmetic_counts_a_resumed_runs_samples_under_its_new_world
     new batch exceeds is refused before the job starts."""
     from train.config import load_config
     from train.errors import UsageError
-    from train.preflight import preflight
+    from train.run.preflight import preflight
 
     saved = tmp_path / "o" / "checkpoints" / "step-00000010"
     saved.mkdir(parents=True)
@@ -371,7 +371,7 @@ def test_resuming_with_another_mixture_is_config_drift_and_older_checkpoints_sti
     """data.mixture decides the sample order: a changed weight is refused on resume by key (as
     any math change); a checkpoint from before data.mixture existed lacks the key, which is no
     change when the run leaves it null."""
-    from train import config_drift
+    from train.run import config_drift
     from train.config import load_config
 
     mixed = load_config(TINY, mixture_args("{path: a, weight: 0.7}", "{path: b, weight: 0.3}"))

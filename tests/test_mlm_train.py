@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -56,7 +55,7 @@ def exported_eval_loss(final, data, seq_len: int, seed: int) -> float:
     return total / count
 
 
-from train.loader import PackedLoader  # noqa: E402  (used by the helper above)
+from train.data.loader import PackedLoader  # noqa: E402  (used by the helper above)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

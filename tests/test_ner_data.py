@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from train.errors import UsageError
-from train.ner_data import (ReadStats, Sentence, check_validation_labels, continuation_label,
-                            label_list, read_sentences, resolve_files)
+from train.data.ner_data import (ReadStats, Sentence, check_validation_labels, continuation_label,
+                                 label_list, read_sentences, resolve_files)
 
 
 def file_size(spec: str) -> int:

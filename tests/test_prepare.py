@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import TRICKY_DOCS, many_docs, run_cli, write_jsonl
-from train import shards
+from train.data import shards
 from train.prepare import main as prepare_main
 
 
@@ -258,7 +258,7 @@ def test_bad_input_is_a_clear_error_with_exit_2(tmp_path, prepared, case):
 
 
 def test_stdlib_corpus_is_the_interpreters_own_sources():
-    from train.sources import resolve
+    from train.data.sources import resolve
 
     source = resolve("python-stdlib")
     assert len(source.files) > 1000
@@ -269,13 +269,12 @@ def test_stdlib_corpus_is_the_interpreters_own_sources():
 
 def test_batching_counts_the_characters_of_sentences_too():
     """The batching bound counts a sentence's characters (its words'), not its tuple's length."""
-    from train.prepare import batch_documents, doc_chars
+    from train.data.prepare import BATCH_CHARS, batch_documents, doc_chars
 
     assert doc_chars("héllo") == 5
     assert doc_chars((["def", "main"], [0, 1])) == 7
-    import train.prepare as prepare
 
-    big = (["x" * (prepare.BATCH_CHARS // 2)], [0])
+    big = (["x" * (BATCH_CHARS // 2)], [0])
     batches = list(batch_documents([(0, big, 1)] * 4, skip=[0, 0]))
     assert [len(texts) for _, texts in batches] == [2, 2]
 
@@ -304,7 +303,7 @@ def engine_corpus(tmp_path_factory) -> Path:
     """Real code (the first stdlib files), the tricky documents and the CJK/special ones."""
     import itertools
 
-    from train.sources import resolve
+    from train.data.sources import resolve
 
     stdlib = [text for text, _ in itertools.islice(resolve("python-stdlib").iter_docs(), 60) if text]
     path = tmp_path_factory.mktemp("engine") / "docs.jsonl"
@@ -380,7 +379,7 @@ def test_tiktoken_engine_falls_back_on_a_difference_and_is_refused_where_it_cann
     is refused with exit 2 and nothing written that looks complete."""
     import shutil
 
-    from train.tokenizer import save_pretrained, train_wordpiece
+    from train.data.tokenizer import save_pretrained, train_wordpiece
 
     edited = tmp_path / "edited"
     shutil.copytree(prepared, edited, ignore=shutil.ignore_patterns("*.bin", "index.json"))

@@ -13,12 +13,12 @@ import pytest
 from helpers import REPO
 
 # One srun task: its place from Slurm's variables, the process group through
-# train.engine.start_process_group, then an all_reduce every rank must see.
+# train.run.engine.start_process_group, then an all_reduce every rank must see.
 TASK = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from train.distributed import from_environment
-    from train.engine import start_process_group
+    from train.run.distributed import from_environment
+    from train.run.engine import start_process_group
     env = from_environment()
     start_process_group(torch.device("cpu"), env, Path(sys.argv[1]))
     t = torch.tensor([env.rank + 1.0])
@@ -60,7 +60,7 @@ def test_two_jobs_whose_ids_differ_by_20000_do_not_collide(tmp_path):
 
 
 def test_a_rank_that_cannot_see_the_published_port_names_the_file(tmp_path):
-    from train.distributed import RendezvousTimeout, from_environment, rendezvous_store
+    from train.run.distributed import RendezvousTimeout, from_environment, rendezvous_store
 
     env = from_environment(slurm_task_env(1, "77", restart="2"))
     assert env.master_port is None and env.attempt == "77.2"
@@ -69,7 +69,7 @@ def test_a_rank_that_cannot_see_the_published_port_names_the_file(tmp_path):
 
 
 def test_a_port_the_user_sets_is_used_as_given():
-    from train.distributed import from_environment, rendezvous_store
+    from train.run.distributed import from_environment, rendezvous_store
 
     env = from_environment({**slurm_task_env(0, "5"), "MASTER_PORT": "29123"})
     assert env.master_port == 29123

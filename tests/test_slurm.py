@@ -81,7 +81,7 @@ def rank_pids(job: str) -> dict[int, int]:
 
 
 def heartbeat_phases(run: Path) -> list[str]:
-    """Each rank's phase, from its watchdog heartbeat (train/watchdog.py)."""
+    """Each rank's phase, from its watchdog heartbeat (train/run/watchdog.py)."""
     phases = []
     for rank in (0, 1):
         try:
@@ -247,7 +247,7 @@ def test_node_local_output_dir_ends_the_job_before_training(cluster, data, tmp_p
                  f"output_dir={scratch / 'run'}")
     assert wait(cluster, job) == "FAILED"
     log = (out / f"slurm-{job}.out").read_text()
-    # the health exit status (train.health.HEALTH_EXIT_CODE); srun then ends the other rank
+    # the health exit status (train.run.health.HEALTH_EXIT_CODE); srun then ends the other rank
     assert re.search(r"task \d: Exited with exit code 5", log), log[-3000:]
     report = [l for l in log.splitlines() if "node health: host" in l]
     assert len(report) == 1 and "host node2: output_dir:" in report[0], log[-3000:]

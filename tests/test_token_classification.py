@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from helpers import REPO, run_cli, synthetic_ner, write_conll, write_jsonl
-from train.loader import IGNORE_INDEX, PackedLoader
+from train.data.loader import IGNORE_INDEX, PackedLoader
 from train.tasks import TokenClassification
 
 CONFIG = str(REPO / "configs" / "tiny-token-classification.yaml")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, free_port, run_cli
-from train.loader import PackedLoader
+from train.data.loader import PackedLoader
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_clm_losses.json"
 TINY = str(REPO / "configs" / "tiny-clm.yaml")
@@ -82,7 +82,7 @@ def test_two_ranks_train_evaluate_export_and_generate(stdlib_data, tmp_path, sta
     # The node-health free-space estimate against this real checkpoint: above it only by the
     # RNG states, trainer_state.json and pickle framing (measured: +0.7% at ZeRO-2, +1.3% at
     # ZeRO-0 and 3 for a 0.45M-parameter model, about 30 KB of it fixed)
-    from train.health import checkpoint_bytes
+    from train.run.health import checkpoint_bytes
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     on_disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     estimate = checkpoint_bytes(model.num_parameters(), stage, half_precision=False)
@@ -113,7 +113,7 @@ def test_resume_is_exact_also_after_a_kill_in_save_and_under_another_world_size(
     assert sorted(p.name for p in (ckpts / "step-00000005").glob("rng-*")) == \
         ["rng-rank0.safetensors", "rng-rank1.safetensors"]
     # the killed rank 0 left its lock: a dead pid on this host, which the resume takes over
-    from train.run_lock import pid_alive, read_holder
+    from train.run.run_lock import pid_alive, read_holder
     assert not pid_alive(read_holder(killed).pid)
     # a stale partial save of a step the resumed run never saves again: the resume removes it
     shutil.copytree(ckpts / ".partial-step-00000010", ckpts / ".partial-step-00000012")
@@ -148,7 +148,7 @@ def test_one_run_per_output_dir_one_save_per_step_and_overwrite(stdlib_data, tmp
     import sys
     import time
 
-    from train.run_lock import read_holder
+    from train.run.run_lock import read_holder
     out = tmp_path / "run"
     common = ["per_device_train_batch_size=4", "logging_steps=5", "eval_strategy=no", "save_steps=5"]
     log = open(tmp_path / "first.log", "w+")
@@ -345,7 +345,7 @@ def test_evaluate_uses_the_runs_own_seq_len(tmp_path):
     from transformers import GPT2Config
 
     from train.evaluate import run_config
-    from train.export import TRAIN_CONFIG
+    from train.run.export import TRAIN_CONFIG
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     assert run_config(str(tmp_path)).data.seq_len == 128
@@ -412,7 +412,7 @@ def test_deepspeed_auto_values_are_resolved_like_the_trainer(tmp_path):
 
 
 def test_distributed_environment_from_each_launcher():
-    from train.distributed import first_host, from_environment
+    from train.run.distributed import first_host, from_environment
 
     t = from_environment({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1",
                           "MASTER_PORT": "1234"})
@@ -428,7 +428,7 @@ def test_distributed_environment_from_each_launcher():
 
 
 def test_lr_schedules():
-    from train.engine import lr_lambda
+    from train.run.engine import lr_lambda
 
     lin, cos, const, cwarm = (lr_lambda(k, 10, 110) for k in ("linear", "cosine", "constant",
                                                               "constant_with_warmup"))
@@ -444,7 +444,7 @@ def test_a_partial_last_metrics_line_does_not_stop_resume_or_plot(tmp_path, caps
     """A writer killed mid-line leaves half a JSON record: resume trims it away with a warning,
     and train.plot draws the rest; a damaged line in the middle is named."""
     from train.errors import UsageError
-    from train.metrics import MetricsLog, plot_run
+    from train.run.metrics import MetricsLog, plot_run
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 5.0 - s / 10, "lr": 1e-3}) for s in range(1, 8)]
@@ -459,7 +459,7 @@ def test_a_partial_last_metrics_line_does_not_stop_resume_or_plot(tmp_path, caps
         MetricsLog(tmp_path, rank=0).start(resumed_at=5)
 
 
-# -- resuming with another config (train/config_drift.py) -----------------------------------------
+# -- resuming with another config (train/run/config_drift.py) -----------------------------------------
 DRIFT_BASE = ["max_steps=20", "per_device_train_batch_size=4", "save_steps=5"]
 
 
@@ -468,8 +468,8 @@ def saved_run(stdlib_data, tmp_path):
     """An output_dir whose latest checkpoint's trainer_state.json is what a 2-rank run of
     DRIFT_BASE saves (only preflight reads it; the engine files are not needed to refuse)."""
     from train.config import load_config
-    from train.config_drift import data_identity
-    from train.shards import ShardIndex
+    from train.run.config_drift import data_identity
+    from train.data.shards import ShardIndex
 
     out = tmp_path / "o"
     cfg = load_config(TINY, [f"data.path={stdlib_data}", f"output_dir={out}", *DRIFT_BASE])
@@ -547,7 +547,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_the_keys(
 def test_a_resume_with_harmless_or_accepted_changes_goes_ahead(
         stdlib_data, saved_run, tmp_path, capsys, case, overrides, warned):
     from train.config import load_config
-    from train.preflight import preflight
+    from train.run.preflight import preflight
 
     out, _ = saved_run
     if "moved" in case:

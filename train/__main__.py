@@ -21,12 +21,12 @@ def main(argv=None) -> int:
     ap.add_argument("config", help="YAML config")
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. max_steps=100")
     args = ap.parse_args(argv)
-    from train import preemption
+    from train.run import preemption
     preemption.install_handlers()  # before the heavy imports: a stop signal is never lost
     from kernels import KernelBackendError
     from train.config import load_config
-    from train.health import HEALTH_EXIT_CODE, NodeHealthError
-    from train.trainer import NonFiniteError, run_training
+    from train.run.health import HEALTH_EXIT_CODE, NodeHealthError
+    from train.run.trainer import NonFiniteError, run_training
 
     try:
         return run_training(load_config(args.config, args.overrides))

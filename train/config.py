@@ -23,7 +23,7 @@ from kernels.backend import BACKENDS
 from train.errors import UsageError
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-MIN_TIMEOUT_S = 10.0  # watchdog timeouts: several heartbeat intervals (train/watchdog.py)
+MIN_TIMEOUT_S = 10.0  # watchdog timeouts: several heartbeat intervals (train/run/watchdog.py)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelSection:
 
 @dataclass
 class MixtureSource:
-    """One entry of data.mixture (train/mixture.py)."""
+    """One entry of data.mixture (train/data/mixture.py)."""
 
     path: str = ""                    # a shard directory from `python -m train.prepare`
     weight: float | None = None       # a fraction of the training tokens (normalized by the sum)
@@ -79,7 +79,7 @@ class HealthSection:
 @dataclass
 class WatchdogSection:
     """How long each phase of a rank may go without progress before the job is ended (seconds;
-    train/watchdog.py). A phase that reports progress (eval batches, bytes of a save) restarts
+    train/run/watchdog.py). A phase that reports progress (eval batches, bytes of a save) restarts
     its clock, so a long but progressing eval or save never trips it."""
     enabled: bool = True
     startup_s: float = 1800.0          # process start to a built engine: model, data, rendezvous
@@ -108,7 +108,7 @@ class Config:
     resume: str = "auto"              # auto (latest complete checkpoint, if any) | never | a path
     overwrite_output_dir: bool = False  # resume: never over existing checkpoints replaces them
     resume_accept_config_changes: list[str] | None = None  # keys allowed to differ on resume
-                                      # although they change the math (train/config_drift.py)
+                                      # although they change the math (train/run/config_drift.py)
     checkpoint_conversion_timeout_s: float = 1800.0  # the least the ranks wait for a checkpoint's
                                       # conversion to another world size (more for a big one)
     learning_rate: float = 5e-5
@@ -374,7 +374,7 @@ RANGES = {
     "eval_max_batches": (lambda x: x is None or x >= 1, "at least 1 (or null: the whole split)"),
     "checkpoint_conversion_timeout_s": (lambda x: x > 0, "> 0"),
     "requeue_without_progress": (lambda x: x >= 0, ">= 0 (0: requeue only after progress)"),
-    # a frozen rank is told from a live one by heartbeats every few seconds (train/watchdog.py)
+    # a frozen rank is told from a live one by heartbeats every few seconds (train/run/watchdog.py)
     **{f"watchdog.{key}": (lambda x: x is None or x >= MIN_TIMEOUT_S,
                            f">= {MIN_TIMEOUT_S:.0f} seconds (null: adapt to the measured steps)")
        for key in ("startup_s", "first_step_s", "step_s", "step_floor_s", "eval_s",

@@ -45,7 +45,7 @@ def run_config(model_dir: str, **overrides):
     """The exporting run's eval settings (from train_config.json; defaults when absent), with
     overrides given as dotted keys whose value is not None."""
     from train.config import Config
-    from train.export import TRAIN_CONFIG
+    from train.run.export import TRAIN_CONFIG
 
     saved = Path(model_dir) / TRAIN_CONFIG
     raw = (json.loads(saved.read_text()) if saved.exists()
@@ -64,14 +64,14 @@ def run_config(model_dir: str, **overrides):
 def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
                     seq_len: int | None = None, batch_size: int = 8,
                     max_batches: int | None = None, **overrides) -> dict:
-    """The run's eval (train/eval.py) of an exported model on a shard directory, in the run's
+    """The run's eval (train/run/eval_loop.py) of an exported model on a shard directory, in the run's
     own windows (data.seq_len of its train_config.json) unless seq_len is given."""
     import transformers
 
-    from train.eval import evaluate
-    from train.loader import PackedLoader, as_torch
+    from train.run.eval_loop import evaluate
+    from train.data.loader import PackedLoader, as_torch
     from train.model import PackedModel, max_positions
-    from train.shards import ShardIndex, file_sha256
+    from train.data.shards import ShardIndex, file_sha256
     from train.tasks import make_task
 
     cfg = run_config(model_dir, **{"data.seq_len": seq_len, **overrides})

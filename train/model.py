@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from kernels import fused_linear_cross_entropy, varlen_attention
 from kernels.varlen_attention import MAX_HEAD_DIM
 from train.errors import UsageError
-from train.loader import IGNORE_INDEX
+from train.data.loader import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

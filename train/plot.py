@@ -3,7 +3,7 @@
     python -m train.plot RUN_DIR [--out RUN_DIR/metrics.png]
 
 Draws train and eval loss, eval perplexity (token classification: entity F1) and the learning
-rate against steps, with `plot_run` from train/metrics.py (which the run calls at its end).
+rate against steps, with `plot_run` from train/run/metrics.py (which the run calls at its end).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from train.errors import exits_cleanly_on_usage_error
-from train.metrics import plot_run
+from train.run.metrics import plot_run
 
 
 @exits_cleanly_on_usage_error

@@ -3,13 +3,13 @@ which Hugging Face head, which labels a packed batch gets, and what eval reports
 
   clm                   next-token labels, built by the loader (AutoModelForCausalLM)
   mlm                   80/10/10 masking at batch time, optionally of whole words, fixed for
-                        eval (AutoModelForMaskedLM); see train/masking.py
+                        eval (AutoModelForMaskedLM); see train/data/masking.py
   token-classification  labels from the label stream that prepare wrote beside the tokens,
                         aligned to sub-tokens as configured; windows hold whole sentences; eval
                         adds seqeval's entity precision, recall, F1 and token accuracy
                         (AutoModelForTokenClassification)
 
-The loader, the model wrapper, the kernels, the engine, the eval loop (train/eval.py),
+The loader, the model wrapper, the kernels, the engine, the eval loop (train/run/eval_loop.py),
 checkpoints and export are shared, and none of them asks which task it runs.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import math
 import numpy as np
 
 from train.errors import DataError
-from train.loader import IGNORE_INDEX
-from train.shards import ShardIndex
+from train.data.loader import IGNORE_INDEX
+from train.data.shards import ShardIndex
 
 
 class Task:
@@ -77,7 +77,7 @@ class MaskedLM(Task):
 
     def __init__(self, cfg, index: ShardIndex):
         super().__init__(cfg, index)
-        from train.masking import VocabularyTables
+        from train.data.masking import VocabularyTables
 
         self.tables = VocabularyTables.from_tokenizer(
             index.root, index.vocab_size, index.special_ids.get("mask_token"))
@@ -86,7 +86,7 @@ class MaskedLM(Task):
         return {"next_token_labels": False}  # the masking makes the labels
 
     def train_batch(self, batch: dict) -> dict:
-        from train.masking import mask_tokens
+        from train.data.masking import mask_tokens
 
         masked, labels = mask_tokens(batch["input_ids"], batch["position_ids"],
                                      batch["sample_ids"], batch["epochs"], self.tables,
@@ -104,7 +104,7 @@ class TokenClassification(Task):
 
     def __init__(self, cfg, index: ShardIndex):
         super().__init__(cfg, index)
-        from train.ner_data import continuation_label
+        from train.data.ner_data import continuation_label
 
         self.names = index.label_names
         label_ids = {name: i for i, name in enumerate(self.names)}

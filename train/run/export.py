@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from train import durable
-from train.shards import TOKENIZER_FILES
+from train.data.shards import TOKENIZER_FILES
 
 PREFIX = "hf_model."
 TRAIN_CONFIG = "train_config.json"

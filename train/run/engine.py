@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from train.distributed import DistEnv, forget_rendezvous, rendezvous_store
+from train.run.distributed import DistEnv, forget_rendezvous, rendezvous_store
 from train.model import PackedModel
 
 
@@ -23,7 +23,7 @@ def pick_device(local_rank: int) -> torch.device:
 
 
 def start_process_group(device: torch.device, env: DistEnv, rendezvous_dir: Path) -> None:
-    """The process group, through the rendezvous train/distributed.py describes; DeepSpeed then
+    """The process group, through the rendezvous train/run/distributed.py describes; DeepSpeed then
     adopts it (its init_distributed wraps a group that exists)."""
     import deepspeed
 

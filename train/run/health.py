@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.distributed import host_name
+from train.run.distributed import host_name
 
 HEALTH_EXIT_CODE = 5
 TOKEN_DIR = ".node-health"  # inside output_dir; removed again after the check
@@ -204,7 +204,7 @@ def code_versions() -> dict:
     where it runs from a checkout, and the libraries it is built on."""
     from importlib import metadata
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # train/run/health.py -> the project root
     found = {}
     for name in ("slurm-lm", *PACKAGES):
         try:

@@ -20,7 +20,7 @@ gone); one that entered fewer phases than the others is behind.
 
 On expiry the first rank to claim output_dir/.watchdog/expired.json prints its stacks, one line
 naming the phase, the step and the ranks that did not arrive, requeues the job under Slurm
-(train/preemption.py, with its limit on requeues without progress) and exits with
+(train/run/preemption.py, with its limit on requeues without progress) and exits with
 WATCHDOG_EXIT_CODE; every other rank that can still run sees the claim within a heartbeat, prints
 its stacks and exits the same way. The launcher (torchrun, srun --kill-on-bad-exit) then ends
 what is left, a frozen rank included.
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from train.config import MIN_TIMEOUT_S, WatchdogSection
-from train.distributed import host_name
+from train.run.distributed import host_name
 
 WATCHDOG_EXIT_CODE = 75
 HEARTBEAT_S = 2.0

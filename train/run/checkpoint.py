@@ -165,7 +165,7 @@ def take_over(output_dir, set_aside: bool) -> None:
 
 def clean_partials(output_dir) -> list[Path]:
     """Remove `.partial-step-*` directories left by a killed save of an earlier run in this
-    output_dir. Rank 0 only, and only while it holds the output_dir's lock (train/run_lock.py):
+    output_dir. Rank 0 only, and only while it holds the output_dir's lock (train/run/run_lock.py):
     another live run's save in progress must never be touched."""
     r = root(output_dir)
     found = sorted(p for p in r.glob(f"{PARTIAL}step-*")

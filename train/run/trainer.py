@@ -3,17 +3,17 @@
     python -m train configs/tiny-clm.yaml                 # what calls it (train/__main__.py)
 
 The phases, each in its own module:
-  1. where this rank is (train/distributed.py) and everything checkable before the job
-     (train/preflight.py: config, data vs tokenizer vs model, positions, steps, output_dir);
-  2. the model (train/model.py), the loader (train/loader.py), the process group and the
-     DeepSpeed engine (train/engine.py); resume from the latest complete checkpoint, also under
-     another world size (train/checkpoint.py);
+  1. where this rank is (train/run/distributed.py) and everything checkable before the job
+     (train/run/preflight.py: config, data vs tokenizer vs model, positions, steps, output_dir);
+  2. the model (train/model.py), the loader (train/data/loader.py), the process group and the
+     DeepSpeed engine (train/run/engine.py); resume from the latest complete checkpoint, also under
+     another world size (train/run/checkpoint.py);
   3. the steps: accumulation micro-batches, the loss as a true token average over ranks and
-     micro-batches, metrics (train/metrics.py) with the slowest rank (train/stragglers.py), eval
-     (train/eval.py), checkpoints, and an early stop all ranks agree on (train/preemption.py),
+     micro-batches, metrics (train/run/metrics.py) with the slowest rank (train/run/stragglers.py), eval
+     (train/run/eval_loop.py), checkpoints, and an early stop all ranks agree on (train/run/preemption.py),
      also at the end of each start-up phase;
-  4. the final eval and checkpoint, the export of output_dir/final/ (train/export.py).
-Throughout, a watchdog thread (train/watchdog.py) ends the job if a phase stops making progress.
+  4. the final eval and checkpoint, the export of output_dir/final/ (train/run/export.py).
+Throughout, a watchdog thread (train/run/watchdog.py) ends the job if a phase stops making progress.
 """
 from __future__ import annotations
 
@@ -26,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, distributed, health, preemption, run_lock
+from train.run import checkpoint, distributed, health, preemption, run_lock
 from train.config import Config
-from train.engine import build_engine, pick_device, start_process_group
+from train.run.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
-from train.eval import evaluate, evaluate_sources
-from train.faults import Faults
+from train.run.eval_loop import evaluate, evaluate_sources
+from train.run.faults import Faults
 from train.flops import Throughput
-from train.loader import IGNORE_INDEX, PackedLoader, as_torch
-from train.metrics import MetricsLog
-from train.mixture import MixtureLoader
+from train.data.loader import IGNORE_INDEX, PackedLoader, as_torch
+from train.run.metrics import MetricsLog
+from train.data.mixture import MixtureLoader
 from train.model import build_hf_model
-from train.preemption import StopReason, StopRequest
-from train.preflight import Plan, data_sources, preflight
-from train.stragglers import Stragglers, WorkTimer
-from train.watchdog import Watchdog, tree_bytes
+from train.run.preemption import StopReason, StopRequest
+from train.run.preflight import Plan, data_sources, preflight
+from train.run.stragglers import Stragglers, WorkTimer
+from train.run.watchdog import Watchdog, tree_bytes
 
 
 class NonFiniteError(RuntimeError):
@@ -305,7 +305,7 @@ class RankRun:
         return [s.name for s in self.sources]
 
     def evaluate(self) -> dict:
-        """eval_loss and the task's metrics; for a mixture also per source (train/eval.py)."""
+        """eval_loss and the task's metrics; for a mixture also per source (train/run/eval_loop.py)."""
         if self.eval_loaders is None:
             self.eval_loaders = {s.name: self.open_loader(
                 self.cfg.data.validation_split, self.cfg.per_device_eval_batch_size,
@@ -404,7 +404,7 @@ class RankRun:
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
-        from train.export import export_final
+        from train.run.export import export_final
         self.watchdog.enter("export", self.progress.step,
                             probe=lambda: tree_bytes(self.out / "final"))
         export_final(self.engine, self.model, self.out / "final", Path(self.sources[0].path),

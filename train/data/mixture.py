@@ -38,7 +38,7 @@ from fractions import Fraction
 import numpy as np
 
 from train.errors import DataError
-from train.loader import PackedLoader, segments
+from train.data.loader import PackedLoader, segments
 
 # The longest period tabled: two int64 arrays of this length (1.6 MB), built once per loader in
 # 0.16 s (measured with 3 sources on the 2-core AMD EPYC dev machine). Small integer ratios, and

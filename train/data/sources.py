@@ -8,7 +8,7 @@ An input spec (SRC) is one of
     file, a CodeParrot-style code corpus present on every machine.
 
 Token classification reads sentences instead (`SentenceSource`: CoNLL columns or JSONL
-tokens/ner_tags, see train/ner_data.py).
+tokens/ner_tags, see train/data/ner_data.py).
 
 Every source streams: one record in memory at a time (a .json array file is the exception:
 JSON has no streaming parser in the standard library, so prefer .jsonl for large corpora).
@@ -150,13 +150,13 @@ def resolve(spec: str, text_field: str = "text", txt_docs: str = "file") -> Sour
 
 class SentenceSource:
     """A token-classification input (CoNLL columns, JSONL tokens/ner_tags, or python-stdlib
-    tagged by Python's own tokenizer, train/code_ner.py) as a source: its documents are
+    tagged by Python's own tokenizer, train/data/code_ner.py) as a source: its documents are
     sentences, (words, tags), and progress counts sentences."""
 
     total_bytes = None
 
     def __init__(self, spec: str, label_names: list[str] | None):
-        from train import code_ner, ner_data  # they read files through this module
+        from train.data import code_ner, ner_data  # they read files through this module
 
         self.spec, self.label_names = spec, label_names
         self.files = code_ner.stdlib_modules() if spec == STDLIB else ner_data.resolve_files(spec)
@@ -165,7 +165,7 @@ class SentenceSource:
         return Source(self.spec, self.files).describe()
 
     def iter_docs(self) -> Iterator[tuple[tuple[list[str], list[str]], int]]:
-        from train import code_ner, ner_data
+        from train.data import code_ner, ner_data
 
         if self.spec == STDLIB:
             found = code_ner.sentences(self.files)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from train.loader import IGNORE_INDEX, PackedLoader
+from train.data.loader import IGNORE_INDEX, PackedLoader
 
 
 def evaluate(forward: Callable, loader: PackedLoader, task, *, max_batches: int | None = None,

@@ -107,7 +107,7 @@ class StopRequest:
 def requeue(job_id: str, out: Path, limit: int, cause: str) -> int:
     """`scontrol requeue JOB`, unless the last `limit` requeues made no progress (no newer
     checkpoint than they had). Prints one line either way; returns the exit status to use."""
-    from train import checkpoint  # the run layer; this module stays importable at process start
+    from train.run import checkpoint  # the run layer; this module stays importable at process start
 
     latest = checkpoint.latest(out)
     step = int(checkpoint.NAME.match(latest.name).group(1)) if latest else 0

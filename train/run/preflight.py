@@ -16,14 +16,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from train import checkpoint, config_drift
+from train.run import checkpoint, config_drift
 from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
 from train.errors import DataError, UsageError
-from train.loader import num_windows
-from train.mixture import MAX_PERIOD, MixtureSchedule
+from train.data.loader import num_windows
+from train.data.mixture import MAX_PERIOD, MixtureSchedule
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,
                          unsupported_attention_features)
-from train.shards import ShardIndex, file_sha256
+from train.data.shards import ShardIndex, file_sha256
 from train.tasks import Task, check_shards_fit, make_task
 
 # DeepSpeed's bucket sizes follow the hidden size (the Trainer's rule); a config with neither

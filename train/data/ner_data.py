@@ -9,7 +9,7 @@ directory (searched recursively, every file but hidden ones, in sorted order) or
   * JSONL files (.jsonl, or JSON lines under a .json name): one record a line with `tokens`
     (a list of strings) and `ner_tags` (a list of tag strings, or of integer ids, which need
     `label_names`, from prepare's --label-names). A .json file holding one JSON array of such
-    records is read too, but whole, as in `train.sources`; prefer .jsonl for large corpora.
+    records is read too, but whole, as in `train.data.sources`; prefer .jsonl for large corpora.
 
 Tags must be IOB (IOB1 or IOB2): `O`, `B-TYPE` or `I-TYPE`. Anything else, IOBES/BILOU included,
 is a UsageError naming the tag and the file:line it is on.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from train.errors import UsageError
-from train.sources import decode
+from train.data.sources import decode
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 DOCSTART = "-DOCSTART-"

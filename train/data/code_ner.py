@@ -24,7 +24,7 @@ import tokenize
 from pathlib import Path
 from typing import Iterator
 
-from train.ner_data import Sentence
+from train.data.ner_data import Sentence
 
 MAX_WORDS = 48
 BUILTINS = frozenset(name for name in dir(builtins) if not name.startswith("_"))
@@ -86,7 +86,7 @@ def stdlib_modules() -> list[Path]:
     (~100k) for a tiny model, and a prepare of seconds rather than a minute."""
     import sysconfig
 
-    from train.sources import stdlib_files
+    from train.data.sources import stdlib_files
 
     root = Path(sysconfig.get_paths()["stdlib"])
     return [f for f in stdlib_files() if f.parent == root]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from train.errors import DataError
-from train.loader import IGNORE_INDEX, mix64
+from train.data.loader import IGNORE_INDEX, mix64
 
 # Stream constants: independent draws for word selection, the 80/10/10 choice and the random id.
 _SELECT, _KIND, _RANDOM = (np.uint64(c) for c in (0x5E1EC7, 0x7E4D, 0xA4D0))

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from train.errors import DataError
-from train.shards import ShardIndex
+from train.data.shards import ShardIndex
 
 IGNORE_INDEX = -100
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from train.errors import UsageError
-from train.shards import TOKENIZER_FILES, file_sha256
+from train.data.shards import TOKENIZER_FILES, file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 # The encoder tasks' tokenizer (BERT's conventions): [CLS] opens a document, [SEP] ends it.
