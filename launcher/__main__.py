@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.partition import minutes
 from train.errors import USAGE_EXIT_CODE, UsageError
 
 POLL_S = 5.0  # how often --wait looks at a pending job's reason (one squeue call)
@@ -56,23 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cluster == "local" and args.nodes != 1:
         p.error("--cluster local runs on this machine: --nodes must be 1")
     return args
-
-
-def minutes(text: str) -> int:
-    if re.fullmatch(r"\d+", text):
-        return check_minutes(text, int(text))
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
-    if not match:
-        raise UsageError(f"--time {text!r} is not HH:MM:SS, D-HH:MM:SS or minutes")
-    d, h, m, s = (int(x or 0) for x in match.groups())
-    return check_minutes(text, d * 1440 + h * 60 + m + (1 if s else 0))
-
-
-def check_minutes(text: str, total: int) -> int:
-    if total < 1:  # Slurm reads a limit of 0 as "no limit": never what a user typing 0 meant
-        raise UsageError(f"--time {text!r} is no time at all (Slurm would read 0 as no limit); "
-                         f"give at least one minute")
-    return total
 
 
 def validate(args):

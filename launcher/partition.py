@@ -141,11 +141,27 @@ def _limit(text: str | None) -> int | None:
 
 def _minutes(text: str | None) -> int | None:
     """Slurm's MaxTime: UNLIMITED/INFINITE, MM, HH:MM:SS or D-HH:MM:SS."""
-    from launcher.__main__ import minutes
-
     if not text or not text[0].isdigit():
         return None
     return minutes(text)
+
+
+def minutes(text: str) -> int:
+    """--time (or a MaxTime) in minutes: MM, HH:MM:SS or D-HH:MM:SS; seconds round up."""
+    if re.fullmatch(r"\d+", text):
+        return check_minutes(text, int(text))
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
+    if not match:
+        raise UsageError(f"--time {text!r} is not HH:MM:SS, D-HH:MM:SS or minutes")
+    d, h, m, s = (int(x or 0) for x in match.groups())
+    return check_minutes(text, d * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def check_minutes(text: str, total: int) -> int:
+    if total < 1:  # Slurm reads a limit of 0 as "no limit": never what a user typing 0 meant
+        raise UsageError(f"--time {text!r} is no time at all (Slurm would read 0 as no limit); "
+                         f"give at least one minute")
+    return total
 
 
 def format_minutes(total: int) -> str:

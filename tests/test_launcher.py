@@ -131,7 +131,7 @@ def test_cpu_nodes_get_tasks_per_node_and_no_gpus(tmp_path):
 
 
 def test_time_parsing():
-    from launcher.__main__ import minutes
+    from launcher.partition import minutes
     from train.errors import UsageError
 
     assert minutes("04:00:00") == 240 and minutes("1-00:30:00") == 1470 and minutes("90") == 90

@@ -1,40 +1,69 @@
-"""Training on one rank, in layers; each imports only from the layers below it.
+"""Training on one rank, in layers; each imports only from its own layer and the layers below.
 
-The folders follow the layers; `tests/test_layers.py` checks this map against the imports (by
-reading the source, nothing imported).
+The map is train/layers.py's table, rendered here; tests/test_layers.py checks both against the
+imports (by reading the source, nothing imported). The folders follow the layers.
 
-base (imported by every layer)
-    errors      UsageError, DataError and the exit statuses
-    config      the YAML config: dataclasses, overrides, validation
-    durable     files written whole: temporary name, fsync, rename
-train/data/ prepare time (no torch; `python -m train.prepare`, once, before any job)
-    sources     where documents come from: files, HF datasets, python-stdlib; SentenceSource
-    ner_data    CoNLL / JSONL token-classification input;  code_ner: the stdlib, tagged
-    tokenizer   install or train the tokenizer
-    tiktoken_bpe  tiktoken built from a byte-level BPE tokenizer.json: prepare's fast engine
-    shards      the shard format; ShardIndex, the only reader and writer of index.json
-    prepare     the phases: resume or clear, tokenizer, open writers, tokenize, write the index
-train/data/ batch time
-    loader      packed batches, resumable under any world size
-    mixture     data.mixture: weighted sources in one deterministic order (MixtureLoader)
-    masking     MLM masking at batch time
+kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)
+    kernels                        the public functions (the contract): the loss and the attention
+    kernels.backend                auto, triton or torch: which implementation runs
+    kernels.cross_entropy          the fused linear + cross-entropy loss, never building [N, V]
+    kernels.varlen_attention       attention over packed documents (cu_seqlens)
+    kernels.testing                outputs compared with the fp32 reference, relative to their scale
+    kernels.aot                    python -m kernels.aot: each Triton configuration compiled, no GPU
+    kernels.test_cross_entropy     grid tests of the loss and its gradients (pytest)
+    kernels.test_varlen_attention  grid tests of attention and its gradients (pytest)
+    kernels.test_aot               kernels.aot run as a test (pytest)
+base (imported by every layer of train/ and by launcher/)
+    train          this map
+    train.layers   the map as a table, read by tests/test_layers.py
+    train.errors   UsageError, DataError, the exit statuses; error, warning and note lines
+    train.config   the YAML config: dataclasses, overrides, validation
+    train.durable  files written whole: temporary name, fsync, rename
+train/data/  prepare time: no torch; python -m train.prepare, before any job
+    train.data               raw text to packed batches
+    train.data.sources       where documents come from: files, HF datasets, python-stdlib
+    train.data.ner_data      CoNLL / JSONL token-classification input
+    train.data.code_ner      the standard library, tagged by Python's tokenizer
+    train.data.ner_sources   SentenceSource: token-classification inputs as sources
+    train.data.tokenizer     install or train the tokenizer
+    train.data.tiktoken_bpe  tiktoken built from a byte-level BPE tokenizer.json
+    train.data.shards        the shard format; ShardIndex, sole reader and writer of index.json
+    train.data.prepare       the phases: resume or clear, tokenizer, tokenize, the index
+train/data/  batch time
+    train.data.loader   packed batches, resumable under any world size
+    train.data.mixture  data.mixture: weighted sources in one deterministic order
+    train.data.masking  MLM masking at batch time
 model and tasks
-    model       build the HF model; route its attention and loss to kernels/ (PackedModel)
-    tasks       the Task interface: clm, mlm, token-classification;  ner_metrics: entity F1
-    flops       model FLOPs per step and MFU against the GPU's peak
+    train.model        build the HF model; route its attention and loss to kernels/
+    train.tasks        the Task interface: clm, mlm, token-classification
+    train.ner_metrics  entity-level precision, recall and F1, as seqeval computes them
+    train.flops        model FLOPs per step and MFU against the GPU's peak
 train/run/  one rank of a job (`python -m train`)
-    preflight   preflight(cfg, world) -> Plan: every check before a job (the launcher's too)
-    health      node health at job start, every rank: devices, shared output_dir, free space,
-                the same code and versions (exit status 5)
-    engine      process group, DeepSpeed engine, optimizer, LR schedule
-    trainer     run_training(cfg): the loop
-    eval_loop   the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
-    checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
-    config_drift  what a resume may change in the config (the table), refusing the rest
-    run_lock    output_dir/.lock: one run per output_dir, naming its holder
-    watchdog    per-phase hang limits, heartbeats naming the ranks that did not arrive
-    stragglers  each rank's own work per step: the slowest rank, the warning line
-    distributed, preemption (stop signals, walltime, requeues), faults
+    train.run               one rank of a job
+    train.run.preflight     preflight(cfg, world) -> Plan: every check before a job
+    train.run.health        node health at job start, every rank (exit status 5)
+    train.run.engine        process group, DeepSpeed engine, optimizer, LR schedule
+    train.run.trainer       run_training(cfg): the loop
+    train.run.eval_loop     the one eval loop, over every validation source
+    train.run.metrics       metrics.jsonl, TensorBoard, the summary, the plot
+    train.run.checkpoint    whole-or-absent checkpoints
+    train.run.export        output_dir/final/: a Hugging Face model directory
+    train.run.config_drift  what a resume may change in the config, refusing the rest
+    train.run.run_lock      output_dir/.lock: one run per output_dir, naming its holder
+    train.run.watchdog      per-phase hang limits, heartbeats naming the missing ranks
+    train.run.stragglers    each rank's own work per step: the slowest rank, the warning
+    train.run.distributed   this process's rank, world and rendezvous, from its launcher
+    train.run.preemption    stop signals, walltime, requeues
+    train.run.faults        fault injection for the tests (environment variables)
 commands (thin command lines over the layers)
-    __main__ (python -m train), prepare, evaluate, generate, plot
+    train.__main__  python -m train CONFIG.yaml [key=value ...]
+    train.prepare   python -m train.prepare
+    train.evaluate  python -m train.evaluate: a model directory on a shard directory
+    train.generate  python -m train.generate
+    train.plot      python -m train.plot
+launcher/  the login node: validate, then submit to Slurm (launcher -> train)
+    launcher            the launcher package
+    launcher.partition  the request against the partition's limits; --time in minutes
+    launcher.submit     the sbatch job through submitit
+    launcher.__main__   python -m launcher --nodes N CONFIG.yaml
 """

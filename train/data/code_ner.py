@@ -20,11 +20,13 @@ from __future__ import annotations
 import builtins
 import io
 import keyword
+import sysconfig
 import tokenize
 from pathlib import Path
 from typing import Iterator
 
 from train.data.ner_data import Sentence
+from train.data.sources import stdlib_files
 
 MAX_WORDS = 48
 BUILTINS = frozenset(name for name in dir(builtins) if not name.startswith("_"))
@@ -84,10 +86,6 @@ def file_sentences(path: Path) -> Iterator[Sentence]:
 def stdlib_modules() -> list[Path]:
     """The top-level modules of the standard library (about 170 files, 5 MB): enough sentences
     (~100k) for a tiny model, and a prepare of seconds rather than a minute."""
-    import sysconfig
-
-    from train.data.sources import stdlib_files
-
     root = Path(sysconfig.get_paths()["stdlib"])
     return [f for f in stdlib_files() if f.parent == root]
 

@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from train.data import ner_data, sources
+from train.data.ner_sources import SentenceSource
 from train.errors import UsageError
 from train.data.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
                                ShardIndex, ShardWriter, WrittenFiles, completed_shards,
@@ -285,7 +286,7 @@ class SentenceInputs(TextInputs):
         self.label_ids: dict[str, int] = {}
 
     def source(self, spec: str):
-        return sources.SentenceSource(spec, self.label_names)
+        return SentenceSource(spec, self.label_names)
 
     def find_labels(self, train_sources, val_sources) -> None:
         """The label set of the training inputs (id2label order); validation tags must be in

@@ -7,8 +7,8 @@ An input spec (SRC) is one of
   * `python-stdlib`: the running interpreter's standard-library .py files, one document per
     file, a CodeParrot-style code corpus present on every machine.
 
-Token classification reads sentences instead (`SentenceSource`: CoNLL columns or JSONL
-tokens/ner_tags, see train/data/ner_data.py).
+Token classification reads sentences instead (`SentenceSource` in train/data/ner_sources.py:
+CoNLL columns or JSONL tokens/ner_tags, or the standard library tagged).
 
 Every source streams: one record in memory at a time (a .json array file is the exception:
 JSON has no streaming parser in the standard library, so prefer .jsonl for large corpora).
@@ -146,33 +146,6 @@ def resolve(spec: str, text_field: str = "text", txt_docs: str = "file") -> Sour
         raise UsageError(f"input {spec}: unsupported file type {path.suffix!r}; "
                          f"use one of {', '.join(FILE_FORMATS)}")
     return Source(spec, [path], text_field, txt_docs)
-
-
-class SentenceSource:
-    """A token-classification input (CoNLL columns, JSONL tokens/ner_tags, or python-stdlib
-    tagged by Python's own tokenizer, train/data/code_ner.py) as a source: its documents are
-    sentences, (words, tags), and progress counts sentences."""
-
-    total_bytes = None
-
-    def __init__(self, spec: str, label_names: list[str] | None):
-        from train.data import code_ner, ner_data  # they read files through this module
-
-        self.spec, self.label_names = spec, label_names
-        self.files = code_ner.stdlib_modules() if spec == STDLIB else ner_data.resolve_files(spec)
-
-    def describe(self) -> dict:
-        return Source(self.spec, self.files).describe()
-
-    def iter_docs(self) -> Iterator[tuple[tuple[list[str], list[str]], int]]:
-        from train.data import code_ner, ner_data
-
-        if self.spec == STDLIB:
-            found = code_ner.sentences(self.files)
-        else:
-            found = ner_data.read_sentences(self.spec, self.label_names)
-        for sentence in found:
-            yield (sentence.words, sentence.tags), 1
 
 
 def stdlib_files() -> list[Path]:

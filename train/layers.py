@@ -1,0 +1,97 @@
+"""The module map: every module of kernels/, train/ and launcher/ in its layer, lowest first.
+
+A module imports only from its own layer and the layers below it, imports inside functions
+included; the imports between modules form no cycle. `tests/test_layers.py` checks this and the
+rules below by reading the source (ast; nothing is imported), and checks that train/__init__.py's
+docstring is this table, rendered. This module is plain literals and imports nothing, so that
+the test reads it with `ast.literal_eval`.
+
+Adding a module: add it here, in its layer, with one line; the test prints the new docstring.
+"""
+
+# (layer, its heading in the map, {module: what it holds}), lowest layer first
+LAYERS = (
+    ("kernels", "kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)", {
+        "kernels": "the public functions (the contract): the loss and the attention",
+        "kernels.backend": "auto, triton or torch: which implementation runs",
+        "kernels.cross_entropy": "the fused linear + cross-entropy loss, never building [N, V]",
+        "kernels.varlen_attention": "attention over packed documents (cu_seqlens)",
+        "kernels.testing": "outputs compared with the fp32 reference, relative to their scale",
+        "kernels.aot": "python -m kernels.aot: each Triton configuration compiled, no GPU",
+        "kernels.test_cross_entropy": "grid tests of the loss and its gradients (pytest)",
+        "kernels.test_varlen_attention": "grid tests of attention and its gradients (pytest)",
+        "kernels.test_aot": "kernels.aot run as a test (pytest)",
+    }),
+    ("base", "base (imported by every layer of train/ and by launcher/)", {
+        "train": "this map",
+        "train.layers": "the map as a table, read by tests/test_layers.py",
+        "train.errors": "UsageError, DataError, the exit statuses; error, warning and note lines",
+        "train.config": "the YAML config: dataclasses, overrides, validation",
+        "train.durable": "files written whole: temporary name, fsync, rename",
+    }),
+    ("prepare", "train/data/  prepare time: no torch; python -m train.prepare, before any job", {
+        "train.data": "raw text to packed batches",
+        "train.data.sources": "where documents come from: files, HF datasets, python-stdlib",
+        "train.data.ner_data": "CoNLL / JSONL token-classification input",
+        "train.data.code_ner": "the standard library, tagged by Python's tokenizer",
+        "train.data.ner_sources": "SentenceSource: token-classification inputs as sources",
+        "train.data.tokenizer": "install or train the tokenizer",
+        "train.data.tiktoken_bpe": "tiktoken built from a byte-level BPE tokenizer.json",
+        "train.data.shards": "the shard format; ShardIndex, sole reader and writer of index.json",
+        "train.data.prepare": "the phases: resume or clear, tokenizer, tokenize, the index",
+    }),
+    ("batch", "train/data/  batch time", {
+        "train.data.loader": "packed batches, resumable under any world size",
+        "train.data.mixture": "data.mixture: weighted sources in one deterministic order",
+        "train.data.masking": "MLM masking at batch time",
+    }),
+    ("model", "model and tasks", {
+        "train.model": "build the HF model; route its attention and loss to kernels/",
+        "train.tasks": "the Task interface: clm, mlm, token-classification",
+        "train.ner_metrics": "entity-level precision, recall and F1, as seqeval computes them",
+        "train.flops": "model FLOPs per step and MFU against the GPU's peak",
+    }),
+    ("run", "train/run/  one rank of a job (`python -m train`)", {
+        "train.run": "one rank of a job",
+        "train.run.preflight": "preflight(cfg, world) -> Plan: every check before a job",
+        "train.run.health": "node health at job start, every rank (exit status 5)",
+        "train.run.engine": "process group, DeepSpeed engine, optimizer, LR schedule",
+        "train.run.trainer": "run_training(cfg): the loop",
+        "train.run.eval_loop": "the one eval loop, over every validation source",
+        "train.run.metrics": "metrics.jsonl, TensorBoard, the summary, the plot",
+        "train.run.checkpoint": "whole-or-absent checkpoints",
+        "train.run.export": "output_dir/final/: a Hugging Face model directory",
+        "train.run.config_drift": "what a resume may change in the config, refusing the rest",
+        "train.run.run_lock": "output_dir/.lock: one run per output_dir, naming its holder",
+        "train.run.watchdog": "per-phase hang limits, heartbeats naming the missing ranks",
+        "train.run.stragglers": "each rank's own work per step: the slowest rank, the warning",
+        "train.run.distributed": "this process's rank, world and rendezvous, from its launcher",
+        "train.run.preemption": "stop signals, walltime, requeues",
+        "train.run.faults": "fault injection for the tests (environment variables)",
+    }),
+    ("commands", "commands (thin command lines over the layers)", {
+        "train.__main__": "python -m train CONFIG.yaml [key=value ...]",
+        "train.prepare": "python -m train.prepare",
+        "train.evaluate": "python -m train.evaluate: a model directory on a shard directory",
+        "train.generate": "python -m train.generate",
+        "train.plot": "python -m train.plot",
+    }),
+    ("launcher", "launcher/  the login node: validate, then submit to Slurm (launcher -> train)", {
+        "launcher": "the launcher package",
+        "launcher.partition": "the request against the partition's limits; --time in minutes",
+        "launcher.submit": "the sbatch job through submitit",
+        "launcher.__main__": "python -m launcher --nodes N CONFIG.yaml",
+    }),
+)
+
+# Entry points: no library module imports one (the commands may import each other's parsers).
+COMMANDS = ("train.__main__", "train.prepare", "train.evaluate", "train.generate", "train.plot",
+            "launcher.__main__", "kernels.aot")
+
+# Prepare time runs on a login node, before any job, where torch may be absent: these modules,
+# and every module they import, import none of TORCH_PACKAGES.
+TORCH_FREE = ("prepare", "train.prepare")
+TORCH_PACKAGES = ("torch", "deepspeed", "triton")
+
+# What kernels/ may never import (it imports torch and triton only).
+KERNELS_NEVER = ("train", "launcher", "transformers", "deepspeed")
