@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from launcher.partition import minutes
-from train.errors import USAGE_EXIT_CODE, UsageError
+from train.errors import JOB_FAILED_EXIT_CODE, USAGE_EXIT_CODE, UsageError, note
 
 POLL_S = 5.0  # how often --wait looks at a pending job's reason (one squeue call)
 
@@ -113,7 +113,7 @@ def launch(args) -> int:
         print("\n".join(f"#   {line}" for line in describe(cfg, args.gpus_per_node)))
         return 0
     if partition and partition.startswith("not checked"):
-        print(f"note: partition limits {partition}", file=sys.stderr)
+        note(f"partition limits {partition}")
     import submitit
 
     prep_job = None
@@ -130,7 +130,7 @@ def launch(args) -> int:
                 "requeue": True, "open-mode": "append", "dependency": f"afterok:{prep_job.job_id}",
                 "kill-on-invalid-dep": "yes"})
         elif not prepare_succeeded(prep_job, None):
-            return 1
+            return JOB_FAILED_EXIT_CODE
     job = submit(executor, TrainJob(config, list(args.overrides)))
     print(f"submitted job {job.job_id}: {world} task(s) on {args.nodes} node(s)")
     print(f"logs: {job.paths.stdout} (rank 0), {job.paths.stderr}")
@@ -142,18 +142,18 @@ def launch(args) -> int:
         if prep_job is not None and slurm:
             follow(prep_job, slurm)
             if not prepare_succeeded(prep_job, job):
-                return 1
+                return JOB_FAILED_EXIT_CODE
         follow(job, slurm)
         job.results()  # one result per task
     except JobNeverStarts as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return JOB_FAILED_EXIT_CODE
     except submitit.core.utils.FailedJobError as err:
         print(f"job {job.job_id} failed:\n{failing_rank_report(job, str(err))}", file=sys.stderr)
-        return 1
+        return JOB_FAILED_EXIT_CODE
     except submitit.core.utils.UncompletedJobError as err:
         print(f"job {job.job_id} did not complete: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return JOB_FAILED_EXIT_CODE
     print(f"job {job.job_id} completed; model in {Path(cfg.output_dir) / 'final'}")
     return 0
 

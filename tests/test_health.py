@@ -43,7 +43,8 @@ def test_missing_gpus_other_code_and_too_little_space_end_the_job_before_trainin
     ranks = [start_rank(0, 2, port, args, REPO), start_rank(1, 2, port, args, other,
                                                                   SLURM_GPUS_ON_NODE="1")]
     results = [r.communicate(timeout=300) for r in ranks]
-    from train.run.health import HEALTH_EXIT_CODE, host_name
+    from train.errors import HEALTH_EXIT_CODE
+    from train.run.health import host_name
 
     assert [r.returncode for r in ranks] == [HEALTH_EXIT_CODE] * 2, results[0][1][-3000:]
     report = [l for l in results[0][1].splitlines() if "node health: host" in l]

@@ -125,18 +125,20 @@ def check(root: Path, table: dict | None = None) -> list[str]:
 
 
 def torch_at_prepare_time(table, layers, graph, project, where) -> list[str]:
-    """Breadth first from the prepare-time modules through project imports: every module
-    reached, with the chain that reaches it, must import no torch."""
+    """Breadth first from the prepare-time modules through project imports, and through the
+    packages whose __init__ an import runs first: every module reached, with the chain that
+    reaches it, must import no torch."""
     roots = [m for m, (_, layer) in layers.items() if layer in table["TORCH_FREE"]]
     roots += [m for m in table["TORCH_FREE"] if m in layers]
     via = {m: m for m in roots if m in graph}
     queue = deque(via)
     while queue:
         module = queue.popleft()
-        for imp in project[module]:
-            if imp.target not in via:
-                via[imp.target] = f"{via[module]} -> {imp.target}"
-                queue.append(imp.target)
+        parents = [".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1)]
+        for target in [imp.target for imp in project[module]] + parents:
+            if target not in via and target in graph:
+                via[target] = f"{via[module]} -> {target}"
+                queue.append(target)
     return [f"{where[m]}:{imp.line}: torch at prepare time: {imp.target} imported by prepare-time "
             f"code ({chain}); prepare runs where torch may be absent"
             for m, chain in sorted(via.items()) for imp in graph[m]
@@ -240,6 +242,10 @@ FUNCTION_IMPORT = "\n\ndef late():\n    {}\n"
      {"train/errors.py": FUNCTION_IMPORT.format("import torch")},
      r"train/errors.py:4: torch at prepare time: torch imported by prepare-time code "
      r"\(train.data.src -> train.errors\)"),
+    ("torch at prepare time through a package's __init__",
+     {"kernels/__init__.py": "import torch\n", "train/data/ner.py": "from kernels.attn import f\n"},
+     r"kernels/__init__.py:1: torch at prepare time: torch imported by prepare-time code "
+     r"\(train.data.ner -> kernels.attn -> kernels\)"),
     ("kernels imports train", {"kernels/attn.py": "from train import errors\n"},
      r"kernels/attn.py:1: kernels imports train.errors: kernels/ imports torch and triton only"),
     ("a private name across modules", {"train/data/ner.py": "from train.data.src import _raw\n"},

@@ -14,11 +14,12 @@ kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)
     kernels.test_varlen_attention  grid tests of attention and its gradients (pytest)
     kernels.test_aot               kernels.aot run as a test (pytest)
 base (imported by every layer of train/ and by launcher/)
-    train          this map
-    train.layers   the map as a table, read by tests/test_layers.py
-    train.errors   UsageError, DataError, the exit statuses; error, warning and note lines
-    train.config   the YAML config: dataclasses, overrides, validation
-    train.durable  files written whole: temporary name, fsync, rename
+    train             this map
+    train.layers      the map as a table, read by tests/test_layers.py
+    train.errors      UsageError, DataError, the exit statuses; error, warning and note lines
+    train.task_names  the task names: clm, mlm, token-classification
+    train.config      the YAML config: dataclasses, overrides, validation
+    train.durable     files written whole: temporary name, fsync, rename
 train/data/  prepare time: no torch; python -m train.prepare, before any job
     train.data               raw text to packed batches
     train.data.sources       where documents come from: files, HF datasets, python-stdlib

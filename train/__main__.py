@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.errors import USAGE_EXIT_CODE, UsageError
+from train.errors import (HEALTH_EXIT_CODE, NONFINITE_EXIT_CODE, USAGE_EXIT_CODE,
+                          UsageError)
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     preemption.install_handlers()  # before the heavy imports: a stop signal is never lost
     from kernels import KernelBackendError
     from train.config import load_config
-    from train.run.health import HEALTH_EXIT_CODE, NodeHealthError
+    from train.run.health import NodeHealthError
     from train.run.trainer import NonFiniteError, run_training
 
     try:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         return USAGE_EXIT_CODE
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return NONFINITE_EXIT_CODE
     except NodeHealthError as err:  # a broken node, before the first step
         print(f"error: {err}", file=sys.stderr)
         return HEALTH_EXIT_CODE

@@ -13,14 +13,14 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from kernels.backend import BACKENDS
-from train.errors import UsageError
+from train.errors import UsageError, note
+from train.task_names import TASK_NAMES
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 MIN_TIMEOUT_S = 10.0  # watchdog timeouts: several heartbeat intervals (train/run/watchdog.py)
@@ -156,7 +156,7 @@ LEGACY = {
     "evaluation_strategy": ("eval_strategy", None),  # the value is checked as eval_strategy
 }
 CHOICES = {
-    "task": ("clm", "mlm", "token-classification"),
+    "task": TASK_NAMES,
     "lr_scheduler_type": SCHEDULES,
     "eval_strategy": ("steps", "no"),
     "nonfinite": ("stop", "skip"),
@@ -165,10 +165,6 @@ CHOICES = {
     "kernels.attention": BACKENDS,
     "kernels.cross_entropy": BACKENDS,
 }
-
-
-def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
 
 
 def _coerce(value, annotation, key: str):

@@ -68,7 +68,7 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
     own windows (data.seq_len of its train_config.json) unless seq_len is given."""
     import transformers
 
-    from train.run.eval_loop import evaluate
+    from train.run.eval_loop import eval_metrics
     from train.data.loader import PackedLoader, as_torch
     from train.model import PackedModel, max_positions
     from train.data.shards import ShardIndex, file_sha256
@@ -90,7 +90,7 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
         return wrapped(t["input_ids"], t["labels"], t["position_ids"], t["cu_seqlens"],
                        t["max_seqlen"], return_predictions=return_predictions)
 
-    return evaluate(forward, loader, task, max_batches=max_batches)
+    return eval_metrics(forward, loader, task, max_batches=max_batches)
 
 
 @exits_cleanly_on_usage_error

@@ -26,6 +26,7 @@ LAYERS = (
         "train": "this map",
         "train.layers": "the map as a table, read by tests/test_layers.py",
         "train.errors": "UsageError, DataError, the exit statuses; error, warning and note lines",
+        "train.task_names": "the task names: clm, mlm, token-classification",
         "train.config": "the YAML config: dataclasses, overrides, validation",
         "train.durable": "files written whole: temporary name, fsync, rename",
     }),

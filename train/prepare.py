@@ -15,6 +15,7 @@ import sys
 
 from train.data.prepare import DEFAULT_SHARD_TOKENS, prepare
 from train.errors import exits_cleanly_on_usage_error
+from train.task_names import TASK_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="fraction of whole documents held out for validation (default 0.01)")
     val.add_argument("--validation-input", action="append", metavar="SRC",
                      help="a separate validation source (repeatable)")
-    p.add_argument("--task", choices=("clm", "mlm", "token-classification"), default="clm",
+    p.add_argument("--task", choices=TASK_NAMES, default="clm",
                    help="mlm and token-classification put the tokenizer's CLS token before each "
                         "document and, with --train-tokenizer, train a WordPiece tokenizer; "
                         "token-classification reads CoNLL column files or JSONL tokens/ner_tags")

@@ -160,6 +160,7 @@ class TokenClassification(Task):
                 **{f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")}}
 
 
+# one class per name of train/task_names.py (tests/test_single_sources.py checks both ways)
 TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification)}
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from train.data import ner_data, sources
 from train.data.ner_sources import SentenceSource
-from train.errors import UsageError
+from train.errors import UsageError, note, warn  # on stderr: stdout is for the summary line
 from train.data.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
                                ShardIndex, ShardWriter, WrittenFiles, completed_shards,
                                dtype_for_vocab, file_sha256, label_split, write_json_atomic)
@@ -315,10 +315,6 @@ class SentenceInputs(TextInputs):
 # The phases
 # ---------------------------------------------------------------------------------------------
 
-def note(message: str) -> None:
-    print(message, file=sys.stderr)  # stdout stays for the summary line
-
-
 def fingerprint(args, train_sources, val_sources) -> str:
     tokenizer = {"train_bpe": args.train_tokenizer}
     if args.tokenizer:
@@ -472,7 +468,7 @@ def choose_engine(args, out: Path, first_texts: Callable[[], list[str]]) -> str:
     if args.tokenizer_engine == "tiktoken":
         raise UsageError(f"--tokenizer-engine tiktoken cannot be used: {reason}; use "
                          f"--tokenizer-engine auto or hf")
-    note(f"note: tokenizing with Hugging Face, not tiktoken: {reason}")
+    note(f"tokenizing with Hugging Face, not tiktoken: {reason}")
     return "hf"
 
 
@@ -566,7 +562,7 @@ def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, la
                 "command": "python -m train.prepare " + shlex.join(
                     sys.argv[1:] if argv is None else list(argv))})
     if not index.splits[VALIDATION_NAME] and args.val_fraction:
-        note(f"note: --val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
+        note(f"--val-fraction {args.val_fraction} of {counts.docs[TRAIN]} documents "
              f"selects none; there is no validation split")
     written.record(INDEX_NAME)
     index.save()
@@ -638,9 +634,9 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
           f"{tokens_done / max(elapsed, 1e-9) / 1e6:.2f}M tok/s over {elapsed:.1f}s")
     replaced = sources.REPLACED
     if replaced.count:
-        note(f"warning: {replaced.count} undecodable bytes were replaced by U+FFFD, in "
+        warn(f"{replaced.count} undecodable bytes were replaced by U+FFFD, in "
              f"{', '.join(replaced.files)}{' and more' if len(replaced.files) >= 5 else ''}")
     if counts.empty:
-        note(f"note: {counts.empty} empty documents were skipped")
+        note(f"{counts.empty} empty documents were skipped")
     return 0
 

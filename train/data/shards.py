@@ -266,7 +266,6 @@ def completed_shards(out_dir: Path, split: str, dtype: np.dtype, written: Writte
 # word (a word's later sub-tokens), 2 * label id on a word's first sub-token. Alignment (-100, or
 # B- -> I- on continuations) is chosen at training time from the codes.
 LABEL_DTYPE = np.dtype("int16")
-TASKS = ("clm", "mlm", "token-classification")
 
 
 def label_split(name: str) -> str:

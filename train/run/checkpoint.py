@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from train import durable
+from train.errors import FAULT_EXIT_CODE, note
 
 STATE = "trainer_state.json"
 NAME = re.compile(r"^step-(\d{8})$")
@@ -113,9 +114,9 @@ def load_rng(path: Path, rank: int) -> bool:
     file = rng_file(path, rank)
     if not file.exists():
         if (path / f"rng-rank{rank}.pt").exists() and rank == 0:
-            print(f"note: {path} keeps its RNG state in the old pickled format, which is not "
-                  f"loaded; the random streams restart from the seed (resume is not bit-exact "
-                  f"where dropout or masking draws)", file=sys.stderr)
+            note(f"{path} keeps its RNG state in the old pickled format, which is not "
+                 f"loaded; the random streams restart from the seed (resume is not bit-exact "
+                 f"where dropout or masking draws)")
         return False
     with safe_open(file, framework="pt") as f:
         set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
@@ -138,7 +139,7 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     barrier()
     if rank == 0:
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
-            os._exit(17)
+            os._exit(FAULT_EXIT_CODE)
         (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
         # Every rank's files were closed before the barrier; one page cache on one node (and
         # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.

@@ -21,9 +21,8 @@ version) is not compared.
 """
 from __future__ import annotations
 
-import sys
 
-from train.errors import UsageError
+from train.errors import UsageError, warn
 
 HARMLESS, MATH, BATCH, STEPS, DATA_PATH = "harmless", "math", "batch", "steps", "data path"
 
@@ -145,5 +144,5 @@ def check(path, state: dict, new_config: dict, world: int, data: dict | None) ->
                          f"with overwrite_output_dir: true), or accept on purpose with "
                          f"resume_accept_config_changes: [{keys}]")
     for key, old, new in found:
-        print(f"warning: resuming from {path} with {key} changed from {old!r} to {new!r} "
-              f"(accepted by resume_accept_config_changes)", file=sys.stderr)
+        warn(f"resuming from {path} with {key} changed from {old!r} to {new!r} "
+             f"(accepted by resume_accept_config_changes)")

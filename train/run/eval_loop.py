@@ -4,7 +4,7 @@ eval_loss is the token average of the loss over the split's labelled tokens; the
 sums into its metrics (perplexity = exp(eval_loss), or entity precision, recall, F1 and token
 accuracy for token classification). Every rank runs the same number of forwards (ZeRO-3 gathers
 parameters collectively): a rank with fewer batches repeats its last one with every label
-ignored, which adds nothing. A mixture is evaluated source by source (`evaluate_sources`): each
+ignored, which adds nothing. A mixture is evaluated source by source (`eval_metrics_by_source`): each
 source's metrics under `<metric>/<name>`, and the plain names over all their tokens together.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from train.data.loader import IGNORE_INDEX, PackedLoader
 
 
-def evaluate(forward: Callable, loader: PackedLoader, task, *, max_batches: int | None = None,
+def eval_metrics(forward: Callable, loader: PackedLoader, task, *, max_batches: int | None = None,
              world: int = 1, all_reduce: Callable | None = None, device=None) -> dict:
     """forward(batch, return_predictions) -> (loss sum, labelled tokens[, predicted classes]);
     all_reduce(tensor) sums over ranks (None: one process)."""
@@ -27,7 +27,7 @@ def evaluate(forward: Callable, loader: PackedLoader, task, *, max_batches: int 
                                        world=world, all_reduce=all_reduce, device=device))
 
 
-def evaluate_sources(forward: Callable, loaders: dict, task, **options) -> dict:
+def eval_metrics_by_source(forward: Callable, loaders: dict, task, **options) -> dict:
     """A mixture's eval: each source's metrics under `<metric>/<name>` (eval_loss/code,
     perplexity/code, ...) and, under the plain names, the metrics of all their tokens together
     (the token-weighted total). loaders: {name: PackedLoader of that source's split}."""

@@ -19,7 +19,8 @@ checks:
   versions    the same code (a hash of the project's sources, and the git commit if any) and
               the same torch, deepspeed and transformers on every rank.
 
-A failure raises NodeHealthError: `python -m train` exits with HEALTH_EXIT_CODE (5).
+A failure raises NodeHealthError: `python -m train` exits with status 5 (train/errors.py's
+HEALTH_EXIT_CODE).
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ from pathlib import Path
 
 from train.run.distributed import host_name
 
-HEALTH_EXIT_CODE = 5
 TOKEN_DIR = ".node-health"  # inside output_dir; removed again after the check
 # a token written on another node may take a moment to show through a network file system's
 # attribute cache (NFS's acdirmin is 30 s by default, but a lookup by name is not cached when

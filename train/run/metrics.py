@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from train.errors import UsageError
+from train.errors import UsageError, warn
 
 NAME = "metrics.jsonl"
 
@@ -100,8 +100,8 @@ def read_records(path: Path) -> list[dict]:
             if number < len(lines):
                 raise UsageError(f"{path}:{number} is not a JSON record; fix or remove that "
                                  f"line") from None
-            print(f"warning: {path}:{number}: dropped a partial last line (its writer was "
-                  f"stopped mid-write)", file=sys.stderr)
+            warn(f"{path}:{number}: dropped a partial last line (its writer was stopped "
+                 f"mid-write)")
     return records
 
 

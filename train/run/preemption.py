@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from train.errors import NOT_REQUEUED_EXIT_CODE
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-NOT_REQUEUED_EXIT_CODE = 4  # a stop or hang under Slurm that could not or must not be requeued
 REQUEUE_TIMEOUT_S = 60
 LEDGER = "requeues.jsonl"
 _signalled: str | None = None  # the first stop signal this process received

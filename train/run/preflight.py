@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.run import checkpoint, config_drift
-from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
-from train.errors import DataError, UsageError
+from train.config import Config, DataSection, MixtureSource, deepspeed_config
+from train.errors import DataError, UsageError, note
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,

@@ -11,13 +11,13 @@ On a GPU the forwards are timed with CUDA events, read at the logging step (no s
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 
 import torch
 
 from train.config import StragglerSection
+from train.errors import warn
 
 
 class WorkTimer:
@@ -87,8 +87,8 @@ class Stragglers:
         due = self.warned_at is None or step - self.warned_at >= s.warn_every
         if self.streak >= s.windows and due and self.rank == 0:
             self.warned_at = step
-            print(f"warning: rank {slowest} on {self.hosts[slowest]} is a straggler: "
-                  f"{worst:.3f} s of its own work per step against a median of {median:.3f} s "
-                  f"over ranks ({spread:.1f}x) for {self.streak} logging steps in a row (since "
-                  f"step {self.streak_from}); next warning at the earliest at step "
-                  f"{step + s.warn_every}", file=sys.stderr, flush=True)
+            warn(f"rank {slowest} on {self.hosts[slowest]} is a straggler: "
+                 f"{worst:.3f} s of its own work per step against a median of {median:.3f} s "
+                 f"over ranks ({spread:.1f}x) for {self.streak} logging steps in a row (since "
+                 f"step {self.streak_from}); next warning at the earliest at step "
+                 f"{step + s.warn_every}")

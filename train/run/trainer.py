@@ -30,7 +30,7 @@ from train.run import checkpoint, distributed, health, preemption, run_lock
 from train.config import Config
 from train.run.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
-from train.run.eval_loop import evaluate, evaluate_sources
+from train.run.eval_loop import eval_metrics, eval_metrics_by_source
 from train.run.faults import Faults
 from train.flops import Throughput
 from train.data.loader import IGNORE_INDEX, PackedLoader, as_torch
@@ -151,7 +151,7 @@ class RankRun:
         if self.plan.has_val and self.progress.step == 0:  # perplexity before training, as the
             self.watchdog.enter("eval", 0)                 # course shows
             self.faults.delay_phase("eval")
-            self.metrics.log({"step": 0, **self.evaluate()})
+            self.metrics.log({"step": 0, **self.run_eval()})
             return self.stop_between_phases("the step-0 eval")
         return None
 
@@ -212,7 +212,7 @@ class RankRun:
                 window_start, window_steps = now, 0
             if plan.has_val and p.step % eval_every == 0 and p.step < plan.total_steps:
                 self.watchdog.enter("eval", p.step)
-                self.metrics.log({"step": p.step, **self.evaluate()})
+                self.metrics.log({"step": p.step, **self.run_eval()})
             if p.step % cfg.save_steps == 0 and p.step < plan.total_steps:
                 self.save(pending)
             self.faults.after_step(self.rank, p.step)
@@ -225,7 +225,7 @@ class RankRun:
         bar.close()
         if plan.has_val:
             self.watchdog.enter("eval", p.step)
-            self.metrics.log({"step": p.step, **self.evaluate()})
+            self.metrics.log({"step": p.step, **self.run_eval()})
         self.save(pending)
         self.export()
         self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
@@ -304,7 +304,7 @@ class RankRun:
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
 
-    def evaluate(self) -> dict:
+    def run_eval(self) -> dict:
         """eval_loss and the task's metrics; for a mixture also per source (train/run/eval_loop.py)."""
         if self.eval_loaders is None:
             self.eval_loaders = {s.name: self.open_loader(
@@ -319,9 +319,9 @@ class RankRun:
         options = dict(max_batches=self.cfg.eval_max_batches or None, world=self.world,
                        all_reduce=self.all_reduce, device=self.device)
         if self.cfg.data.mixture is not None:
-            record = evaluate_sources(forward, self.eval_loaders, self.task, **options)
+            record = eval_metrics_by_source(forward, self.eval_loaders, self.task, **options)
         else:
-            record = evaluate(forward, *self.eval_loaders.values(), self.task, **options)
+            record = eval_metrics(forward, *self.eval_loaders.values(), self.task, **options)
         self.engine.train()
         return record
 

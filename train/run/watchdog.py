@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Callable
 
 from train.config import MIN_TIMEOUT_S, WatchdogSection
+from train.errors import WATCHDOG_EXIT_CODE
 from train.run.distributed import host_name
 
-WATCHDOG_EXIT_CODE = 75
 HEARTBEAT_S = 2.0
 STALE_S = 3 * HEARTBEAT_S  # below MIN_TIMEOUT_S: a frozen rank is stale before anyone expires
 assert STALE_S < MIN_TIMEOUT_S
