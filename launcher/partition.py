@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 
 from train.errors import UsageError
+from train.run.slurm_cli import SlurmCommandError, slurm_command
 
 # Pending reasons that no amount of waiting clears: only a change to the job or to the
 # partition, QOS or account does (squeue(1), JOB REASON CODES). Reasons that do clear by
@@ -126,13 +126,10 @@ def never_starts(job_id: str) -> str | None:
 
 def _run(*command: str) -> list[str]:
     try:
-        res = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise LimitsUnknown(f"{command[0]} failed: {err}") from None
-    if res.returncode:
-        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
-        raise LimitsUnknown(f"{command[0]}: {lines[-1].removeprefix(command[0] + ': ')}")
-    return [line for line in res.stdout.splitlines() if line.strip()]
+        out = slurm_command(*command)
+    except SlurmCommandError as err:
+        raise LimitsUnknown(str(err)) from None
+    return [line for line in out.splitlines() if line.strip()]
 
 
 def _limit(text: str | None) -> int | None:

@@ -69,6 +69,7 @@ LAYERS = (
         "train.run.distributed": "this process's rank, world and rendezvous, from its launcher",
         "train.run.preemption": "stop signals, walltime, requeues",
         "train.run.faults": "fault injection for the tests (environment variables)",
+        "train.run.slurm_cli": "Slurm's command-line tools, with a timeout and one error",
     }),
     ("commands", "commands (thin command lines over the layers)", {
         "train.__main__": "python -m train CONFIG.yaml [key=value ...]",

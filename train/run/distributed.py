@@ -21,10 +21,11 @@ import json
 import os
 import re
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from train.run.slurm_cli import SlurmCommandError, slurm_command
 
 # How long ranks wait for rank 0 to publish its port: rank 0 starts as fast as any other rank,
 # so minutes of waiting mean the file cannot be seen (output_dir is not shared), not slowness.
@@ -159,9 +160,8 @@ def node_address(node: str) -> str:
     except OSError:
         pass
     try:
-        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        out = slurm_command("scontrol", "show", "node", node)
+    except SlurmCommandError:
         return node
     match = re.search(r"NodeAddr=(\S+)", out)
     return match.group(1) if match else node

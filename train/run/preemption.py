@@ -27,12 +27,12 @@ import enum
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from train.errors import NOT_REQUEUED_EXIT_CODE
+from train.run.slurm_cli import SlurmCommandError, slurm_command
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 REQUEUE_TIMEOUT_S = 60
@@ -128,17 +128,10 @@ def requeue(job_id: str, out: Path, limit: int, cause: str) -> int:
         f.write(json.dumps({"job": job_id, "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                             "checkpoint_step": step, "cause": cause, "time": time.time()}) + "\n")
     try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                                timeout=REQUEUE_TIMEOUT_S)
-        error = result.stderr.strip() or f"exit status {result.returncode}" if result.returncode else ""
-    except subprocess.TimeoutExpired:
-        error = f"no answer from slurmctld in {REQUEUE_TIMEOUT_S} s"
-    except OSError as err:
-        error = str(err)
-    if error:
-        print(f"job {job_id}: {cause}; could not requeue (scontrol requeue {job_id}: {error}); "
-              f"resubmit the same command to resume from checkpoint step {step}", file=sys.stderr,
-              flush=True)
+        slurm_command("scontrol", "requeue", job_id, timeout=REQUEUE_TIMEOUT_S)
+    except SlurmCommandError as err:
+        print(f"job {job_id}: {cause}; could not requeue ({err}); resubmit the same command to "
+              f"resume from checkpoint step {step}", file=sys.stderr, flush=True)
         return NOT_REQUEUED_EXIT_CODE
     print(f"job {job_id}: {cause}; requeued", file=sys.stderr, flush=True)
     return 0
@@ -159,8 +152,7 @@ def read_ledger(path: Path) -> list[dict]:
 def job_end_time(job_id: str) -> float | None:
     """The job's end time (seconds since the epoch) from squeue, or None if unknown/unlimited."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()
+        out = slurm_command("squeue", "-h", "-j", job_id, "-o", "%e").strip()
         return datetime.datetime.fromisoformat(out).timestamp()
-    except (OSError, ValueError, subprocess.SubprocessError):
+    except (SlurmCommandError, ValueError):  # no Slurm here, or UNLIMITED/N/A
         return None

@@ -20,12 +20,12 @@ import datetime
 import json
 import os
 import socket
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from train import durable
 from train.errors import UsageError
+from train.run.slurm_cli import SlurmCommandError, slurm_command
 
 LOCK_NAME = ".lock"
 
@@ -68,14 +68,10 @@ def read_holder(output_dir) -> Holder | None:
 def slurm_job_running(job_id: str) -> bool | None:
     """True/False per squeue, None when squeue cannot say (no Slurm here, or it failed)."""
     try:
-        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
+        return bool(slurm_command("squeue", "-h", "-j", job_id, "-o", "%T").strip())
+    except SlurmCommandError as err:
         # squeue fails with "Invalid job id specified" for a job it no longer knows
-        return False if "Invalid job id" in res.stderr else None
-    return bool(res.stdout.strip())
+        return False if "Invalid job id" in err.stderr else None
 
 
 def pid_alive(pid: int) -> bool:
