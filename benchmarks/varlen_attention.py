@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from benchmarks.common import PeakMemory, machine, write_results
 from benchmarks.roofline import napkin, napkin_line
 from kernels.testing import assert_close_scaled
-from kernels.varlen_attention import reference_varlen_attention, varlen_attention
+from kernels.attention import reference_varlen_attention, varlen_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

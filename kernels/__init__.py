@@ -7,6 +7,6 @@ This package imports torch and triton only (triton lazily: the fallbacks run wit
 """
 from kernels.backend import KernelBackendError
 from kernels.cross_entropy import fused_linear_cross_entropy
-from kernels.varlen_attention import varlen_attention
+from kernels.attention import varlen_attention
 
 __all__ = ["fused_linear_cross_entropy", "varlen_attention", "KernelBackendError"]

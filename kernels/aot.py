@@ -23,7 +23,6 @@ takes seconds.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ ARCHS = (80, 90)
 # 163 KB on sm_80 (A100), 227 KB on sm_90 (H100/H200).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-HEAD_DIMS = (64, 128)  # kernels/varlen_attention.py's MAX_HEAD_DIM; others round up to these
+HEAD_DIMS = (64, 128)  # kernels/attention.py's MAX_HEAD_DIM; others round up to these
 
 
 @dataclass(frozen=True)
@@ -74,10 +73,9 @@ class Result:
 
 
 def _kernel_modules():
-    # The package re-exports the public functions under the modules' names, so
-    # `from kernels import varlen_attention` is the function, not the module.
-    return (importlib.import_module("kernels.cross_entropy"),
-            importlib.import_module("kernels.varlen_attention"))
+    from kernels import attention, cross_entropy
+
+    return cross_entropy, attention
 
 
 def configurations(archs=ARCHS) -> list[Build]:

@@ -1,6 +1,6 @@
 """Facts kept in one place, checked where they are repeated for the reader: the exit statuses
 (train/errors.py) against README, the task names (train/task_names.py) against the Task classes,
-and the one format of a note or a warning."""
+the config's sections against its docstring, and the one format of a note or a warning."""
 from __future__ import annotations
 
 import re
@@ -42,3 +42,15 @@ def test_a_note_and_a_warning_are_one_line_each_on_stderr(capsys):
     warn("rank 1 is a straggler")
     out, err = capsys.readouterr()
     assert out == "" and err == "note: resuming: 1 train shard\nwarning: rank 1 is a straggler\n"
+
+
+def test_the_config_docstring_names_every_section():
+    import dataclasses
+
+    import train.config
+
+    sections = [f.name for f in dataclasses.fields(train.config.Config)
+                if dataclasses.is_dataclass(f.default_factory)]
+    doc = " ".join(train.config.__doc__.split())
+    missing = [name for name in sections if f"`{name}`" not in doc]
+    assert sections and not missing, f"train/config.py's docstring lacks the sections {missing}"

@@ -4,15 +4,15 @@ The map is train/layers.py's table, rendered here; tests/test_layers.py checks b
 imports (by reading the source, nothing imported). The folders follow the layers.
 
 kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)
-    kernels                        the public functions (the contract): the loss and the attention
-    kernels.backend                auto, triton or torch: which implementation runs
-    kernels.cross_entropy          the fused linear + cross-entropy loss, never building [N, V]
-    kernels.varlen_attention       attention over packed documents (cu_seqlens)
-    kernels.testing                outputs compared with the fp32 reference, relative to their scale
-    kernels.aot                    python -m kernels.aot: each Triton configuration compiled, no GPU
-    kernels.test_cross_entropy     grid tests of the loss and its gradients (pytest)
-    kernels.test_varlen_attention  grid tests of attention and its gradients (pytest)
-    kernels.test_aot               kernels.aot run as a test (pytest)
+    kernels                     the public functions (the contract): the loss and the attention
+    kernels.backend             auto, triton or torch: which implementation runs
+    kernels.cross_entropy       the fused linear + cross-entropy loss, never building [N, V]
+    kernels.attention           varlen_attention: attention over packed documents (cu_seqlens)
+    kernels.testing             outputs compared with the fp32 reference, relative to their scale
+    kernels.aot                 python -m kernels.aot: each Triton configuration compiled, no GPU
+    kernels.test_cross_entropy  grid tests of the loss and its gradients (pytest)
+    kernels.test_attention      grid tests of attention and its gradients (pytest)
+    kernels.test_aot            kernels.aot run as a test (pytest)
 base (imported by every layer of train/ and by launcher/)
     train             this map
     train.layers      the map as a table, read by tests/test_layers.py

@@ -2,10 +2,11 @@
 group exists.
 
 Top-level training hyperparameters use the names of transformers' `TrainingArguments`
-(learning_rate, per_device_train_batch_size, ...); the sections are `model`, `data`,
-`deepspeed`, `kernels`, `health` and `task`; `resume` says where to continue from. An unknown
-key is an error listing the valid ones; a name from older tutorials (warmup_ratio, evaluation_strategy) is
-accepted with a note naming the current one.
+(learning_rate, per_device_train_batch_size, ...); `task` names the task and `resume` says where
+to continue from; the sections are `model`, `data`, `deepspeed`, `kernels`, `health`, `watchdog`
+and `stragglers` (tests/test_single_sources.py checks this list against `Config`). An unknown
+key is an error listing the valid ones; a name from older tutorials (warmup_ratio,
+evaluation_strategy) is accepted with a note naming the current one.
 """
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ LAYERS = (
         "kernels": "the public functions (the contract): the loss and the attention",
         "kernels.backend": "auto, triton or torch: which implementation runs",
         "kernels.cross_entropy": "the fused linear + cross-entropy loss, never building [N, V]",
-        "kernels.varlen_attention": "attention over packed documents (cu_seqlens)",
+        "kernels.attention": "varlen_attention: attention over packed documents (cu_seqlens)",
         "kernels.testing": "outputs compared with the fp32 reference, relative to their scale",
         "kernels.aot": "python -m kernels.aot: each Triton configuration compiled, no GPU",
         "kernels.test_cross_entropy": "grid tests of the loss and its gradients (pytest)",
-        "kernels.test_varlen_attention": "grid tests of attention and its gradients (pytest)",
+        "kernels.test_attention": "grid tests of attention and its gradients (pytest)",
         "kernels.test_aot": "kernels.aot run as a test (pytest)",
     }),
     ("base", "base (imported by every layer of train/ and by launcher/)", {

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import fused_linear_cross_entropy, varlen_attention
-from kernels.varlen_attention import MAX_HEAD_DIM
+from kernels.attention import MAX_HEAD_DIM
 from train.errors import UsageError
 from train.data.loader import IGNORE_INDEX
 

@@ -26,7 +26,7 @@ from train.errors import UsageError, warn
 
 HARMLESS, MATH, BATCH, STEPS, DATA_PATH = "harmless", "math", "batch", "steps", "data path"
 
-# The longest matching dotted prefix decides. tests/test_config_drift.py checks that every config
+# The longest matching dotted prefix decides. tests/test_checkpoint.py checks that every config
 # key has a rule, so a new key must be classified here before it can be merged.
 RULES = {
     "task": MATH, "seed": MATH, "learning_rate": MATH, "warmup_steps": MATH,

@@ -42,7 +42,6 @@ TOKEN_DIR = ".node-health"  # inside output_dir; removed again after the check
 # the name was never looked up before); 10 s of retries bounds the wait for a healthy setup
 TOKEN_WAIT_S = 10.0
 PACKAGES = ("torch", "deepspeed", "transformers")
-CHECKS = ("devices", "output_dir", "free space", "versions")
 
 
 class NodeHealthError(RuntimeError):

@@ -2,15 +2,13 @@
 can run here (Triton natively on a GPU, under TRITON_INTERPRET=1 on CPU; the PyTorch fallback)."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
+from kernels import attention as va
+from kernels.attention import reference_varlen_attention, varlen_attention
 from kernels.testing import assert_close_scaled
-from kernels.varlen_attention import reference_varlen_attention, varlen_attention
 
-va = importlib.import_module("kernels.varlen_attention")  # the package re-exports the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tolerances: kernels/testing.py, relative to each tensor's scale, with the reasoning.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])

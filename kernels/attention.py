@@ -79,7 +79,7 @@ DQ_TILES = {
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
-# configuration spills (tests/test_kernels_aot.py). fp32 attention is for checking, not speed.
+# configuration spills (kernels/test_aot.py). fp32 attention is for checking, not speed.
 FP32_TILES = {
     "fwd": {64: (Tile(32, 16, 8, 2),), 128: (Tile(32, 16, 8, 2),)},
     "dkdv": {64: (Tile(16, 32, 4, 2),), 128: (Tile(16, 32, 4, 2),)},
