@@ -215,10 +215,12 @@ TOY_TREE = {
     "train/data/src.py": "from train.errors import UsageError\n\ndef decode(b):\n    return b\n",
     "train/data/ner.py": "from train.data.src import decode\n",
     "train/run/__init__.py": "",
-    "train/run/loop.py": "import torch\nfrom ..data import ner\nfrom train.errors import UsageError\n",
+    "train/run/loop.py": ("import torch\nfrom ..data import ner\n"
+                          "from train.errors import UsageError\n"),
     "train/__main__.py": "from train.run import loop\n",
     "launcher/__init__.py": "",
-    "launcher/partition.py": "from train.errors import UsageError\n\ndef minutes(t):\n    return 1\n",
+    "launcher/partition.py": ("from train.errors import UsageError\n\n"
+                              "def minutes(t):\n    return 1\n"),
     "launcher/__main__.py": "from launcher.partition import minutes\nfrom train import __main__\n",
 }
 FUNCTION_IMPORT = "\n\ndef late():\n    {}\n"

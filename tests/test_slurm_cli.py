@@ -32,7 +32,8 @@ def test_stdout_of_a_command_that_succeeds(tool):
      'echo "squeue: error: first" >&2; echo "squeue: error: Invalid job id specified" >&2; exit 1',
      30, "squeue -h -j 7: error: Invalid job id specified"),
     ("exit status and no stderr", "exit 3", 30, "squeue -h -j 7: exit status 3"),
-    ("no answer in time", "exec /bin/sleep 5", 0.5, "squeue -h -j 7: no answer from slurmctld in 0.5 s"),
+    ("no answer in time", "exec /bin/sleep 5", 0.5,
+     "squeue -h -j 7: no answer from slurmctld in 0.5 s"),
     ("not installed", None, 30, "squeue -h -j 7: cannot run it ("),
 ])
 def test_one_line_error_for_each_failure(tool, case, body, timeout, message):

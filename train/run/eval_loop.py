@@ -4,8 +4,8 @@ eval_loss is the token average of the loss over the split's labelled tokens; the
 sums into its metrics (perplexity = exp(eval_loss), or entity precision, recall, F1 and token
 accuracy for token classification). Every rank runs the same number of forwards (ZeRO-3 gathers
 parameters collectively): a rank with fewer batches repeats its last one with every label
-ignored, which adds nothing. A mixture is evaluated source by source (`eval_metrics_by_source`): each
-source's metrics under `<metric>/<name>`, and the plain names over all their tokens together.
+ignored, which adds nothing. A mixture is evaluated source by source (`eval_metrics_by_source`):
+each source's metrics under `<metric>/<name>`, and the plain names over all their tokens together.
 """
 from __future__ import annotations
 
