@@ -363,6 +363,19 @@ class ChatInputs(SentenceInputs):
         written.record(chat.TEMPLATE_FILE)
         (out / chat.TEMPLATE_FILE).write_text(self.template.source, encoding="utf-8")
 
+    def write_sample(self, out: Path, train_sources, written: WrittenFiles) -> None:
+        """chat_sample.json: the first training conversations (those kept whole, with no
+        escaped control text) and the ids prepare made of them. The export checks that the
+        exported tokenizer's apply_chat_template reproduces them (train/serve parity)."""
+        encoder = chat.ChatEncoder(out, self.options())
+        first = list(itertools.islice((doc for source in train_sources
+                                       for doc, _ in source.iter_docs()), chat.SAMPLE_SIZE))
+        sample = [{"messages": doc.messages, "input_ids": encoded.ids.tolist()}
+                  for doc, encoded in zip(first, encoder.encode(first))
+                  if not encoded.escaped and len(encoded.ids) <= self.args.max_length]
+        written.record(chat.SAMPLE_FILE)
+        write_json_atomic(out / chat.SAMPLE_FILE, sample)
+
     def index_section(self, formats: list[str | None]) -> dict:
         args = self.args
         return {"template_sha256": self.template.sha256, "template": self.template.name,
@@ -717,6 +730,7 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         chat_section = inputs.index_section([s.fmt for s in train_sources + val_sources])
         if any(skip):  # the shards a resumed prepare kept were counted by the interrupted one
             chat_section["counts_exclude_resumed_conversations"] = sum(skip)
+        inputs.write_sample(out, train_sources, written)
         if not inputs.counts.get("conversations") and not any(skip):
             raise UsageError(f"the inputs {', '.join(args.input)} hold no conversation with a "
                              f"trained token within --max-length {args.max_length} (dropped: "
