@@ -10,6 +10,7 @@ base (imported by every layer)
 train/data/ prepare time (no torch; `python -m train.prepare`, once, before any job)
     sources     where documents come from: files, HF datasets, python-stdlib; SentenceSource
     ner_data    CoNLL / JSONL token-classification input;  code_ner: the stdlib, tagged
+    chat        chat SFT input: formats, templates, the assistant mask, control-token escaping
     tokenizer   install or train the tokenizer
     tiktoken_bpe  tiktoken built from a byte-level BPE tokenizer.json: prepare's fast engine
     shards      the shard format; ShardIndex, the only reader and writer of index.json
