@@ -137,15 +137,20 @@ def decoded_targets(tok, ids: np.ndarray, codes: np.ndarray) -> str:
 # The label rule
 # ---------------------------------------------------------------------------------------------
 
+ENGINES = ["hf", "tiktoken"]  # prepare's two tokenizers: each must give the same ids and masks
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_labels_agree_with_transformers_assistant_mask_token_for_token(tokenizers, family):
+def test_labels_agree_with_transformers_assistant_mask_token_for_token(tokenizers, family,
+                                                                       engine):
     """The peer check: on 200 conversations, our ids equal apply_chat_template's, and token t
     is trained exactly when apply_chat_template's assistant mask marks t+1."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizers[family])
     convs = conversations(family, 200, seed=1)
-    encoded, counts = encode(tokenizers[family], convs)
+    encoded, counts = encode(tokenizers[family], convs, engine=engine)
     assert counts["conversations"] == 200 and counts["escaped_special_strings"] == 0
     for messages, (ids, codes) in zip(convs, encoded):
         theirs = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -157,10 +162,11 @@ def test_labels_agree_with_transformers_assistant_mask_token_for_token(tokenizer
         assert (codes & chat.CONVERSATION_START).tolist() == [2] + [0] * (len(ids) - 1)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("train_on", ["all", "last"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_targets_decode_to_exactly_the_replies_and_their_end_of_turn(
-        tokenizers, family, train_on):
+        tokenizers, family, train_on, engine):
     """The oracle, independent of transformers' mask: what the trained positions predict is
     each assistant reply followed by its end-of-turn token, and nothing else: no role header,
     no BOS, no separator; with train_on last, the last reply only. Some conversations spell a
@@ -169,16 +175,22 @@ def test_trained_targets_decode_to_exactly_the_replies_and_their_end_of_turn(
 
     tok = AutoTokenizer.from_pretrained(tokenizers[family])
     convs = conversations(family, 200, seed=2, inject=0.1)
-    encoded, counts = encode(tokenizers[family], convs, train_on=train_on)
+    encoded, counts = encode(tokenizers[family], convs, train_on=train_on, engine=engine)
     assert counts["escaped_special_strings"] > 0
+    if engine == "tiktoken":  # and the same ids and codes as Hugging Face, escapes included
+        hf, _ = encode(tokenizers[family], convs, train_on=train_on)
+        assert all(a.tolist() == b.tolist() and c.tolist() == d.tolist()
+                   for (a, c), (b, d) in zip(encoded, hf))
     eot = FAMILIES[family]["eot"]
     for messages, (ids, codes) in zip(convs, encoded):
         assert decoded_targets(tok, ids, codes) == \
             expected_assistant_text(messages, eot, train_on), messages
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_control_token_text_in_a_message_never_becomes_the_control_token(tokenizers, family):
+def test_control_token_text_in_a_message_never_becomes_the_control_token(tokenizers, family,
+                                                                         engine):
     """A user typing the end-of-turn token's text gets text tokens: the conversation holds
     exactly as many end-of-turn ids as the template wrote; --special-tokens-in-content error
     refuses it, naming the conversation."""
@@ -189,9 +201,10 @@ def test_control_token_text_in_a_message_never_becomes_the_control_token(tokeniz
     clean = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
     tricky = [{"role": "user", "content": f"hello {spec['eot']}{spec['specials'][1]}"},
               {"role": "assistant", "content": f"hi {spec['eot']} there"}]
-    (clean_ids, _), (tricky_ids, _) = encode(tokenizers[family], [clean, tricky])[0]
+    (clean_ids, _), (tricky_ids, _) = encode(tokenizers[family], [clean, tricky],
+                                             engine=engine)[0]
     assert (tricky_ids == eot_id).sum() == (clean_ids == eot_id).sum() > 0
-    assert encode(tokenizers[family], [tricky])[1]["escaped_special_strings"] == 3
+    assert encode(tokenizers[family], [tricky], engine=engine)[1]["escaped_special_strings"] == 3
     with pytest.raises(UsageError, match=r"test:0: a user message contains the text of the "
                                          r"control token"):
         encode(tokenizers[family], [tricky], special_in_content="error")

@@ -393,6 +393,7 @@ class ChatOptions:
     too_long: str = "drop"           # drop | truncate
     max_length: int = 1024
     special_in_content: str = "text"  # text | error
+    engine: str = "hf"               # hf | tiktoken (choose_engine decides)
 
 
 @dataclass
@@ -406,12 +407,14 @@ class Encoded:
 
 
 class ChatEncoder:
-    """Renders and tokenizes conversations with one template and one tokenizer."""
+    """Renders and tokenizes conversations with one template and one tokenizer (Hugging Face's,
+    or tiktoken built from it, which gives the same ids several times faster)."""
 
     def __init__(self, tokenizer_dir: Path, options: ChatOptions):
         from tokenizers import Tokenizer
 
         self.options = options
+        self.fast = FastPieces(Path(tokenizer_dir)) if options.engine == "tiktoken" else None
         self.markers = options.strategy == "generation"
         path = str(Path(tokenizer_dir) / "tokenizer.json")
         self.tokenizer = Tokenizer.from_file(path)
@@ -466,6 +469,8 @@ class ChatEncoder:
         """Rendered texts -> (ids, [start, end) character offsets into the text) of each. Text
         between escape markers is tokenized as plain text; elsewhere control tokens are
         tokens, exactly as the tokenizer itself reads the rendered text."""
+        if self.fast is not None:
+            return self.fast.tokenize(texts)
         pieces, owners = [], []  # (text, offset into the rendered text, escaped?)
         for i, text in enumerate(texts):
             if ESCAPE_OPEN not in text:
@@ -538,6 +543,108 @@ class ChatEncoder:
                         f"markers")
             assistant[len(prompt):len(upto)] = True
         return Encoded(full, assistant, escaped)
+
+
+class FastPieces:
+    """tiktoken (train/data/tiktoken_bpe.py) in ChatEncoder.tokenize's place: the rendered text
+    is split where the tokenizer splits it (at its special tokens, which all its added tokens
+    are, and at the escape markers), the pieces are encoded as ordinary text, and each token's
+    character offsets come from its byte length."""
+
+    def __init__(self, tokenizer_dir: Path):
+        from train.data.tiktoken_bpe import TiktokenBPE
+
+        spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        reason = fast_why_not(spec)
+        if reason:
+            raise UsageError(f"--tokenizer-engine tiktoken cannot be used: {reason}")
+        self.bpe = TiktokenBPE(tokenizer_dir / "tokenizer.json")
+        decode = self.bpe.encoding.decode_single_token_bytes
+        self.rank_bytes = np.array([len(decode(r)) for r in range(len(self.bpe.rank_to_id))],
+                                   dtype=np.int64)
+        self.special_ids = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        specials = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        self.split = re.compile(f"{ESCAPE_OPEN}(.*?){ESCAPE_CLOSE}" +
+                                (f"|{specials}" if specials else ""), re.S)
+
+    def tokenize(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        plain, layouts = [], []  # text pieces; per text, its parts in order
+        for text in texts:
+            parts, at = [], 0
+            for m in self.split.finditer(text):
+                if m.start() > at:
+                    parts.append((len(plain), at))
+                    plain.append(text[at:m.start()])
+                if m.group(1) is None:  # a special token: (id, start, end)
+                    parts.append((self.special_ids[m.group(0)], m.start(), m.end()))
+                elif m.group(1):
+                    parts.append((len(plain), m.start(1)))
+                    plain.append(m.group(1))
+                at = m.end()
+            if at < len(text):
+                parts.append((len(plain), at))
+                plain.append(text[at:])
+            layouts.append(parts)
+        ranks = self.bpe.encode_ranks(plain)
+        out = []
+        for parts in layouts:
+            ids, offsets = [], []
+            for part in parts:
+                if len(part) == 3:
+                    ids.append(np.array([part[0]], dtype=np.int64))
+                    offsets.append(np.array([part[1:]], dtype=np.int64))
+                else:
+                    piece, start = part
+                    ids.append(self.bpe.rank_to_id[ranks[piece]])
+                    offsets.append(self.char_offsets(plain[piece], ranks[piece]) + start)
+            out.append((np.concatenate(ids) if ids else np.empty(0, np.int64),
+                        np.concatenate(offsets) if offsets else np.empty((0, 2), np.int64)))
+        return out
+
+    def char_offsets(self, piece: str, ranks: np.ndarray) -> np.ndarray:
+        """[start, end) characters of each token of a piece: its bytes, widened to whole
+        characters (as Hugging Face reports a token holding part of a character)."""
+        ends = np.cumsum(self.rank_bytes[ranks])
+        starts = ends - self.rank_bytes[ranks]
+        if piece.isascii():
+            return np.stack([starts, ends], axis=1)
+        data = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
+        char_of_byte = np.cumsum((data & 0xC0) != 0x80) - 1  # continuation bytes: 10xxxxxx
+        return np.stack([char_of_byte[starts], char_of_byte[ends - 1] + 1], axis=1)
+
+
+def fast_why_not(spec: dict) -> str | None:
+    """Why tiktoken cannot stand in for this tokenizer in chat prepare, or None."""
+    from train.data.tiktoken_bpe import why_not
+
+    reason = why_not(spec)
+    if reason is None and any(t.get(flag) for t in spec.get("added_tokens", [])
+                              for flag in ("lstrip", "rstrip", "single_word", "normalized")):
+        reason = "an added token strips whitespace or is normalized"
+    return reason
+
+
+def choose_engine(tokenizer_dir: Path, options: ChatOptions, requested: str,
+                  first: list[Conversation]) -> tuple[str, str | None]:
+    """("tiktoken", None) when it applies and gives Hugging Face's ids and offsets on the first
+    conversations; else ("hf", why not). requested "hf" is taken as it is."""
+    from dataclasses import replace
+
+    if requested == "hf":
+        return "hf", None
+    spec = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    reason = fast_why_not(spec)
+    if reason is None:
+        hf = ChatEncoder(tokenizer_dir, replace(options, engine="hf"))
+        fast = ChatEncoder(tokenizer_dir, replace(options, engine="tiktoken"))
+        for a, b, conversation in zip(hf.encode(first), fast.encode(first), first):
+            if a.ids.tolist() != b.ids.tolist() or a.assistant.tolist() != b.assistant.tolist():
+                reason = f"tiktoken and Hugging Face differ on {conversation.where}"
+                break
+    if reason and requested == "tiktoken":
+        raise UsageError(f"--tokenizer-engine tiktoken cannot be used: {reason}; use "
+                         f"--tokenizer-engine auto or hf")
+    return ("hf", reason) if reason else ("tiktoken", None)
 
 
 def overlapping(offsets: np.ndarray, spans) -> np.ndarray:

@@ -324,6 +324,7 @@ class ChatInputs(SentenceInputs):
         TextInputs.__init__(self, args)
         self.counts: dict = {}
         self.template: chat.ChatTemplate | None = None
+        self.engine = "hf"
 
     def source(self, spec: str):
         return chat.ChatSource(spec, self.args.messages_field)
@@ -343,7 +344,8 @@ class ChatInputs(SentenceInputs):
     def options(self) -> chat.ChatOptions:
         args = self.args
         return chat.ChatOptions(self.template.source, args.mask_strategy, args.train_on,
-                                args.too_long, args.max_length, args.special_tokens_in_content)
+                                args.too_long, args.max_length, args.special_tokens_in_content,
+                                self.engine)
 
     def install_template(self, out: Path, written: WrittenFiles) -> None:
         """The template, checked against the tokenizer and the mask strategy, written beside
@@ -362,6 +364,16 @@ class ChatInputs(SentenceInputs):
         chat.check_strategy(self.template, self.args.mask_strategy)
         written.record(chat.TEMPLATE_FILE)
         (out / chat.TEMPLATE_FILE).write_text(self.template.source, encoding="utf-8")
+
+    def choose_engine(self, out: Path, train_sources) -> str:
+        """tiktoken when it gives Hugging Face's ids and masks on the first conversations."""
+        first = list(itertools.islice((doc for source in train_sources
+                                       for doc, _ in source.iter_docs()), CHECK_DOCS))
+        self.engine, reason = chat.choose_engine(out, self.options(), self.args.tokenizer_engine,
+                                                 first)
+        if reason:
+            note(f"note: tokenizing with Hugging Face, not tiktoken: {reason}")
+        return self.engine
 
     def write_sample(self, out: Path, train_sources, written: WrittenFiles) -> None:
         """chat_sample.json: the first training conversations (those kept whole, with no
@@ -705,7 +717,7 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         return list(itertools.islice(texts, CHECK_DOCS))
     if args.task == "sft":  # rendered with the template and tokenized with offsets: HF only
         inputs.install_template(out, written)
-        engine = "hf"
+        engine = inputs.choose_engine(out, train_sources)
         init, initializer = (str(out), inputs.options(), tok.dtype.name), chat.init_worker
     else:
         engine = choose_engine(args, out, first_texts)
