@@ -560,57 +560,71 @@ class FastPieces:
             raise UsageError(f"--tokenizer-engine tiktoken cannot be used: {reason}")
         self.bpe = TiktokenBPE(tokenizer_dir / "tokenizer.json")
         decode = self.bpe.encoding.decode_single_token_bytes
-        self.rank_bytes = np.array([len(decode(r)) for r in range(len(self.bpe.rank_to_id))],
-                                   dtype=np.int64)
-        self.special_ids = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        specials = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        ranks = len(self.bpe.rank_to_id)
+        # The special tokens get ranks after the BPE's, so that one lookup maps every rank of a
+        # text to its id and its length in bytes.
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self.special_rank = {text: np.array([ranks + k]) for k, text in enumerate(specials)}
+        self.rank_to_id = np.concatenate([self.bpe.rank_to_id, list(specials.values())])
+        self.rank_bytes = np.array([len(decode(r)) for r in range(ranks)] +
+                                   [len(text.encode()) for text in specials], dtype=np.int64)
+        pattern = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
         self.split = re.compile(f"{ESCAPE_OPEN}(.*?){ESCAPE_CLOSE}" +
-                                (f"|{specials}" if specials else ""), re.S)
+                                (f"|{pattern}" if pattern else ""), re.S)
 
     def tokenize(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        plain, layouts = [], []  # text pieces; per text, its parts in order
+        encode = self.bpe.encoding.encode_to_numpy
+        parts, per_text = [], []  # rank arrays in order; how many belong to each text
         for text in texts:
-            parts, at = [], 0
+            before, at = len(parts), 0
             for m in self.split.finditer(text):
                 if m.start() > at:
-                    parts.append((len(plain), at))
-                    plain.append(text[at:m.start()])
-                if m.group(1) is None:  # a special token: (id, start, end)
-                    parts.append((self.special_ids[m.group(0)], m.start(), m.end()))
+                    parts.append(encode(text[at:m.start()], allowed_special=set(),
+                                        disallowed_special=()))
+                if m.group(1) is None:
+                    parts.append(self.special_rank[m.group(0)])
                 elif m.group(1):
-                    parts.append((len(plain), m.start(1)))
-                    plain.append(m.group(1))
+                    parts.append(encode(m.group(1), allowed_special=set(),
+                                        disallowed_special=()))
                 at = m.end()
             if at < len(text):
-                parts.append((len(plain), at))
-                plain.append(text[at:])
-            layouts.append(parts)
-        ranks = self.bpe.encode_ranks(plain)
+                parts.append(encode(text[at:], allowed_special=set(), disallowed_special=()))
+            per_text.append(len(parts) - before)
+        ranks = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+        part_sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        part_ends = np.cumsum(per_text)
+        text_sizes = np.diff(np.concatenate([[0], np.cumsum(part_sizes)])[
+            np.concatenate([[0], part_ends])])
+        ids, nbytes = self.rank_to_id[ranks], self.rank_bytes[ranks]
+        ends = np.cumsum(nbytes)
+        token_ends = np.cumsum(text_sizes)
         out = []
-        for parts in layouts:
-            ids, offsets = [], []
-            for part in parts:
-                if len(part) == 3:
-                    ids.append(np.array([part[0]], dtype=np.int64))
-                    offsets.append(np.array([part[1:]], dtype=np.int64))
-                else:
-                    piece, start = part
-                    ids.append(self.bpe.rank_to_id[ranks[piece]])
-                    offsets.append(self.char_offsets(plain[piece], ranks[piece]) + start)
-            out.append((np.concatenate(ids) if ids else np.empty(0, np.int64),
-                        np.concatenate(offsets) if offsets else np.empty((0, 2), np.int64)))
+        for text, stop, size in zip(texts, token_ends, text_sizes):
+            start = stop - size
+            base = ends[start - 1] if start else 0
+            byte_ends = ends[start:stop] - base
+            offsets = np.stack([byte_ends - nbytes[start:stop], byte_ends], axis=1)
+            out.append((ids[start:stop], self.char_offsets(text, offsets)))
         return out
 
-    def char_offsets(self, piece: str, ranks: np.ndarray) -> np.ndarray:
-        """[start, end) characters of each token of a piece: its bytes, widened to whole
-        characters (as Hugging Face reports a token holding part of a character)."""
-        ends = np.cumsum(self.rank_bytes[ranks])
-        starts = ends - self.rank_bytes[ranks]
-        if piece.isascii():
-            return np.stack([starts, ends], axis=1)
-        data = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
+    @staticmethod
+    def char_offsets(text: str, offsets: np.ndarray) -> np.ndarray:
+        """Byte offsets into the text as tokenized (escape markers removed) -> [start, end)
+        characters of the rendered text, widened to whole characters (as Hugging Face reports
+        a token holding part of a character)."""
+        if text.isascii() or not len(offsets):
+            return offsets
+        kept = np.array([c not in (ESCAPE_OPEN, ESCAPE_CLOSE) for c in text]) \
+            if ESCAPE_OPEN in text else None
+        stripped = text.replace(ESCAPE_OPEN, "").replace(ESCAPE_CLOSE, "") \
+            if kept is not None else text
+        data = np.frombuffer(stripped.encode("utf-8"), dtype=np.uint8)
         char_of_byte = np.cumsum((data & 0xC0) != 0x80) - 1  # continuation bytes: 10xxxxxx
-        return np.stack([char_of_byte[starts], char_of_byte[ends - 1] + 1], axis=1)
+        chars = np.stack([char_of_byte[offsets[:, 0]], char_of_byte[offsets[:, 1] - 1] + 1], 1)
+        if kept is None:
+            return chars
+        original = np.append(np.flatnonzero(kept), len(text))  # stripped char -> text char
+        return np.stack([original[chars[:, 0]], original[chars[:, 1] - 1] + 1], axis=1)
 
 
 def fast_why_not(spec: dict) -> str | None:
