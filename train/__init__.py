@@ -17,7 +17,7 @@ base (imported by every layer of train/ and by launcher/)
     train             this map
     train.layers      the map as a table, read by tests/test_layers.py
     train.errors      UsageError, DataError, the exit statuses; error, warning and note lines
-    train.task_names  the task names: clm, mlm, token-classification
+    train.task_names  the task names: clm, mlm, token-classification, sft
     train.config      the YAML config: dataclasses, overrides, validation
     train.durable     files written whole: temporary name, fsync, rename
 train/data/  prepare time: no torch; python -m train.prepare, before any job
@@ -26,6 +26,7 @@ train/data/  prepare time: no torch; python -m train.prepare, before any job
     train.data.ner_data      CoNLL / JSONL token-classification input
     train.data.code_ner      the standard library, tagged by Python's tokenizer
     train.data.ner_sources   SentenceSource: token-classification inputs as sources
+    train.data.chat          chat SFT input: formats, templates, the assistant mask
     train.data.tokenizer     install or train the tokenizer
     train.data.tiktoken_bpe  tiktoken built from a byte-level BPE tokenizer.json
     train.data.shards        the shard format; ShardIndex, sole reader and writer of index.json

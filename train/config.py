@@ -350,10 +350,10 @@ def check_mixture(cfg: Config) -> None:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise UsageError(f"data.mixture names {', '.join(twice)} more than once (a name defaults "
                          f"to the directory's basename); give those entries distinct names")
-    if cfg.task == "token-classification":
-        raise UsageError("data.mixture needs fixed windows (task clm or mlm), where a sample is "
-                         "seq_len tokens; token classification packs whole sentences: use "
-                         "data.path")
+    if cfg.task in ("token-classification", "sft"):
+        raise UsageError(f"data.mixture needs fixed windows (task clm or mlm), where a sample is "
+                         f"seq_len tokens; task {cfg.task} packs whole sentences or "
+                         f"conversations: use data.path")
     if cfg.max_steps < 1:
         raise UsageError("data.mixture needs max_steps: an epoch of a weighted mixture is not "
                          "defined, so num_train_epochs cannot size the run")

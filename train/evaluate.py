@@ -50,7 +50,8 @@ def run_config(model_dir: str, **overrides):
     saved = Path(model_dir) / TRAIN_CONFIG
     raw = (json.loads(saved.read_text()) if saved.exists()
            else {"data": {"seq_len": DEFAULT_SEQ_LEN}})
-    cfg = Config(task=task_of(model_dir))
+    # a causal LM fine-tuned on chats is scored as the run did: on assistant tokens only
+    cfg = Config(task="sft" if raw.get("task") == "sft" else task_of(model_dir))
     for key in EVAL_SETTINGS:
         section, _, name = key.rpartition(".")
         value = overrides.get(key)

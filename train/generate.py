@@ -3,10 +3,17 @@
     python -m train.generate --model runs/tiny-clm/final --prompt "def main(" --strategy greedy
     python -m train.generate --model DIR --prompt TEXT --strategy top_p --top-p 0.9 --temperature 0.8
     python -m train.generate --model DIR --prompt TEXT --strategy beam --num-beams 4
+    python -m train.generate --model runs/tiny-sft/final --chat --prompt "What does json.dumps do?"
+    python -m train.generate --model DIR --chat --messages conversation.json
+
+--chat applies the model's chat template with the generation prompt (--prompt is the user's
+turn; --messages a JSON list of {role, content}), stops at the template's end-of-turn token and
+prints the reply alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,12 +48,47 @@ def load(model_dir: str):
     return model, tokenizer
 
 
+def chat_messages(args) -> list[dict]:
+    if args.messages:
+        from train.data.chat import check_messages
+
+        try:
+            messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"--messages {args.messages}: cannot read a JSON list of messages "
+                             f"({err})") from None
+        if not isinstance(messages, list):
+            raise UsageError(f"--messages {args.messages}: not a JSON list of {{role, content}}")
+        # the reply is the one to come: the conversation needs no assistant turn of its own
+        check_messages(messages + [{"role": "assistant", "content": ""}],
+                       f"--messages {args.messages}")
+        return messages
+    return [{"role": "user", "content": args.prompt}]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """What ends an assistant turn in the model's template: the first special token it writes
+    after a reply's text (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>), and the EOS."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    prompt = tokenizer.apply_chat_template(probe[:1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ends = [t for t in full[len(prompt):] if t in special][:1]
+    return ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
+
+
 @exits_cleanly_on_usage_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--prompt")
+    ap.add_argument("--chat", action="store_true",
+                    help="apply the model's chat template; stop at its end-of-turn token")
+    ap.add_argument("--messages", metavar="FILE",
+                    help="with --chat: a JSON list of {role, content}, the conversation so far")
     ap.add_argument("--strategy", choices=STRATEGIES, default="greedy")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -56,12 +98,30 @@ def main(argv=None) -> int:
     ap.add_argument("--no-repeat-ngram-size", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.messages and not args.chat:
+        ap.error("--messages needs --chat")
+    if (args.prompt is None) == (args.messages is None) or (args.prompt is None and not args.chat):
+        ap.error("give --prompt, or --chat with --prompt or --messages")
     import torch
 
     model, tokenizer = load(args.model)
     torch.manual_seed(args.seed)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
     eos = tokenizer.eos_token_id
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise UsageError(f"--chat: the tokenizer of {args.model} has no chat template (train "
+                             f"it with task: sft, or add chat_template.jinja)")
+        inputs = tokenizer.apply_chat_template(chat_messages(args), add_generation_prompt=True,
+                                               tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        stop = end_of_turn_ids(tokenizer)
+        with torch.no_grad():
+            out = model.generate(**inputs, pad_token_id=stop[-1], eos_token_id=stop,
+                                 **generation_kwargs(args))
+        reply = out[0, inputs["input_ids"].shape[1]:]
+        print(tokenizer.decode(reply, skip_special_tokens=True))
+        return 0
+    inputs = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, pad_token_id=eos, eos_token_id=eos, **generation_kwargs(args))
     print(tokenizer.decode(out[0], skip_special_tokens=True))

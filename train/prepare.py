@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from train.data import chat
 from train.data.prepare import DEFAULT_SHARD_TOKENS, prepare
 from train.errors import exits_cleanly_on_usage_error
 from train.task_names import TASK_NAMES
@@ -39,10 +40,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", choices=TASK_NAMES, default="clm",
                    help="mlm and token-classification put the tokenizer's CLS token before each "
                         "document and, with --train-tokenizer, train a WordPiece tokenizer; "
-                        "token-classification reads CoNLL column files or JSONL tokens/ner_tags")
+                        "token-classification reads CoNLL column files or JSONL tokens/ner_tags; "
+                        "sft reads conversations (docs/sft.md)")
     p.add_argument("--label-names", metavar="NAMES",
                    help="token-classification with integer ner_tags: the tag names in id order, "
                         "comma-separated or a file with one per line")
+    sft = p.add_argument_group("chat SFT (--task sft, docs/sft.md)")
+    sft.add_argument("--messages-field", metavar="FIELD",
+                     help="the field holding each record's list of messages (default: detect "
+                          "messages, conversations, instruction/output or prompt/completion)")
+    sft.add_argument("--chat-template", metavar="FILE|chatml",
+                     help="a Jinja template file, or the built-in chatml (default: the "
+                          "tokenizer's own; chatml with --train-tokenizer)")
+    sft.add_argument("--mask-strategy", choices=chat.MASK_STRATEGIES, default="generation",
+                     help="generation (default): the template's {%% generation %%} markers; "
+                          "prefix: recover assistant turns by rendering prefixes")
+    sft.add_argument("--train-on", choices=("all", "last"), default="all",
+                     help="train on every assistant turn (default) or on the last one")
+    sft.add_argument("--too-long", choices=("drop", "truncate"), default="drop",
+                     help="a conversation longer than --max-length tokens (default: drop)")
+    sft.add_argument("--max-length", type=int, default=1024,
+                     help="the longest conversation kept, in tokens; at most data.seq_len")
+    sft.add_argument("--special-tokens-in-content", choices=("text", "error"), default="text",
+                     help="a message spelling a control token: tokenize it as text and count "
+                          "it (default), or refuse")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--txt-docs", choices=("file", "line", "blankline"), default="file",
                    help="what one document is in a .txt file (default: the whole file)")
@@ -67,6 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     if args.label_names and args.task != "token-classification":
         p.error("--label-names is for --task token-classification")
+    if args.task == "sft":
+        if args.max_length < 2:
+            p.error("--max-length must be at least 2")
+        if args.train_tokenizer and args.chat_template in (None, "chatml"):
+            args.chat_template = "chatml"  # a trained tokenizer has no template of its own
+        elif args.train_tokenizer:
+            p.error("--train-tokenizer with --task sft trains the built-in chatml's tokens: "
+                    "use --chat-template chatml, or --tokenizer with your template")
     return args
 
 

@@ -4,4 +4,4 @@ train/tasks.py's Task classes all use this tuple.
 A base module that imports nothing: prepare time (no torch) and the config both read it.
 """
 
-TASK_NAMES = ("clm", "mlm", "token-classification")
+TASK_NAMES = ("clm", "mlm", "token-classification", "sft")

@@ -1,4 +1,4 @@
-"""What differs between the three tasks, and nothing else, behind one small interface (`Task`):
+"""What differs between the four tasks, and nothing else, behind one small interface (`Task`):
 which Hugging Face head, which labels a packed batch gets, and what eval reports.
 
   clm                   next-token labels, built by the loader (AutoModelForCausalLM)
@@ -8,6 +8,10 @@ which Hugging Face head, which labels a packed batch gets, and what eval reports
                         aligned to sub-tokens as configured; windows hold whole sentences; eval
                         adds seqeval's entity precision, recall, F1 and token accuracy
                         (AutoModelForTokenClassification)
+  sft                   chat fine-tuning: next-token labels on the tokens the mask codes mark
+                        (those whose next token is the assistant's, train/data/chat.py), the
+                        rest ignored; windows hold whole conversations (AutoModelForCausalLM);
+                        eval_loss and perplexity are over assistant tokens only
 
 The loader, the model wrapper, the kernels, the engine, the eval loop (train/run/eval_loop.py),
 checkpoints and export are shared, and none of them asks which task it runs.
@@ -160,8 +164,34 @@ class TokenClassification(Task):
                 **{f"eval_{k}": scores[k] for k in ("precision", "recall", "f1", "accuracy")}}
 
 
+class ChatSFT(Task):
+    name = "sft"
+
+    def __init__(self, cfg, index: ShardIndex):
+        super().__init__(cfg, index)
+        longest = int(((index.chat or {}).get("counts") or {}).get("max_conversation_tokens", 0))
+        if longest > cfg.data.seq_len:
+            # a window holds whole conversations: a longer one would be cut, and the token
+            # before the cut trained on a target in another window
+            raise DataError(f"{index.root} holds conversations of up to {longest} tokens, more "
+                            f"than data.seq_len {cfg.data.seq_len}: raise data.seq_len, or "
+                            f"prepare again with --max-length {cfg.data.seq_len}")
+
+    def loader_options(self) -> dict:
+        return {"whole_documents": True, "label_codes": True, "next_token_labels": False}
+
+    def train_batch(self, batch: dict) -> dict:
+        from train.data.chat import TRAINED
+
+        codes, input_ids = batch["label_codes"], batch["input_ids"]
+        following = np.zeros_like(input_ids)
+        following[:, :-1] = input_ids[:, 1:]  # a trained token's next is in its conversation,
+        trained = (codes >= 0) & (codes & TRAINED > 0)  # so inside the window
+        return {**batch, "labels": np.where(trained, following, IGNORE_INDEX)}
+
+
 # one class per name of train/task_names.py (tests/test_single_sources.py checks both ways)
-TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification)}
+TASKS = {task.name: task for task in (CausalLM, MaskedLM, TokenClassification, ChatSFT)}
 
 
 def check_shards_fit(task: str, index: ShardIndex) -> None:
@@ -177,6 +207,9 @@ def check_shards_fit(task: str, index: ShardIndex) -> None:
     if task != "token-classification" and index.task == "token-classification":
         raise DataError(f"{index.root} was prepared with --task token-classification (labelled "
                         f"sentences); task: {task} needs shards from --task clm or mlm")
+    if (task == "sft") != (index.task == "sft"):
+        raise DataError(f"{index.root} was prepared with --task {index.task}; task: {task} "
+                        f"needs shards from --task {'sft' if task == 'sft' else 'clm'}")
 
 
 def make_task(cfg, index: ShardIndex) -> Task:

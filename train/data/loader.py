@@ -26,6 +26,10 @@ predicts nothing (-100), so no token is predicted from another document. A docum
 starts mid-document (the document was longer than the window) continues its position ids.
 Documents longer than `max_positions` restart positions and attention every `max_positions`
 tokens, so position ids always fit the model's position table.
+
+Chat SFT shards (index task "sft") are conversations that need not end in EOS (and a template's
+end-of-turn may be the EOS id itself): their boundaries come from the conversation-start bit of
+the mask codes beside the tokens (train/data/chat.py), never from the EOS id.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from train.errors import DataError
+from train.data.chat import CONVERSATION_START
 from train.data.shards import ShardIndex
 
 IGNORE_INDEX = -100
@@ -115,8 +120,17 @@ class TokenStream(MappedStream):
         self.eos_id = index.eos_id
         # Where each document ends (its EOS), across the whole stream: 8 bytes per document, one
         # sequential read at open. It gives the document start of a window's first token.
-        self.doc_ends = np.concatenate([np.flatnonzero(m == self.eos_id) + off
-                                        for m, off in zip(self.maps, self.offsets[:-1])])
+        if index.task == "sft":  # conversations: from their start bits, never the EOS id
+            self.conversation_codes = MappedStream(index.root, index.label_shards(split),
+                                                   index.label_dtype)
+            starts = np.concatenate([
+                np.flatnonzero(m & CONVERSATION_START) + off for m, off in
+                zip(self.conversation_codes.maps, self.conversation_codes.offsets[:-1])])
+            self.doc_ends = np.append(starts[1:] - 1, self.num_tokens - 1).astype(np.int64)
+        else:
+            self.conversation_codes = None
+            self.doc_ends = np.concatenate([np.flatnonzero(m == self.eos_id) + off
+                                            for m, off in zip(self.maps, self.offsets[:-1])])
 
     def doc_start(self, positions: np.ndarray) -> np.ndarray:
         """The stream offset where the document holding each position begins."""
@@ -173,7 +187,8 @@ class PackedLoader:
         self.next_token_labels = next_token_labels  # False: the task makes the labels itself
         self.num_samples = len(self.window_starts) - 1
         self.labels = None
-        if label_codes:  # token classification: the label stream beside the tokens
+        # token classification's labels, or chat SFT's loss-mask codes: the stream beside the tokens
+        if label_codes or self.stream.conversation_codes is not None:
             self.labels = MappedStream(self.index.root, self.index.label_shards(split),
                                        self.index.label_dtype)
         self.consumed = 0
@@ -254,7 +269,12 @@ class PackedLoader:
                 row_codes = self.labels.read(int(start), min(int(stop), int(start) + L))
                 codes[row, :len(row_codes)] = row_codes
         input_ids, targets = window[:, :L], window[:, 1:]
-        is_eos = (input_ids == stream.eos_id) & valid[:, :L]
+        if stream.conversation_codes is not None:  # a conversation ends where the next starts
+            starts_next = np.zeros((B, L), dtype=bool)
+            starts_next[:, :-1] = (codes[:, 1:] >= 0) & (codes[:, 1:] & CONVERSATION_START > 0)
+            is_eos = starts_next & valid[:, :L]
+        else:
+            is_eos = (input_ids == stream.eos_id) & valid[:, :L]
 
         # Start of the document of each token: the window's first token inherits its document's
         # start from the stream; after every EOS a new document begins; padding forms its own.

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from train.data import ner_data, sources
+from train.data import chat, ner_data, sources
 from train.data.ner_sources import SentenceSource
 from train.errors import UsageError, note, warn  # on stderr: stdout is for the summary line
 from train.data.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_DTYPE, SPLIT_NAMES, LabelSet,
@@ -192,8 +192,8 @@ class _Ready:
 class SerialPool:
     """The --workers 1 path: the same functions as the process pool, run here, no pool."""
 
-    def __init__(self, *init_args):
-        _init_tokenizer(*init_args)
+    def __init__(self, initializer, *init_args):
+        initializer(*init_args)
 
     def submit(self, fn, *args) -> _Ready:
         return _Ready(fn(*args))
@@ -216,8 +216,9 @@ def tokenize_in_order(batches, pool, workers: int, tokenize=_tokenize):
 
 
 def doc_chars(doc) -> int:
-    """A document's size in characters: a text, or a sentence (words, labels)."""
-    return len(doc) if isinstance(doc, str) else sum(len(word) for word in doc[0])
+    """A document's size in characters: a text or a conversation, or a sentence (words,
+    labels)."""
+    return sum(len(word) for word in doc[0]) if isinstance(doc, tuple) else len(doc)
 
 
 def batch_documents(docs, skip: list[int]):
@@ -311,6 +312,92 @@ class SentenceInputs(TextInputs):
         return [(str, dtype), (label_split, LABEL_DTYPE)]
 
 
+class ChatInputs(SentenceInputs):
+    """--task sft: each document is a conversation (train/data/chat.py); its loss-mask codes go
+    to the label stream, cut into shards exactly as the tokens are. A worker returns counts
+    (dropped, truncated, escaped, ...) beside its streams; `tally` sums them here."""
+
+    progress_unit = " conversations"
+    tokenize = staticmethod(chat.encode_batch)
+    labels: list[str] = []  # the label stream holds mask codes, not named labels
+
+    def __init__(self, args):
+        TextInputs.__init__(self, args)
+        self.counts: dict = {}
+        self.template: chat.ChatTemplate | None = None
+        self.engine = "hf"
+
+    def source(self, spec: str):
+        return chat.ChatSource(spec, self.args.messages_field)
+
+    def find_labels(self, train_sources, val_sources) -> None:
+        pass
+
+    def as_text(self, doc) -> str:
+        return "\n".join(m["content"] for m in doc.messages)
+
+    def encode(self, doc):
+        return doc
+
+    def tally(self, counts: dict) -> None:
+        chat.add_counts(self.counts, counts)
+
+    def options(self) -> chat.ChatOptions:
+        args = self.args
+        return chat.ChatOptions(self.template.source, args.mask_strategy, args.train_on,
+                                args.too_long, args.max_length, args.special_tokens_in_content,
+                                self.engine)
+
+    def install_template(self, out: Path, written: WrittenFiles) -> None:
+        """The template, checked against the tokenizer and the mask strategy, written beside
+        the tokenizer (chat_template.jinja) so that the run and its export carry it."""
+        from tokenizers import Tokenizer
+
+        self.template = chat.choose_template(self.args.chat_template, out)
+        vocab = Tokenizer.from_file(str(out / "tokenizer.json"))
+        missing = [t for t in chat.BUILTIN_TOKENS.get(self.args.chat_template, [])
+                   if vocab.token_to_id(t) is None]
+        if missing:
+            raise UsageError(f"--chat-template {self.args.chat_template} needs the tokens "
+                             f"{', '.join(missing)}, which the tokenizer lacks: give a tokenizer "
+                             f"with its own template, --chat-template FILE written for its "
+                             f"tokens, or --train-tokenizer")
+        chat.check_strategy(self.template, self.args.mask_strategy)
+        written.record(chat.TEMPLATE_FILE)
+        (out / chat.TEMPLATE_FILE).write_text(self.template.source, encoding="utf-8")
+
+    def choose_engine(self, out: Path, train_sources) -> str:
+        """tiktoken when it gives Hugging Face's ids and masks on the first conversations."""
+        first = list(itertools.islice((doc for source in train_sources
+                                       for doc, _ in source.iter_docs()), CHECK_DOCS))
+        self.engine, reason = chat.choose_engine(out, self.options(), self.args.tokenizer_engine,
+                                                 first)
+        if reason:
+            note(f"tokenizing with Hugging Face, not tiktoken: {reason}")
+        return self.engine
+
+    def write_sample(self, out: Path, train_sources, written: WrittenFiles) -> None:
+        """chat_sample.json: the first training conversations (those kept whole, with no
+        escaped control text) and the ids prepare made of them. The export checks that the
+        exported tokenizer's apply_chat_template reproduces them (train/serve parity)."""
+        encoder = chat.ChatEncoder(out, self.options())
+        first = list(itertools.islice((doc for source in train_sources
+                                       for doc, _ in source.iter_docs()), chat.SAMPLE_SIZE))
+        sample = [{"messages": doc.messages, "input_ids": encoded.ids.tolist()}
+                  for doc, encoded in zip(first, encoder.encode(first))
+                  if not encoded.escaped and len(encoded.ids) <= self.args.max_length]
+        written.record(chat.SAMPLE_FILE)
+        write_json_atomic(out / chat.SAMPLE_FILE, sample)
+
+    def index_section(self, formats: list[str | None]) -> dict:
+        args = self.args
+        return {"template_sha256": self.template.sha256, "template": self.template.name,
+                "mask_strategy": args.mask_strategy, "train_on": args.train_on,
+                "too_long": args.too_long, "max_length": args.max_length,
+                "special_tokens_in_content": args.special_tokens_in_content,
+                "formats": formats, "counts": self.counts}
+
+
 # ---------------------------------------------------------------------------------------------
 # The phases
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +415,12 @@ def fingerprint(args, train_sources, val_sources) -> str:
             "val_fraction": args.val_fraction, "text_field": args.text_field,
             "txt_docs": args.txt_docs, "dtype": args.dtype, "shard_tokens": args.shard_tokens,
             "label_names": args.label_names}
+    if args.task == "sft":  # the template's own text is hashed too: a changed file re-prepares
+        template = Path(args.chat_template or "")
+        spec["chat"] = {k: getattr(args, k) for k in (
+            "chat_template", "mask_strategy", "train_on", "too_long", "max_length",
+            "special_tokens_in_content", "messages_field")}
+        spec["chat"]["file"] = file_sha256(template) if template.is_file() else None
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -396,7 +489,12 @@ def prepare_tokenizer(args, out: Path, state: dict | None, train_sources, as_tex
     encoder = args.task in ENCODER_TASKS
     note(f"training a {'WordPiece' if encoder else 'byte-level BPE'} tokenizer of "
          f"{args.train_tokenizer} ids on the training inputs")
-    tok = (train_wordpiece if encoder else train_bpe)(texts(), args.train_tokenizer)
+    if encoder:
+        tok = train_wordpiece(texts(), args.train_tokenizer)
+    else:  # --task sft: the built-in template's control tokens become special tokens
+        tok = train_bpe(texts(), args.train_tokenizer,
+                        chat.BUILTIN_TOKENS.get(args.chat_template, []) if args.task == "sft"
+                        else [])
     if docs_seen[0] == 0:  # refused before any tokenizer is installed
         raise empty_corpus_error(args.input)
     save_pretrained(tok, out, written.record)
@@ -499,23 +597,28 @@ def open_writers(out: Path, streams, shard_tokens: int, written: WrittenFiles
     return writers, skip
 
 
-def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progress) -> int:
+def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progress,
+                  initializer=_init_tokenizer, tally=None) -> int:
     """Phase 4: tokenize the batches (in a process pool, or here with one worker) and append
-    each document, in order, to its split's writers. Returns the tokens written."""
+    each document, in order, to its split's writers. Returns the tokens written. A tokenize
+    function may return more than its streams: `tally` receives the rest (counts)."""
     if workers == 1:
-        pool = SerialPool(*init)
-    elif init[-1] == "tiktoken":  # _init_tokenizer's last argument, the engine
+        pool = SerialPool(initializer, *init)
+    elif initializer is _init_tokenizer and init[-1] == "tiktoken":  # the engine
         # tiktoken releases the GIL while it encodes: threads share one encoder, and no
         # document or result is pickled between processes.
         _init_tokenizer(*init)
         pool = ThreadPoolExecutor(workers)
     else:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                   initializer=_init_tokenizer, initargs=init)
+                                   initializer=initializer, initargs=init)
     tokens_done, started = 0, time.time()
     try:
-        for (splits, nbytes), (tokens, lengths, *codes) in tokenize_in_order(
+        for (splits, nbytes), (tokens, lengths, *rest) in tokenize_in_order(
                 batches, pool, workers, tokenize):
+            codes, extra = rest[:len(writers) - 1], rest[len(writers) - 1:]
+            if tally is not None:
+                tally(*extra)
             ends = np.cumsum(lengths)
             starts = ends - lengths
             for split in (TRAIN, VALIDATION):
@@ -540,7 +643,8 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
 
 
 def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, labels,
-                counts: DocCounts, written: WrittenFiles) -> ShardIndex:
+                counts: DocCounts, written: WrittenFiles, chat_section: dict | None = None
+                ) -> ShardIndex:
     """Phase 5: index.json, last: its presence marks the directory complete. records: per
     stream, per split, the shard records."""
     if counts.docs[TRAIN] == 0:
@@ -552,7 +656,7 @@ def write_index(args, argv, out: Path, fp: str, tok: TokenizerFacts, records, la
     replaced = sources.REPLACED
     index = ShardIndex(
         out, tok.dtype, tok.eos_id, tok.vocab_size, tok.sha256, per_split(records[0]),
-        task=args.task, special_ids=tok.special_ids, fingerprint=fp,
+        task=args.task, special_ids=tok.special_ids, fingerprint=fp, chat=chat_section,
         labels=LabelSet(labels, per_split(records[1])) if labels is not None else None,
         stats={"empty_docs_skipped": counts.empty, "replaced_bytes": replaced.count,
                "files_with_replaced_bytes": replaced.files},
@@ -581,7 +685,8 @@ def make_progress(total_bytes, disabled: bool, unit: str = "B"):
 
 def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Run every phase for parsed `python -m train.prepare` arguments (see train/prepare.py)."""
-    inputs = SentenceInputs(args) if args.task == "token-classification" else TextInputs(args)
+    inputs = {"token-classification": SentenceInputs, "sft": ChatInputs}.get(
+        args.task, TextInputs)(args)
     train_sources = [inputs.source(s) for s in args.input]
     val_sources = [inputs.source(s) for s in args.validation_input or []]
     out = Path(args.output)
@@ -603,12 +708,18 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
     tok = install_and_check_tokenizer(args, out, state, train_sources, inputs, written)
     write_json_atomic(out / STATE_NAME, {"fingerprint": fp, "tokenizer_sha256": tok.sha256})
 
-
     def first_texts() -> list[str]:
         docs = split_documents(train_sources, val_sources, args.val_fraction, DocCounts())
         texts = (inputs.as_text(doc)[:CHECK_CHARS] for split, doc, _ in docs if split is not None)
         return list(itertools.islice(texts, CHECK_DOCS))
-    engine = choose_engine(args, out, first_texts)
+    if args.task == "sft":  # rendered with the template and tokenized with offsets: HF only
+        inputs.install_template(out, written)
+        engine = inputs.choose_engine(out, train_sources)
+        init, initializer = (str(out), inputs.options(), tok.dtype.name), chat.init_worker
+    else:
+        engine = choose_engine(args, out, first_texts)
+        init = (str(out / "tokenizer.json"), tok.eos_id, tok.dtype.name, tok.prefix_id, engine)
+        initializer = _init_tokenizer
 
     writers, skip = open_writers(out, inputs.streams(tok.dtype), args.shard_tokens, written)
     started = time.time()  # the tokenization pass: tokenizer training is reported apart
@@ -619,12 +730,22 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
     docs = ((split, inputs.encode(doc) if split is not None else doc, n) for split, doc, n
             in split_documents(train_sources, val_sources, args.val_fraction, counts))
     tokens_done = tokenize_into(
-        writers, batch_documents(docs, skip),
-        (str(out / "tokenizer.json"), tok.eos_id, tok.dtype.name, tok.prefix_id, engine),
-        args.workers,
-        inputs.tokenize, make_progress(total_bytes, args.no_progress, inputs.progress_unit))
+        writers, batch_documents(docs, skip), init, args.workers, inputs.tokenize,
+        make_progress(total_bytes, args.no_progress, inputs.progress_unit),
+        initializer, getattr(inputs, "tally", None))
     records = [[w.finish() for w in stream_writers] for stream_writers in writers]
-    index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts, written)
+    chat_section = None
+    if args.task == "sft":
+        chat_section = inputs.index_section([s.fmt for s in train_sources + val_sources])
+        if any(skip):  # the shards a resumed prepare kept were counted by the interrupted one
+            chat_section["counts_exclude_resumed_conversations"] = sum(skip)
+        inputs.write_sample(out, train_sources, written)
+        if not inputs.counts.get("conversations") and not any(skip):
+            raise UsageError(f"the inputs {', '.join(args.input)} hold no conversation with a "
+                             f"trained token within --max-length {args.max_length} (dropped: "
+                             f"{inputs.counts}); raise --max-length or use --too-long truncate")
+    index = write_index(args, argv, out, fp, tok, records, inputs.labels, counts, written,
+                        chat_section)
 
     elapsed = time.time() - started
     summary = ", ".join(f"{name}: {sum(r.num_docs for r in shards)} docs, "
@@ -638,5 +759,9 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
              f"{', '.join(replaced.files)}{' and more' if len(replaced.files) >= 5 else ''}")
     if counts.empty:
         note(f"{counts.empty} empty documents were skipped")
+    if chat_section:
+        note(f"chat: formats {', '.join(sorted(set(map(str, chat_section['formats']))))}, "
+             f"template {chat_section['template']} ({args.mask_strategy} mask, train on "
+             f"{args.train_on}): " + ", ".join(f"{k} {v}" for k, v in inputs.counts.items()))
     return 0
 

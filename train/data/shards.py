@@ -28,7 +28,8 @@ from train.errors import DataError, UsageError
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 # The tokenizer a shard directory carries in Hugging Face format (copied into every export).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 SPLIT_NAMES = ("train", "validation")
 # The cheap integrity check hashes this many evenly spaced blocks of this size (first and last
 # included): it catches truncation, appended bytes and most corruption for a few MB of reads,
@@ -309,6 +310,9 @@ class ShardIndex:
     stats: dict = field(default_factory=dict)   # empty documents skipped, replaced bytes
     source: dict = field(default_factory=dict)  # inputs, options and the command line
     fingerprint: str | None = None    # of prepare's inputs and options: a rerun with the same does nothing
+    # task sft: template sha256, mask strategy, train_on, counts; its label stream holds the
+    # loss-mask codes (train/data/chat.py)
+    chat: dict | None = None
 
     label_dtype = LABEL_DTYPE
 
@@ -328,6 +332,8 @@ class ShardIndex:
              "tokenizer_sha256": self.tokenizer_sha256, "fingerprint": self.fingerprint,
              "splits": _splits_dict(self.splits), "source": self.source, "stats": self.stats,
              "special_ids": self.special_ids}
+        if self.chat is not None:
+            d["chat"] = self.chat
         if self.labels is not None:
             d["labels"] = {"names": self.labels.names, "dtype": LABEL_DTYPE.name,
                            "splits": _splits_dict(self.labels.splits)}
@@ -382,7 +388,7 @@ class ShardIndex:
                    labels=LabelSet(list(labels["names"]), _splits_from(labels["splits"]))
                    if labels else None,
                    stats=raw.get("stats", {}), source=raw.get("source", {}),
-                   fingerprint=raw.get("fingerprint"))
+                   fingerprint=raw.get("fingerprint"), chat=raw.get("chat"))
 
     def shards(self, split: str) -> list[ShardRecord]:
         if split not in self.splits or not self.splits[split]:

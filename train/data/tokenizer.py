@@ -73,9 +73,10 @@ def install_tokenizer(path: str, out_dir: Path, record: Callable[..., None] = _n
     return file_sha256(out_dir / "tokenizer.json")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int):
+def train_bpe(texts: Iterable[str], vocab_size: int, extra_specials: Iterable[str] = ()):
     """A byte-level BPE (GPT-2 style, no prefix space, exact round trip) trained on `texts`, as
-    a transformers tokenizer; `save_pretrained(tok, out_dir)` installs it."""
+    a transformers tokenizer; `save_pretrained(tok, out_dir)` installs it. extra_specials: more
+    special tokens after EOS (a chat template's control tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,13 +86,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, *extra_specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     # GPT-2's convention: one special token serves as EOS, BOS and UNK.
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False)
+                                   unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False,
+                                   **({"extra_special_tokens": list(extra_specials)}
+                                      if extra_specials else {}))
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int):

@@ -82,6 +82,9 @@ def data_identity(index) -> dict:
     if index.labels is not None:  # token classification: the labels are data too
         identity["label_names"] = index.label_names
         identity["train_label_shards"] = [r.sha256 for r in index.labels.splits.get("train", [])]
+    if index.chat is not None:  # chat SFT: the template and the mask decide what is trained
+        identity.update({f"chat_{key}": index.chat.get(key) for key in
+                         ("template_sha256", "mask_strategy", "train_on")})
     return identity
 
 

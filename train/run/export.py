@@ -7,6 +7,12 @@ attention are put back to plain nn.Linear and SDPA, and the shards' tokenizer is
 the weights, with the run's resolved config as train_config.json (what `train.evaluate` needs to
 score the export exactly as the run did: seed, masking, label alignment). The directory is
 written under a temporary name, fsynced, and renamed when complete (train/durable.py).
+
+Chat SFT: the tokenizer carries the chat template (chat_template.jinja), and the export checks
+train/serve parity: the exported tokenizer's `apply_chat_template` must reproduce the ids prepare
+made of a sample of the training conversations (chat_sample.json in the shard directory). The
+result is written to chat_parity.json; a mismatch is a warning naming the first conversation
+(the weights are good; serving them with this tokenizer would feed other tokens than training).
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ import shutil
 from pathlib import Path
 
 from train import durable
+from train.data.chat import SAMPLE_FILE
 from train.data.shards import TOKENIZER_FILES
+from train.errors import warn
 
+PARITY_FILE = "chat_parity.json"
 PREFIX = "hf_model."
 TRAIN_CONFIG = "train_config.json"
 
@@ -39,8 +48,27 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
                 shutil.copyfile(data_dir / name, tmp / name)
         if config is not None:
             (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        if (data_dir / SAMPLE_FILE).exists():
+            check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
         durable.fsync_tree(tmp)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         durable.commit_rename(tmp, final_dir)
     barrier()
+
+
+def check_chat_parity(model_dir: Path, sample: list[dict]) -> None:
+    """apply_chat_template of the exported tokenizer against the training ids of each sampled
+    conversation; the counts (and the first mismatch) go to chat_parity.json."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    mismatched = [i for i, item in enumerate(sample) if tokenizer.apply_chat_template(
+        item["messages"], tokenize=True, return_dict=True)["input_ids"] != item["input_ids"]]
+    result = {"checked": len(sample), "mismatched": len(mismatched),
+              "first_mismatch": sample[mismatched[0]]["messages"] if mismatched else None}
+    (model_dir / PARITY_FILE).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if mismatched:
+        warn(f"export: the exported tokenizer's apply_chat_template gives other ids "
+             f"than training for {len(mismatched)} of {len(sample)} sampled conversations "
+             f"(see {PARITY_FILE}): serve with the shard directory's tokenizer and template")

@@ -58,6 +58,7 @@ class Progress:
     # no logged loss
     pending_loss: float = 0.0
     pending_tokens: float = 0.0
+    trained_tokens_seen: int = 0  # labelled tokens up to the last logging step (task sft logs it)
 
 
 def run_training(cfg: Config) -> int:
@@ -115,7 +116,7 @@ class RankRun:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out, rank, tensorboard=cfg.report_to == "tensorboard")
         # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
-        self.throughput = Throughput.of(self.hf_model, causal=self.task.name == "clm",
+        self.throughput = Throughput.of(self.hf_model, causal=self.task.name in ("clm", "sft"),
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
                                         peak_override=cfg.mfu_peak_tflops)
 
@@ -280,6 +281,9 @@ class RankRun:
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.learning_rate,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **rates,
                   "real_tokens_seen": sum(p.real_tokens_seen), "elapsed": elapsed}
+        p.trained_tokens_seen += int(tokens)  # the window's labelled tokens, all ranks'
+        if self.task.name == "sft":  # the assistant tokens: what chat SFT actually learns from
+            record["trained_tokens_seen"] = p.trained_tokens_seen
         if cfg.data.mixture is not None:
             record.update({f"real_tokens_seen/{name}": n
                            for name, n in zip(self.source_names(), p.real_tokens_seen)})
@@ -369,7 +373,8 @@ class RankRun:
         state = {"step": p.step, "real_tokens_seen": p.real_tokens_seen, "world_size": self.world,
                  "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
                  "skipped_steps": p.skipped, "pending_loss": p.pending_loss,
-                 "pending_tokens": p.pending_tokens, "data": self.plan.data_identity}
+                 "pending_tokens": p.pending_tokens, "data": self.plan.data_identity,
+                 "trained_tokens_seen": p.trained_tokens_seen}
         checkpoint.save(self.engine, self.out, p.step, state, self.rank, self.barrier,
                         keep=self.cfg.save_total_limit,
                         crash_before_commit=self.faults.crash_in_save(p.step))
@@ -400,7 +405,8 @@ class RankRun:
                        for a in range(0, consumed, chunk)) if consumed else [0] * len(self.sources)
             real = [int(n) for n in real]
         return Progress(state["step"], real, state.get("skipped_steps", []),
-                        state.get("pending_loss", 0.0), state.get("pending_tokens", 0.0))
+                        state.get("pending_loss", 0.0), state.get("pending_tokens", 0.0),
+                        int(state.get("trained_tokens_seen", 0)))
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
