@@ -142,12 +142,21 @@ if triton is not None:
         return a, b
 
     @triton.jit
-    def _query_block(cu_seqlens, group, BLOCK_M: tl.constexpr):
+    def _block_and_sequence(num_seqs):
+        """(block, sequence) of this program. Grid axis 0 holds both, sequence fastest: axes 1
+        and 2 launch at most 65,535 programs, and a batch of short documents can hold more
+        sequences than that (axis 0 takes 2^31 - 1). Axis 1 holds the head."""
+        pid = tl.program_id(0)
+        return pid // num_seqs, pid % num_seqs
+
+    @triton.jit
+    def _query_block(cu_seqlens, group, num_seqs, BLOCK_M: tl.constexpr):
         """(start, seqlen, m_start, head, kv_head) of this program's (query block, sequence,
         query head). Query blocks run last-first: under a causal mask the late blocks have the
         most work, and starting them first evens out the tail of the launch."""
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq, head = tl.program_id(1), tl.program_id(2)
+        block, seq = _block_and_sequence(num_seqs)
+        pid_m = tl.num_programs(0) // num_seqs - 1 - block
+        head = tl.program_id(1)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         return start, seqlen, pid_m * BLOCK_M, head, head // group
@@ -197,10 +206,11 @@ if triton is not None:
     @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_ot, stride_oh, stride_lt, group,
+                         stride_ot, stride_oh, stride_lt, group, num_seqs,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, num_seqs,
+                                                             BLOCK_M)
         if m_start >= seqlen:
             return
         offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
@@ -267,14 +277,16 @@ if triton is not None:
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale, sm_scale,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
-                              stride_dvt, stride_dvh, group,
+                              stride_dvt, stride_dvh, group, num_seqs,
                               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per (key block, sequence, key/value head). It walks the query blocks of
         # every query head of its GQA group, so dK and dV are summed in registers and written
         # once, in the input dtype: no per-query-head buffers, no atomics, deterministic.
-        pid_n, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # Key blocks in order: under a causal mask the early ones see the most query blocks.
+        pid_n, seq = _block_and_sequence(num_seqs)
+        kv_head = tl.program_id(1)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         n_start = pid_n * BLOCK_N
@@ -333,10 +345,12 @@ if triton is not None:
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_scale,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, group,
+                            num_seqs,
                             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, num_seqs,
+                                                             BLOCK_M)
         if m_start >= seqlen:
             return
         offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
@@ -371,20 +385,28 @@ if triton is not None:
 _autotuned: dict = {}
 
 
+def size_bucket(tokens: int, max_seqlen: int) -> tuple[int, int]:
+    """The powers of two just above the token count and the longest sequence: tiles tuned on a
+    300-token check are not reused for 64K tokens, and a training run, whose batches all have
+    the same token count and a longest document within seq_len, tunes a handful of times."""
+    return (max(tokens, 1) - 1).bit_length(), (max(max_seqlen, 1) - 1).bit_length()
+
+
 def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch.dtype,
-            on_gpu: bool) -> None:
+            on_gpu: bool, size: tuple[int, int]) -> None:
     """Run kernel `name` with an explicit tile, or, on a GPU, the autotuned best of its
-    candidates (tuned once per head dim, causal, dtype and precision: the key never includes a
-    sequence length, so new batches never retune). grid(BLOCK_M, BLOCK_N) -> launch grid."""
+    candidates, tuned once per head dim, causal, dtype, precision and size_bucket(*size).
+    grid(BLOCK_M, BLOCK_N) -> launch grid."""
     kernel = KERNELS[name]
     if tile is None and on_gpu:
         candidates = tile_candidates(name, consts["HEAD_DIM"], dtype)
-        tuned = _autotuned.get((name, candidates))
+        key = (name, candidates, size_bucket(*size))
+        tuned = _autotuned.get(key)
         if tuned is None:
             configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
                                      num_warps=t.num_warps, num_stages=t.num_stages)
                        for t in candidates]
-            tuned = _autotuned[(name, candidates)] = triton.autotune(
+            tuned = _autotuned[key] = triton.autotune(
                 configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(kernel)
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
@@ -405,11 +427,11 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, 
     out = torch.empty_like(q)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     seqs = len(cu_seqlens) - 1
-    _launch("fwd", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+    _launch("fwd", lambda bm, bn: (triton.cdiv(max_seqlen, bm) * seqs, Hq),
             (q, k, v, out, lse, cu_seqlens, sm_scale * LOG2E, q.stride(0), q.stride(1),
              k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-             lse.stride(0), Hq // k.shape[1]),
-            _consts(q, causal), tile, q.dtype, q.is_cuda)
+             lse.stride(0), Hq // k.shape[1], seqs),
+            _consts(q, causal), tile, q.dtype, q.is_cuda, (T, max_seqlen))
     return out, lse
 
 
@@ -418,7 +440,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "dkdv"/"dq" to a Tile (tests)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    do = do.contiguous()
+    do = _unit_stride(do)
     consts = _consts(q, causal)
     delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_T), Hq)](
@@ -428,21 +450,28 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn), seqs, Hkv),
+    _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv),
-            consts, tiles.get("dkdv"), q.dtype, q.is_cuda)
-    _launch("dq", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv, seqs),
+            consts, tiles.get("dkdv"), q.dtype, q.is_cuda, (T, max_seqlen))
+    _launch("dq", lambda bm, bn: (triton.cdiv(max_seqlen, bm) * seqs, Hq),
             (q, k, v, do, lse, delta, dq, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
-             dq.stride(0), dq.stride(1), Hq // Hkv),
-            consts, tiles.get("dq"), q.dtype, q.is_cuda)
+             dq.stride(0), dq.stride(1), Hq // Hkv, seqs),
+            consts, tiles.get("dq"), q.dtype, q.is_cuda, (T, max_seqlen))
     return dq, dk, dv
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its head dim is contiguous: the kernels take the token and head strides, so
+    views such as GPT-2's q, k, v split from one fused c_attn output (token stride 3 x H x D)
+    need no copy. Only a strided head dim is copied."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, tiles):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         tiles = tiles or {}
         out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale,
                                             tiles.get("fwd"))
