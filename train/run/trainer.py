@@ -117,7 +117,8 @@ class RankRun:
         # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
         self.throughput = Throughput.of(self.hf_model, causal=self.task.name == "clm",
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
-                                        peak_override=cfg.mfu_peak_tflops)
+                                        peak_override=cfg.mfu_peak_tflops,
+                                        window=cfg.data.seq_len)
 
     def open_loader(self, split: str, batch_size: int, shuffle: bool, verify: str,
                     path: str | None = None) -> PackedLoader | MixtureLoader:
