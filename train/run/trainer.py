@@ -298,9 +298,12 @@ class RankRun:
 
     def forward(self, batch, return_predictions: bool = False):
         t = as_torch(batch, self.device)
+        # counted on the host, from the numpy labels: no device sync per micro-batch
+        num_labelled = int((batch["labels"] != IGNORE_INDEX).sum())
         return self.engine(input_ids=t["input_ids"], labels=t["labels"],
                            position_ids=t["position_ids"], cu_seqlens=t["cu_seqlens"],
-                           max_seqlen=t["max_seqlen"], return_predictions=return_predictions)
+                           max_seqlen=t["max_seqlen"], return_predictions=return_predictions,
+                           num_labelled=num_labelled)
 
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
@@ -353,7 +356,10 @@ class RankRun:
         return hosts
 
     def agree_to_stop(self, local: StopReason | None) -> StopReason | None:
-        """All ranks stop together or not at all: the reasons' values are max-reduced."""
+        """All ranks stop together or not at all: the reasons' values are max-reduced. Alone,
+        there is nothing to agree on, and no device round trip (a host sync) per step."""
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return local
         flag = self.all_reduce(torch.tensor(float(local or 0), device=self.device),
                                torch.distributed.ReduceOp.MAX)
         return StopReason(int(flag.item())) if flag.item() else None
