@@ -182,6 +182,19 @@ def ce_rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_los
 CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}
 
 
+# The logits chunk's row stride, in elements, is V rounded up to a multiple of this. GPT-2's
+# V = 50257 would otherwise start every row at an odd element: cuBLAS falls back from its
+# aligned (16-byte) kernels for the three GEMMs that read or write the chunk, and the row
+# kernel's loads cannot be vectorized. 64 elements keep rows on 128-byte lines in 16-bit. The
+# CPU keeps dense rows (the golden losses were recorded that way); tests pad there too.
+ROW_ALIGN = {"cpu": 1, "cuda": 64}
+
+
+def padded_row_stride(V: int, device_type: str) -> int:
+    align = ROW_ALIGN.get(device_type, 1)
+    return -(-V // align) * align
+
+
 def rows_per_chunk(N: int, H: int, V: int, device_type: str = "cpu") -> int:
     """Rows per chunk: the largest power of two whose logits fit the device's CHUNK_ELEMENTS,
     at least 1, at most N."""
@@ -256,9 +269,13 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
     grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
                  if compute_grad and bias is not None else None)
     step = rows_per_chunk(N, H, V, hidden.device.type)
+    # one chunk buffer for all chunks, its rows padded: [step, V rounded up]
+    buffer = torch.empty(step, padded_row_stride(V, hidden.device.type), dtype=hidden.dtype,
+                         device=hidden.device)
     for start in range(0, N, step):
         h = hidden[start:start + step]
-        logits = h @ weight.T  # [C, V] in the input dtype, fp32 accumulation in the matmul
+        logits = buffer[:len(h), :V]  # [C, V] view, row stride padded
+        torch.mm(h, weight.T, out=logits)  # in the input dtype, fp32 accumulation in the GEMM
         if bias is not None:
             logits += bias
         chunk_loss, _ = rows_fn(logits, target[start:start + step],

@@ -301,3 +301,17 @@ def test_grad_weight_accumulation_is_described():
     """The out_dtype probe's outcome, as the benchmarks print it."""
     assert ce.grad_weight_accumulation("cpu", torch.float32) == "fp32 addmm_ in place"
     assert "CPU" in ce.grad_weight_accumulation("cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_padded_chunk_rows(backend, reduction, monkeypatch):
+    """The chunk's rows padded to a multiple of 64 elements (what a GPU gets for V = 50257):
+    every pass reads and writes through the row stride, over several chunks."""
+    monkeypatch.setitem(ce.ROW_ALIGN, "cpu", 64)
+    monkeypatch.setitem(ce.CHUNK_ELEMENTS, DEVICE, 8 * 123)  # 8-row chunks
+    assert ce.padded_row_stride(123, DEVICE) == 128 and ce.padded_row_stride(128, "cuda") == 128
+    assert ce.padded_row_stride(50257, "cuda") == 50304
+    got, want = run_both(backend, torch.float32, 37, 32, 123, reduction, bias=True, z_loss=1e-3,
+                         label_smoothing=0.1)
+    assert_close(got, want, torch.float32)

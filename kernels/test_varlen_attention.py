@@ -108,12 +108,18 @@ def test_documents_across_tile_edges(backend, causal):
 
 
 def _tile_sets(dtype):
-    """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..."""
-    for head_dim in (64, 128):
-        per_kernel = {name: va.tile_candidates(name, head_dim, dtype) for name in va.TILES}
-        for i in range(max(len(c) for c in per_kernel.values())):
-            yield pytest.param(head_dim, {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()},
-                               id=f"D{head_dim}-{i}")
+    """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..., of
+    every architecture's table (a set of tiles already run for sm_80 is not run again)."""
+    seen = set()
+    for arch in (80, 90):
+        for head_dim in (64, 128):
+            per_kernel = {name: va.tile_candidates(name, head_dim, dtype, arch)
+                          for name in va.KERNEL_NAMES}
+            for i in range(max(len(c) for c in per_kernel.values())):
+                tiles = {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()}
+                if (head_dim, tuple(tiles.values())) not in seen:
+                    seen.add((head_dim, tuple(tiles.values())))
+                    yield pytest.param(head_dim, tiles, id=f"sm{arch}-D{head_dim}-{i}")
 
 
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))

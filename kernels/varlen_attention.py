@@ -21,6 +21,7 @@ exact length, one mask-free call per group (PyTorch's fused CPU kernel).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,31 +53,44 @@ class Tile:
     num_stages: int
 
 
-# Candidate tiles per kernel and BLOCK_D (the head dim rounded up to a power of two, at least 64),
-# for GPUs; autotuning picks one per (GPU, head dim, causal, dtype, precision), never per
-# sequence length. Every tile here compiles for sm_80 and sm_90 with no register spills, within
-# shared memory, with tensor-core (wgmma on sm_90) and async-copy instructions
-# (kernels/test_aot.py checks it). They were chosen from a sweep of 104 candidates with
-# `kernels.aot`: FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128
-# dK/dV tiles) spill on sm_80 at head dim 128, and on both at 256; 8 warps hold the fp32
-# accumulators without spilling. No dK/dV tile for head dim 256 compiles without spills, so the
-# Triton kernels stop at 128 (MAX_HEAD_DIM) and larger heads use the torch backend.
-# The forward and dQ kernels walk key blocks inside a query block: BLOCK_M % BLOCK_N == 0, so
-# the causal diagonal is a whole number of key blocks. The dK/dV kernel walks query blocks inside
-# a key block: BLOCK_N % BLOCK_M == 0, and BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
-FWD_TILES = {
-    64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
-    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3)),
+# Candidate tiles per GPU architecture, kernel and BLOCK_D (the head dim rounded up to a power
+# of two, at least 64); autotuning picks one per (GPU, head dim, causal, dtype, precision, size
+# bucket). Every tile compiles for its architecture with no register spills, within shared
+# memory, with tensor-core (wgmma on sm_90) and async-copy instructions (kernels/test_aot.py
+# checks each architecture's own list). The forward and dQ kernels walk key blocks inside a
+# query block: BLOCK_M % BLOCK_N == 0, so the causal diagonal is a whole number of key blocks.
+# The dK/dV kernel walks query blocks inside a key block: BLOCK_N % BLOCK_M == 0, and
+# BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
+# sm_80 (A100, 163 KB shared): chosen from a sweep of 104 candidates with `kernels.aot`:
+# FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128 dK/dV tiles)
+# spill at head dim 128, and 8 warps hold the fp32 accumulators without spilling.
+SM80_TILES = {
+    "fwd": {64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
+            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3))},
+    "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
+             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
+    "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
+           128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
-DKDV_TILES = {
-    64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
-    128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2)),
+# sm_90 (H100/H200, 227 KB shared, wgmma): the larger tiles that spill on sm_80 but not here
+# (bf16, `kernels.aot --arch 90`): forward at head dim 128 128 x 64 on 8 warps, 3 stages (212
+# registers causal, 191 not; 128 KB shared) or 2 stages (96 KB); dQ 128 x 64 (214 registers);
+# dK/dV at head dim 64 64 x 64 on 8 warps (226 registers). 128 x 128 forward tiles at head dim
+# 128 fit shared memory (224 KB) but spill bidirectionally (255 registers, 64 B). dK/dV at head dim
+# 128 with BLOCK_M = 64 spills on sm_90 too (255 registers and 136-496 B of stack, on 4 or 8
+# warps): its two [BLOCK_N, 128] fp32 accumulators plus the recomputed [BLOCK_N, BLOCK_M]
+# probabilities do not fit one thread's 255 registers, so that kernel keeps sm_80's tiles
+# (docs/kernels-gpu.md: the backward redesign this points to).
+SM90_TILES = {
+    "fwd": {64: SM80_TILES["fwd"][64],
+            128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
+    "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+             128: SM80_TILES["dkdv"][128]},
+    "dq": {64: SM80_TILES["dq"][64],
+           128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
-DQ_TILES = {
-    64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
-    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3)),
-}
-TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+TILES = {80: SM80_TILES, 90: SM90_TILES}
+KERNEL_NAMES = ("fwd", "dkdv", "dq")
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
 # configuration spills (tests/test_kernels_aot.py). fp32 attention is for checking, not speed.
@@ -96,10 +110,25 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def tile_candidates(kernel: str, head_dim: int, dtype) -> tuple[Tile, ...]:
-    """The tiles autotuning chooses from, for kernel "fwd", "dkdv" or "dq"."""
-    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES
+def tile_arch(capability: int) -> int:
+    """The tile table for a GPU of compute capability `capability` (80 for 8.0): sm_90's from
+    Hopper on, sm_80's below. The compile table checks sm_80 and sm_90 only; on sm_86/89 (99 KB
+    of shared memory per block) a tile that does not fit fails to launch, and Triton's
+    autotuner drops it (OutOfResources) for the others."""
+    return 90 if capability >= 90 else 80
+
+
+def tile_candidates(kernel: str, head_dim: int, dtype, arch: int = 80) -> tuple[Tile, ...]:
+    """The tiles autotuning chooses from on architecture `arch` (80 or 90), for kernel "fwd",
+    "dkdv" or "dq"."""
+    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES[tile_arch(arch)]
     return tiles[kernel][max(64, block_d(head_dim))]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -372,7 +401,7 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
-    # The tiled kernels by the names TILES uses, and the rowsum(dO * O) kernel (kernels/aot.py
+    # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel (kernels/aot.py
     # compiles every one of them).
     KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
                "delta": _attn_bwd_delta_kernel}
@@ -399,7 +428,8 @@ def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch
     grid(BLOCK_M, BLOCK_N) -> launch grid."""
     kernel = KERNELS[name]
     if tile is None and on_gpu:
-        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype)
+        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype,
+                                     _device_arch(torch.cuda.current_device()))
         key = (name, candidates, size_bucket(*size))
         tuned = _autotuned.get(key)
         if tuned is None:

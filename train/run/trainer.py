@@ -242,7 +242,9 @@ class RankRun:
             batches = [self.task.train_batch(next(train_iter))
                        for _ in range(self.cfg.gradient_accumulation_steps)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        global_tokens = self.all_reduce(torch.tensor(float(local_tokens), device=self.device))
+        # torch.full, a fill on the device: torch.tensor(x, device="cuda") would copy from
+        # pageable host memory, which waits for the device's queue to drain (a sync per step)
+        global_tokens = self.all_reduce(torch.full((), float(local_tokens), device=self.device))
         # [loss sum, tokens] of the micro-batches actually trained on (skipped ones excluded)
         totals = torch.zeros(2, device=self.device)
         skipped = False
