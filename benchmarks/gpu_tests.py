@@ -11,6 +11,7 @@ once, for the local architecture only, beside the GPU steps.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,8 +19,24 @@ import sys
 from benchmarks.common import REPO, machine, write_results
 
 
+def without_workers(argv: list[str]) -> list[str]:
+    """argv less `-n N` (pytest-xdist's option), for an image without pytest-xdist."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "-n":
+            skip = True
+        elif not arg.startswith("-n") or arg.startswith("--"):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str]) -> int:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if importlib.util.find_spec("xdist") is None:
+        print("pytest-xdist is not installed: the kernel tests run in one process", flush=True)
+        argv = without_workers(argv)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
            "--ignore=kernels/test_aot.py", *argv, "kernels/"]
     tests = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -232,14 +232,18 @@ def test_autotuning_is_per_size_bucket(monkeypatch):
             return lambda *args, **kwargs: None
 
     def fake_autotune(configs, key):
-        made.append(key)
+        made.append([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs])
         return lambda kernel: FakeAutotuned()
 
     monkeypatch.setattr(va, "_autotuned", {})
     monkeypatch.setattr(va.triton, "autotune", fake_autotune)
-    consts = dict(HEAD_DIM=64, CAUSAL=True, PRECISION="tf32", BLOCK_D=64)
+    monkeypatch.setattr(va, "_device_arch", lambda: 90)  # an H100, for the tile list
+    consts = dict(HEAD_DIM=128, CAUSAL=True, PRECISION="tf32", BLOCK_D=128)
     for tokens, longest in ((300, 100), (310, 90), (65536, 2048), (65536, 2000), (300, 100)):
         va._launch("fwd", lambda bm, bn: (1, 1), (), consts, None, torch.float16, True,
                    (tokens, longest))
     assert len(made) == 2  # 300 and 310 tokens share a bucket, and so do both 64K runs
+    # the candidates are the current device's architecture's (sm_90 here)
+    assert made[0] == [(t.block_m, t.block_n, t.num_warps)
+                       for t in va.tile_candidates("fwd", 128, torch.float16, 90)]
     assert va.size_bucket(300, 100) != va.size_bucket(65536, 2048)

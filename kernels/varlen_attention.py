@@ -125,8 +125,13 @@ def tile_candidates(kernel: str, head_dim: int, dtype, arch: int = 80) -> tuple[
     return tiles[kernel][max(64, block_d(head_dim))]
 
 
+def _device_arch() -> int:
+    """The compute capability of the current CUDA device, as 80 for 8.0."""
+    return _capability(torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _device_arch(index: int) -> int:
+def _capability(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
@@ -428,8 +433,7 @@ def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch
     grid(BLOCK_M, BLOCK_N) -> launch grid."""
     kernel = KERNELS[name]
     if tile is None and on_gpu:
-        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype,
-                                     _device_arch(torch.cuda.current_device()))
+        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype, _device_arch())
         key = (name, candidates, size_bucket(*size))
         tuned = _autotuned.get(key)
         if tuned is None:

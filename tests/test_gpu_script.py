@@ -99,3 +99,11 @@ def test_unknown_option_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("script", ["gpu.sh", "gpu_wheels.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+def test_worker_option_dropped_without_xdist():
+    from benchmarks.gpu_tests import without_workers
+
+    assert without_workers(["-n", "8", "-k", "not slow"]) == ["-k", "not slow"]
+    assert without_workers(["-n8", "-x"]) == ["-x"]
+    assert without_workers(["--maxfail=2"]) == ["--maxfail=2"]
