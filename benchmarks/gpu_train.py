@@ -53,6 +53,10 @@ def main() -> None:
     mfu, mfu_dense = (statistics.median(r[k] for r in timed) if all(k in r for r in timed)
                       else None for k in ("mfu", "mfu_dense"))
     info = machine()
+
+    def percent(x):
+        return "n/a (device not in the peak table)" if x is None else f"{x:.1%}"
+
     md = f"""# GPT-2 small, bf16, one GPU: end-to-end training throughput and MFU
 
 Machine: {info.get('gpu', info['cpu'])} (driver {info.get('driver')}, CUDA {info.get('cuda')}),
@@ -68,8 +72,8 @@ step {steps[-1]['step']}.
 |---|---:|
 | tokens/s | {med['tokens_per_s']:,.0f} |
 | model TFLOP/s per GPU | {med['tflops_per_gpu']:.1f} |
-| MFU (useful: causal attention as half, per document) | {'n/a (device not in the peak table)' if mfu is None else f'{mfu:.1%}'} |
-| MFU dense (PaLM / nanoGPT: the whole window, unmasked) | {'n/a' if mfu_dense is None else f'{mfu_dense:.1%}'} |
+| MFU (useful: causal attention as half, per document) | {percent(mfu)} |
+| MFU dense (PaLM / nanoGPT: the whole window, unmasked) | {percent(mfu_dense)} |
 """
     write_results("train_gpt2_small_cuda", {"machine": info, "steps": args.steps,
                                             "records": records, "median": med, "mfu": mfu,
