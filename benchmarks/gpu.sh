@@ -9,8 +9,8 @@
 # Steps, with the cold estimate on one H200 (16 cores) and the hard limit each runs under:
 #   wheels    ~10 s   pip install --no-index --no-deps --target of benchmarks/wheels/*.whl (made
 #                     beforehand by benchmarks/gpu_wheels.sh on a machine with a registry)
-#   aot       ~60 s   the compile table for this GPU's architecture only (CPU work: it runs in
-#                     the background beside the GPU steps)
+#   aot       ~90 s   the compile table for this GPU's architecture only, ~126 compiles on 6
+#                     processes (CPU work: it runs in the background beside the GPU steps)
 #   tests     ~90 s   the kernel tests natively, in parallel (pytest-xdist), fp32/fp16/bf16
 #   fused_ce  ~60 s   N=16384, H=4096, V=128256 bf16 vs Liger-Kernel and materialized logits
 #   attention ~75 s   64K tokens, head dim 128, GQA 16/4 vs FlexAttention and SDPA
@@ -101,9 +101,9 @@ fi
 # waited for at the end. Only this GPU's architecture (sm_80 or sm_90), if the table has it.
 AOT_ARCH=$([ "$ARCH" -ge 90 ] && echo 90 || echo 80)
 if [ "$DRY_RUN" = 1 ]; then
-  echo "aot (limit 300s, background): $PYTHON -m kernels.aot --arch $AOT_ARCH --jobs 4"
+  echo "aot (limit 300s, background): $PYTHON -m kernels.aot --arch $AOT_ARCH --jobs 6"
 else
-  (step aot 300 "$PYTHON" -m kernels.aot --arch "$AOT_ARCH" --jobs 4 \
+  (step aot 300 "$PYTHON" -m kernels.aot --arch "$AOT_ARCH" --jobs 6 \
      --json "$RESULTS/aot_sm${AOT_ARCH}_cuda.json"; exit $status) &
   AOT_PID=$!
 fi
