@@ -68,7 +68,9 @@ SM80_TILES = {
     "fwd": {64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
             128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3))},
     "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
-             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
+             # 16 x 128 (8 warps, 2 stages) spills 8-16 B here since the grid folds sequences
+             # into axis 0 (255 registers); it stays in sm_90's list (251, no spills)
+             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
@@ -79,13 +81,13 @@ SM80_TILES = {
 # 128 fit shared memory (224 KB) but spill bidirectionally (255 registers, 64 B). dK/dV at head dim
 # 128 with BLOCK_M = 64 spills on sm_90 too (255 registers and 136-496 B of stack, on 4 or 8
 # warps): its two [BLOCK_N, 128] fp32 accumulators plus the recomputed [BLOCK_N, BLOCK_M]
-# probabilities do not fit one thread's 255 registers, so that kernel keeps sm_80's tiles
+# probabilities do not fit one thread's 255 registers, so that kernel keeps small query tiles
 # (docs/kernels-gpu.md: the backward redesign this points to).
 SM90_TILES = {
     "fwd": {64: SM80_TILES["fwd"][64],
             128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
     "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
-             128: SM80_TILES["dkdv"][128]},
+             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
     "dq": {64: SM80_TILES["dq"][64],
            128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
