@@ -67,9 +67,10 @@ class Tile:
 SM80_TILES = {
     "fwd": {64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
             128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3))},
-    "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
-             # 16 x 128 (8 warps, 2 stages) spills 8-16 B here since the grid folds sequences
-             # into axis 0 (255 registers); it stays in sm_90's list (251, no spills)
+    # 16 x 64 on 4 warps (head dim 64) and 16 x 128 on 8 warps, 2 stages (head dim 128) spill
+    # 8-16 B of stack here since the grid folds sequences into axis 0 (kernels.aot, bf16); the
+    # latter stays in sm_90's list (251 registers, no spills)
+    "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
