@@ -90,8 +90,8 @@ def configurations(archs=ARCHS) -> list[Build]:
             for precision in precisions:
                 for head_dim in HEAD_DIMS:
                     for causal in (True, False):
-                        for name in ("fwd", "dkdv", "dq"):
-                            for tile in va.tile_candidates(name, head_dim, dtype):
+                        for name in va.KERNEL_NAMES:
+                            for tile in va.tile_candidates(name, head_dim, dtype, arch):
                                 builds.append(Build(
                                     f"attention.{name}", arch, dtype,
                                     (("HEAD_DIM", head_dim), ("CAUSAL", causal),

@@ -21,6 +21,7 @@ exact length, one mask-free call per group (PyTorch's fused CPU kernel).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,31 +53,47 @@ class Tile:
     num_stages: int
 
 
-# Candidate tiles per kernel and BLOCK_D (the head dim rounded up to a power of two, at least 64),
-# for GPUs; autotuning picks one per (GPU, head dim, causal, dtype, precision), never per
-# sequence length. Every tile here compiles for sm_80 and sm_90 with no register spills, within
-# shared memory, with tensor-core (wgmma on sm_90) and async-copy instructions
-# (kernels/test_aot.py checks it). They were chosen from a sweep of 104 candidates with
-# `kernels.aot`: FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128
-# dK/dV tiles) spill on sm_80 at head dim 128, and on both at 256; 8 warps hold the fp32
-# accumulators without spilling. No dK/dV tile for head dim 256 compiles without spills, so the
-# Triton kernels stop at 128 (MAX_HEAD_DIM) and larger heads use the torch backend.
-# The forward and dQ kernels walk key blocks inside a query block: BLOCK_M % BLOCK_N == 0, so
-# the causal diagonal is a whole number of key blocks. The dK/dV kernel walks query blocks inside
-# a key block: BLOCK_N % BLOCK_M == 0, and BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
-FWD_TILES = {
-    64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
-    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3)),
+# Candidate tiles per GPU architecture, kernel and BLOCK_D (the head dim rounded up to a power
+# of two, at least 64); autotuning picks one per (GPU, head dim, causal, dtype, precision, size
+# bucket). Every tile compiles for its architecture with no register spills, within shared
+# memory, with tensor-core (wgmma on sm_90) and async-copy instructions (kernels/test_aot.py
+# checks each architecture's own list). The forward and dQ kernels walk key blocks inside a
+# query block: BLOCK_M % BLOCK_N == 0, so the causal diagonal is a whole number of key blocks.
+# The dK/dV kernel walks query blocks inside a key block: BLOCK_N % BLOCK_M == 0, and
+# BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
+# sm_80 (A100, 163 KB shared): chosen from a sweep of 104 candidates with `kernels.aot`:
+# FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128 dK/dV tiles)
+# spill at head dim 128, and 8 warps hold the fp32 accumulators without spilling.
+SM80_TILES = {
+    "fwd": {64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
+            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3))},
+    # 16 x 64 on 4 warps (head dim 64) and 16 x 128 on 8 warps, 2 stages (head dim 128) spill
+    # 8-16 B of stack here since the grid folds sequences into axis 0 (kernels.aot, bf16); the
+    # latter stays in sm_90's list (251 registers, no spills)
+    "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
+    "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
+           128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
-DKDV_TILES = {
-    64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3), Tile(16, 64, 4, 3)),
-    128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2)),
+# sm_90 (H100/H200, 227 KB shared, wgmma): the larger tiles that spill on sm_80 but not here
+# (bf16, `kernels.aot --arch 90`): forward at head dim 128 128 x 64 on 8 warps, 3 stages (212
+# registers causal, 191 not; 128 KB shared) or 2 stages (96 KB); dQ 128 x 64 (214 registers);
+# dK/dV at head dim 64 64 x 64 on 8 warps (226 registers). 128 x 128 forward tiles at head dim
+# 128 fit shared memory (224 KB) but spill bidirectionally (255 registers, 64 B). dK/dV at head dim
+# 128 with BLOCK_M = 64 spills on sm_90 too (255 registers and 136-496 B of stack, on 4 or 8
+# warps): its two [BLOCK_N, 128] fp32 accumulators plus the recomputed [BLOCK_N, BLOCK_M]
+# probabilities do not fit one thread's 255 registers, so that kernel keeps small query tiles
+# (docs/kernels-gpu.md: the backward redesign this points to).
+SM90_TILES = {
+    "fwd": {64: SM80_TILES["fwd"][64],
+            128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
+    "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+             128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
+    "dq": {64: SM80_TILES["dq"][64],
+           128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
-DQ_TILES = {
-    64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
-    128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3)),
-}
-TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+TILES = {80: SM80_TILES, 90: SM90_TILES}
+KERNEL_NAMES = ("fwd", "dkdv", "dq")
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
 # configuration spills (kernels/test_aot.py). fp32 attention is for checking, not speed.
@@ -96,10 +113,30 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def tile_candidates(kernel: str, head_dim: int, dtype) -> tuple[Tile, ...]:
-    """The tiles autotuning chooses from, for kernel "fwd", "dkdv" or "dq"."""
-    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES
+def tile_arch(capability: int) -> int:
+    """The tile table for a GPU of compute capability `capability` (80 for 8.0): sm_90's from
+    Hopper on, sm_80's below. The compile table checks sm_80 and sm_90 only; on sm_86/89 (99 KB
+    of shared memory per block) a tile that does not fit fails to launch, and Triton's
+    autotuner drops it (OutOfResources) for the others."""
+    return 90 if capability >= 90 else 80
+
+
+def tile_candidates(kernel: str, head_dim: int, dtype, arch: int = 80) -> tuple[Tile, ...]:
+    """The tiles autotuning chooses from on architecture `arch` (80 or 90), for kernel "fwd",
+    "dkdv" or "dq"."""
+    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES[tile_arch(arch)]
     return tiles[kernel][max(64, block_d(head_dim))]
+
+
+def _device_arch() -> int:
+    """The compute capability of the current CUDA device, as 80 for 8.0."""
+    return _capability(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -142,12 +179,21 @@ if triton is not None:
         return a, b
 
     @triton.jit
-    def _query_block(cu_seqlens, group, BLOCK_M: tl.constexpr):
+    def _block_and_sequence(num_seqs):
+        """(block, sequence) of this program. Grid axis 0 holds both, sequence fastest: axes 1
+        and 2 launch at most 65,535 programs, and a batch of short documents can hold more
+        sequences than that (axis 0 takes 2^31 - 1). Axis 1 holds the head."""
+        pid = tl.program_id(0)
+        return pid // num_seqs, pid % num_seqs
+
+    @triton.jit
+    def _query_block(cu_seqlens, group, num_seqs, BLOCK_M: tl.constexpr):
         """(start, seqlen, m_start, head, kv_head) of this program's (query block, sequence,
         query head). Query blocks run last-first: under a causal mask the late blocks have the
         most work, and starting them first evens out the tail of the launch."""
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq, head = tl.program_id(1), tl.program_id(2)
+        block, seq = _block_and_sequence(num_seqs)
+        pid_m = tl.num_programs(0) // num_seqs - 1 - block
+        head = tl.program_id(1)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         return start, seqlen, pid_m * BLOCK_M, head, head // group
@@ -197,10 +243,11 @@ if triton is not None:
     @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_ot, stride_oh, stride_lt, group,
+                         stride_ot, stride_oh, stride_lt, group, num_seqs,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, num_seqs,
+                                                             BLOCK_M)
         if m_start >= seqlen:
             return
         offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
@@ -267,14 +314,16 @@ if triton is not None:
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale, sm_scale,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
-                              stride_dvt, stride_dvh, group,
+                              stride_dvt, stride_dvh, group, num_seqs,
                               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per (key block, sequence, key/value head). It walks the query blocks of
         # every query head of its GQA group, so dK and dV are summed in registers and written
         # once, in the input dtype: no per-query-head buffers, no atomics, deterministic.
-        pid_n, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # Key blocks in order: under a causal mask the early ones see the most query blocks.
+        pid_n, seq = _block_and_sequence(num_seqs)
+        kv_head = tl.program_id(1)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
         n_start = pid_n * BLOCK_N
@@ -333,10 +382,12 @@ if triton is not None:
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_scale,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, group,
+                            num_seqs,
                             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, BLOCK_M)
+        start, seqlen, m_start, head, kv_head = _query_block(cu_seqlens, group, num_seqs,
+                                                             BLOCK_M)
         if m_start >= seqlen:
             return
         offs_m, offs_d = m_start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
@@ -358,7 +409,7 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
-    # The tiled kernels by the names TILES uses, and the rowsum(dO * O) kernel (kernels/aot.py
+    # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel (kernels/aot.py
     # compiles every one of them).
     KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
                "delta": _attn_bwd_delta_kernel}
@@ -371,20 +422,28 @@ if triton is not None:
 _autotuned: dict = {}
 
 
+def size_bucket(tokens: int, max_seqlen: int) -> tuple[int, int]:
+    """The powers of two just above the token count and the longest sequence: tiles tuned on a
+    300-token check are not reused for 64K tokens, and a training run, whose batches all have
+    the same token count and a longest document within seq_len, tunes a handful of times."""
+    return (max(tokens, 1) - 1).bit_length(), (max(max_seqlen, 1) - 1).bit_length()
+
+
 def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch.dtype,
-            on_gpu: bool) -> None:
+            on_gpu: bool, size: tuple[int, int]) -> None:
     """Run kernel `name` with an explicit tile, or, on a GPU, the autotuned best of its
-    candidates (tuned once per head dim, causal, dtype and precision: the key never includes a
-    sequence length, so new batches never retune). grid(BLOCK_M, BLOCK_N) -> launch grid."""
+    candidates, tuned once per head dim, causal, dtype, precision and size_bucket(*size).
+    grid(BLOCK_M, BLOCK_N) -> launch grid."""
     kernel = KERNELS[name]
     if tile is None and on_gpu:
-        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype)
-        tuned = _autotuned.get((name, candidates))
+        candidates = tile_candidates(name, consts["HEAD_DIM"], dtype, _device_arch())
+        key = (name, candidates, size_bucket(*size))
+        tuned = _autotuned.get(key)
         if tuned is None:
             configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
                                      num_warps=t.num_warps, num_stages=t.num_stages)
                        for t in candidates]
-            tuned = _autotuned[(name, candidates)] = triton.autotune(
+            tuned = _autotuned[key] = triton.autotune(
                 configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(kernel)
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
@@ -405,11 +464,11 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, 
     out = torch.empty_like(q)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     seqs = len(cu_seqlens) - 1
-    _launch("fwd", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+    _launch("fwd", lambda bm, bn: (triton.cdiv(max_seqlen, bm) * seqs, Hq),
             (q, k, v, out, lse, cu_seqlens, sm_scale * LOG2E, q.stride(0), q.stride(1),
              k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-             lse.stride(0), Hq // k.shape[1]),
-            _consts(q, causal), tile, q.dtype, q.is_cuda)
+             lse.stride(0), Hq // k.shape[1], seqs),
+            _consts(q, causal), tile, q.dtype, q.is_cuda, (T, max_seqlen))
     return out, lse
 
 
@@ -418,7 +477,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "dkdv"/"dq" to a Tile (tests)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    do = do.contiguous()
+    do = _unit_stride(do)
     consts = _consts(q, causal)
     delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_T), Hq)](
@@ -428,21 +487,28 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn), seqs, Hkv),
+    _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv),
-            consts, tiles.get("dkdv"), q.dtype, q.is_cuda)
-    _launch("dq", lambda bm, bn: (triton.cdiv(max_seqlen, bm), seqs, Hq),
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv, seqs),
+            consts, tiles.get("dkdv"), q.dtype, q.is_cuda, (T, max_seqlen))
+    _launch("dq", lambda bm, bn: (triton.cdiv(max_seqlen, bm) * seqs, Hq),
             (q, k, v, do, lse, delta, dq, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
-             dq.stride(0), dq.stride(1), Hq // Hkv),
-            consts, tiles.get("dq"), q.dtype, q.is_cuda)
+             dq.stride(0), dq.stride(1), Hq // Hkv, seqs),
+            consts, tiles.get("dq"), q.dtype, q.is_cuda, (T, max_seqlen))
     return dq, dk, dv
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its head dim is contiguous: the kernels take the token and head strides, so
+    views such as GPT-2's q, k, v split from one fused c_attn output (token stride 3 x H x D)
+    need no copy. Only a strided head dim is copied."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, tiles):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         tiles = tiles or {}
         out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale,
                                             tiles.get("fwd"))

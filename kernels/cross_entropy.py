@@ -182,6 +182,19 @@ def ce_rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_los
 CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}
 
 
+# The logits chunk's row stride, in elements, is V rounded up to a multiple of this. GPT-2's
+# V = 50257 would otherwise start every row at an odd element: cuBLAS falls back from its
+# aligned (16-byte) kernels for the three GEMMs that read or write the chunk, and the row
+# kernel's loads cannot be vectorized. 64 elements keep rows on 128-byte lines in 16-bit. The
+# CPU keeps dense rows (the golden losses were recorded that way); tests pad there too.
+ROW_ALIGN = {"cpu": 1, "cuda": 64}
+
+
+def padded_row_stride(V: int, device_type: str) -> int:
+    align = ROW_ALIGN.get(device_type, 1)
+    return -(-V // align) * align
+
+
 def rows_per_chunk(N: int, H: int, V: int, device_type: str = "cpu") -> int:
     """Rows per chunk: the largest power of two whose logits fit the device's CHUNK_ELEMENTS,
     at least 1, at most N."""
@@ -195,7 +208,10 @@ _addmm_out_dtype_works: dict[torch.device, bool] = {}
 
 def _addmm_out_dtype(device: torch.device) -> bool:
     """Whether torch.addmm(acc_fp32, a_16bit, b_16bit, out_dtype=float32, out=acc) accumulates in
-    place on this device (CUDA, with torch's out_dtype matmuls). Probed once per device."""
+    place on this device (CUDA, where torch has out_dtype matmuls). Probed once per device: some
+    torch versions reject an fp32 accumulator with 16-bit inputs (2.8 did), others accept it,
+    and which ones is not documented, so the probe decides and grad_weight_accumulation() says
+    what it found (the benchmarks print it)."""
     if device not in _addmm_out_dtype_works:
         ok = False
         if device.type == "cuda":
@@ -208,11 +224,25 @@ def _addmm_out_dtype(device: torch.device) -> bool:
                 ok = False
             if not ok:
                 log.warning("torch %s cannot accumulate 16-bit matmuls into fp32 in place "
-                            "(addmm out_dtype); the fused cross-entropy adds a [V, H] 16-bit "
-                            "product per chunk instead (slower; torch >= 2.8 avoids it)",
+                            "(addmm with out_dtype=float32 failed its probe); the fused "
+                            "cross-entropy adds a [V, H] 16-bit product per chunk instead",
                             torch.__version__)
         _addmm_out_dtype_works[device] = ok
     return _addmm_out_dtype_works[device]
+
+
+def grad_weight_accumulation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """How grad_weight is accumulated across chunks for 16-bit inputs on `device`: the probe's
+    result in words, for benchmark reports."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return "fp32 addmm_ in place"
+    if _addmm_out_dtype(device):
+        return f"addmm out_dtype=float32 in place (probe passed, torch {torch.__version__})"
+    if device.type == "cuda":
+        return (f"a 16-bit [V, H] product per chunk added in fp32 (addmm out_dtype probe failed, "
+                f"torch {torch.__version__})")
+    return "fp32 addmm_ of upcast chunks (CPU)"
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -239,9 +269,13 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
     grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
                  if compute_grad and bias is not None else None)
     step = rows_per_chunk(N, H, V, hidden.device.type)
+    # one chunk buffer for all chunks, its rows padded: [step, V rounded up]
+    buffer = torch.empty(step, padded_row_stride(V, hidden.device.type), dtype=hidden.dtype,
+                         device=hidden.device)
     for start in range(0, N, step):
         h = hidden[start:start + step]
-        logits = h @ weight.T  # [C, V] in the input dtype, fp32 accumulation in the matmul
+        logits = buffer[:len(h), :V]  # [C, V] view, row stride padded
+        torch.mm(h, weight.T, out=logits)  # in the input dtype, fp32 accumulation in the GEMM
         if bias is not None:
             logits += bias
         chunk_loss, _ = rows_fn(logits, target[start:start + step],
@@ -282,11 +316,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 ctx.save_for_backward(hidden, weight, target, bias)
                 ctx.recompute = (options, rows_fn)
         else:
-            scale = valid.float() / n_valid if reduction == "mean" else valid.float()
-            loss, gh, gw, gb = chunked_linear_ce(hidden, weight, target, bias, scale,
+            # The gradients of the *summed* loss: a mean's 1/n is applied in backward, on the
+            # fp32 accumulators' results. Scaling d loss / d logits by 1/n before it is stored
+            # in the 16-bit logits buffer would flush small probabilities to zero in fp16
+            # (p / 16384 is subnormal below p ~ 1e-3).
+            loss, gh, gw, gb = chunked_linear_ce(hidden, weight, target, bias, valid.float(),
                                                  options=options, rows_fn=rows_fn,
                                                  compute_grad=True)
-            ctx.save_for_backward(gh, gw, gb)
+            ctx.save_for_backward(gh, gw, gb, 1 / n_valid if reduction == "mean" else None)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":
             return loss
@@ -303,17 +340,32 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                                               options=options, rows_fn=rows_fn, compute_grad=True)
             grads = (gh, gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
         else:
-            # The forward computed the gradients of the loss itself; scale them by the incoming
-            # gradient in place (no new [V, H] buffer), then cast to the parameters' dtypes.
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_output.float()
+            # The forward computed the gradients of the summed loss; scale them by the incoming
+            # gradient (and a mean's 1/n) into new tensors of the parameters' dtypes. The saved
+            # ones are never changed: a second backward (retain_graph=True) must find them as
+            # they were.
+            gh, gw, gb, inv_n = ctx.saved_tensors
+            g = grad_output.float() if inv_n is None else grad_output.float() * inv_n
             wdtype, bdtype = ctx.dtypes
-            gh.mul_(g)
-            gw.mul_(g)
-            if gb is not None:
-                gb.mul_(g)
-            grads = (gh, gw.to(wdtype), None if gb is None else gb.to(bdtype))
+            grads = (gh * g, _scaled(gw, g, wdtype), None if gb is None else _scaled(gb, g, bdtype))
         return grads[0], grads[1], None, grads[2], None, None, None, None, None, None, None
+
+
+def _scaled(acc: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """acc * g as a new tensor of `dtype`, multiplied in fp32 and rounded once, with no fp32
+    temporary when `dtype` is 16-bit (the [V, H] grad_weight is the loss's largest buffer)."""
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    return torch.mul(acc, g, out=out)
+
+
+def _check_targets(target: torch.Tensor, V: int, ignore_index: int) -> None:
+    """A target outside [0, V) that is not the ignore index would silently give loss = lse (the
+    row kernels read no logit for it). torch's cross-entropy refuses it with a device-side
+    assert; this does the same without a host sync (on CUDA the error surfaces at the next
+    synchronization, as torch's does)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= V))
+    torch._assert_async(~bad.any(), f"fused_linear_cross_entropy: a target is outside [0, {V}) "
+                                    f"and is not ignore_index ({ignore_index})")
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100,
@@ -323,7 +375,8 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     materializing the [N, V] logits. `reduction` is "mean" (over non-ignored tokens), "sum" or
     "none"; `label_smoothing` as in torch.nn.functional.cross_entropy; `z_loss` adds
     z_loss * lse**2 per valid token; `softcap` caps logits with softcap * tanh(logits / softcap).
-    A batch whose tokens are all ignored has loss 0. The loss is fp32 for any input dtype."""
+    A batch whose tokens are all ignored has loss 0. The loss is fp32 for any input dtype.
+    Under torch.autocast the matmuls run in the autocast dtype, as F.linear's would."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction {reduction!r} is not one of mean, sum, none")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -332,13 +385,23 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     if target.shape != (hidden.shape[0],):
         raise ValueError(f"target {tuple(target.shape)} must be [N] = [{hidden.shape[0]}]")
     which = backend.resolve(backend_name, hidden.device)
+    _check_targets(target, weight.shape[0], ignore_index)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The chunk loop's mm(out=)/addmm calls bypass autocast, so cast here, once, the way
+        # autocast casts F.linear's operands; the casts' backward returns fp32 gradients to
+        # fp32 parameters.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     # Decided here: inside Function.forward grad mode is always off, and ctx.needs_input_grad
     # follows requires_grad, not torch.no_grad(), so eval would pay for the gradient GEMMs.
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    return FusedLinearCrossEntropy.apply(hidden, weight, target.long().contiguous(), bias,
-                                         ignore_index, reduction, float(label_smoothing),
-                                         float(z_loss), softcap, which, needs_grad)
+    with torch.autocast(device_type, enabled=False):
+        return FusedLinearCrossEntropy.apply(hidden, weight, target.long().contiguous(), bias,
+                                             ignore_index, reduction, float(label_smoothing),
+                                             float(z_loss), softcap, which, needs_grad)
 
 
 # ---------------------------------------------------------------------------------------------

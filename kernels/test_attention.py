@@ -106,12 +106,18 @@ def test_documents_across_tile_edges(backend, causal):
 
 
 def _tile_sets(dtype):
-    """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..."""
-    for head_dim in (64, 128):
-        per_kernel = {name: va.tile_candidates(name, head_dim, dtype) for name in va.TILES}
-        for i in range(max(len(c) for c in per_kernel.values())):
-            yield pytest.param(head_dim, {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()},
-                               id=f"D{head_dim}-{i}")
+    """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..., of
+    every architecture's table (a set of tiles already run for sm_80 is not run again)."""
+    seen = set()
+    for arch in (80, 90):
+        for head_dim in (64, 128):
+            per_kernel = {name: va.tile_candidates(name, head_dim, dtype, arch)
+                          for name in va.KERNEL_NAMES}
+            for i in range(max(len(c) for c in per_kernel.values())):
+                tiles = {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()}
+                if (head_dim, tuple(tiles.values())) not in seen:
+                    seen.add((head_dim, tuple(tiles.values())))
+                    yield pytest.param(head_dim, tiles, id=f"sm{arch}-D{head_dim}-{i}")
 
 
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))
@@ -150,8 +156,92 @@ def test_fp32_products_are_exact_unless_tf32_is_allowed():
     assert va.dot_precision(torch.bfloat16) == "tf32"  # 16-bit tiles: tensor cores either way
 
 
-def test_head_dim_above_the_kernel_limit_is_refused():
-    q = torch.randn(4, 1, 256)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
+def test_head_dim_above_the_kernel_limit_is_refused(monkeypatch):
+    """On the tensors' own device: CPU tensors with the Triton backend forced are refused for
+    their device on a GPU machine (no interpreter there) before the head dim is looked at."""
+    if DEVICE == "cpu":  # the refusal comes before any kernel runs; the interpreter allows CPU
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(4, 1, 256, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 256 is above the Triton kernel's 128"):
         varlen_attention(q, q, q, cu, 4, backend_name="triton")
+
+
+def test_more_sequences_than_a_grid_axis_holds(monkeypatch):
+    """A batch of 70,001 sequences (short documents at scale) launches within CUDA's grid
+    limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535. Sequences used to be axis 1."""
+    grids = []
+
+    def record(name, grid, args, consts, tile, dtype, on_gpu, size):
+        for t in va.tile_candidates(name, 64, torch.float16) + (va.INTERPRETER_TILES[name],):
+            grids.append((name, grid(t.block_m, t.block_n)))
+
+    monkeypatch.setattr(va, "_launch", record)
+    seqs = 70_001
+    cu = torch.zeros(seqs + 1, dtype=torch.int32)
+    cu[-1] = 1  # 70,000 empty sequences and one token: the grid is what is checked
+    q = torch.randn(1, 4, 64)
+    kv = torch.randn(1, 2, 64)
+    va.varlen_attention_forward(q, kv, kv, cu, 1, True, 0.125)
+    va.varlen_attention_backward(q, q, kv, kv, q, torch.zeros(1, 4), cu, 1, True, 0.125)
+    assert {name for name, _ in grids} == {"fwd", "dkdv", "dq"}
+    for name, grid in grids:
+        assert grid[0] >= seqs and grid[0] < 2**31 and all(n <= 65_535 for n in grid[1:]), \
+            (name, grid)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_empty_sequences_and_folded_grid(causal):
+    """Empty sequences between real ones (a batch may end a document at a row edge): the
+    programs that fold (block, sequence) into one grid axis find their own sequence."""
+    check("triton", torch.float32, [0, 5, 0, 0, 40, 1, 0], 4, 2, 32, causal)
+
+
+def test_strided_views_need_no_copy():
+    """q, k and v split from one fused projection (GPT-2's c_attn) are views with token stride
+    3 x H x D; the kernels take strides, so they are used as they are, and give the reference's
+    result. Only a strided head dim is copied."""
+    g = torch.Generator().manual_seed(0)
+    T, H, D = 70, 2, 32
+    qkv = torch.randn(T, 3 * H * D, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = (x.view(T, H, D) for x in qkv.split(H * D, dim=1))
+    assert va._unit_stride(q) is q and q.stride(0) == 3 * H * D
+    transposed = torch.randn(D, H, T).permute(2, 1, 0)
+    assert va._unit_stride(transposed).is_contiguous()
+    cu = torch.tensor([0, 30, 31, T], dtype=torch.int32, device=DEVICE)
+    out = varlen_attention(q, k, v, cu, 39, backend_name="triton")
+    grad = torch.randn(out.shape, generator=g).to(DEVICE)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    ref_qkv = qkv.detach().requires_grad_()
+    rq, rk, rv = (x.view(T, H, D) for x in ref_qkv.split(H * D, dim=1))
+    ref = reference_varlen_attention(rq, rk, rv, cu.cpu())
+    (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad)
+    assert_close_scaled(out, ref, torch.float32, "out")
+    assert_close_scaled(dqkv, ref_dqkv, torch.float32, "dqkv")
+
+
+def test_autotuning_is_per_size_bucket(monkeypatch):
+    """The tiles tuned on a 300-token correctness check are not reused for a 64K-token timing:
+    the autotuner's cache key holds the size bucket (token count, longest sequence)."""
+    made = []
+
+    class FakeAutotuned:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def fake_autotune(configs, key):
+        made.append([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs])
+        return lambda kernel: FakeAutotuned()
+
+    monkeypatch.setattr(va, "_autotuned", {})
+    monkeypatch.setattr(va.triton, "autotune", fake_autotune)
+    monkeypatch.setattr(va, "_device_arch", lambda: 90)  # an H100, for the tile list
+    consts = dict(HEAD_DIM=128, CAUSAL=True, PRECISION="tf32", BLOCK_D=128)
+    for tokens, longest in ((300, 100), (310, 90), (65536, 2048), (65536, 2000), (300, 100)):
+        va._launch("fwd", lambda bm, bn: (1, 1), (), consts, None, torch.float16, True,
+                   (tokens, longest))
+    assert len(made) == 2  # 300 and 310 tokens share a bucket, and so do both 64K runs
+    # the candidates are the current device's architecture's (sm_90 here)
+    assert made[0] == [(t.block_m, t.block_n, t.num_warps)
+                       for t in va.tile_candidates("fwd", 128, torch.float16, 90)]
+    assert va.size_bucket(300, 100) != va.size_bucket(65536, 2048)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from train.flops import Throughput, model_flops, peak_tflops
+from train.flops import ModelFlops, Throughput, model_flops, peak_tflops
 
 
 def gpt2(n_layer=2, n_embd=64, n_head=4, vocab=300):
@@ -67,8 +67,34 @@ def test_rates_and_mfu():
 
 @pytest.mark.parametrize("name,precision,peak", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0),
-    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA H200 NVL", "bf16", 835.5),
+    ("NVIDIA H200 NVL", "fp32", 60.0), ("NVIDIA GH200 480GB", "bf16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
     ("NVIDIA A100 80GB PCIe", "fp32", 19.5), ("NVIDIA L40S", "bf16", 362.1),
     ("NVIDIA A10G", "bf16", 70.0), ("Tesla T4", "bf16", None), ("AMD EPYC", "bf16", None)])
 def test_peak_table(name, precision, peak):
     assert peak_tflops(name, precision) == peak
+
+
+def test_mfu_dense_counts_the_whole_window_unmasked():
+    """mfu_dense is PaLM's and nanoGPT's count: 6 N per token plus 12 * layers * d * T per token
+    with T the window, never halved. For GPT-2 small at T = 1024, with one document per window,
+    it is ~7% above the causal count (the masked half of the attention)."""
+    model = gpt2()
+    t = Throughput.of(model, causal=True, device=torch.device("cpu"), bf16=True,
+                      peak_override=2.0, window=64)
+    rates = t.rates(1000, 900, 50_000, seconds=2.0, world=2)
+    dense = (6 * (t.flops.body_params * 1000 + t.flops.head_params * 900)
+             + 12 * t.flops.attention_width * 1000 * 64) / 2.0 / 2 / 1e12
+    assert rates["mfu_dense"] == pytest.approx(dense / 2.0)
+    assert rates["mfu"] < rates["mfu_dense"]
+    # no window, no mfu_dense; no peak, neither MFU
+    assert "mfu_dense" not in Throughput(t.flops, 2.0).rates(1000, 900, 50_000, 2.0, 2)
+    assert set(Throughput(t.flops, None, 64).rates(1000, 900, 50_000, 2.0, 2)) == {"tflops_per_gpu"}
+
+    # GPT-2 small (124M, V = 50257), windows of 1024 tokens, each one document
+    # (12 layers of 12 H^2 matmul weights at H = 768, as counted by hand above)
+    small = ModelFlops(12 * 12 * 768**2, 50257 * 768, 12 * 768, causal=True)
+    T = 1024
+    ratio = small.dense_step_flops(T, T, T) / small.step_flops(T, T, T * T)
+    assert 1.06 < ratio < 1.08

@@ -1,15 +1,19 @@
 """Model FLOPs of a training step, and MFU against the device's peak.
 
-Counted the way PaLM (appendix B), Megatron-LM and nanoGPT count them, per real token:
-  * 6 FLOPs per matmul parameter (2 forward, 4 backward). Matmul parameters are every weight
-    of two or more dimensions outside the embedding tables (token, position, type lookups cost
-    no FLOPs); the output head counts even when tied to the token embedding, since its matmul
-    runs, but only for the tokens that reach it (a masked LM sends ~15% of its rows).
-  * attention: QK^T and PV are 2 * 2 * L * d FLOPs per query token forward and twice that
-    backward, so a document of length L costs 12 * L^2 * d per layer (d = query heads x head
-    dim), half of it under a causal mask. Documents are what the packed batch attends within, so
-    the sum runs over document lengths squared, not over the window length.
-Padding is not counted: only the tokens of real documents are.
+Two counts are logged, both per real token (padding is never counted):
+  * matmuls, in both: 6 FLOPs per matmul parameter (2 forward, 4 backward). Matmul parameters
+    are every weight of two or more dimensions outside the embedding tables (token, position,
+    type lookups cost no FLOPs); the output head counts even when tied to the token embedding,
+    since its matmul runs, but only for the tokens that reach it (a masked LM sends ~15%).
+  * attention, `mfu` (the useful work): QK^T and PV are 2 * 2 * L * d FLOPs per query token
+    forward and twice that backward, so a document of length L costs 12 * L^2 * d per layer
+    (d = query heads x head dim), and half of that under a causal mask, since the masked half
+    is never computed. Documents are what the packed batch attends within, so the sum runs over
+    document lengths squared.
+  * attention, `mfu_dense` (PaLM appendix B, nanoGPT's estimate_mfu, torchtitan): 12 * T * d
+    per token per layer with T the whole window (data.seq_len), causal or not. Higher than
+    `mfu` by the masked half and the cross-document pairs (GPT-2 small at T = 1024: ~7% more
+    from the causal half alone); use it to compare with figures published that way.
 
 MFU = achieved model FLOP/s / the device's dense peak at the run's precision. The peak comes
 from PEAK_TFLOPS by device name, or from the run's `mfu_peak_tflops`; on an unknown device or
@@ -29,7 +33,8 @@ from train.model import attention_head_dim
 # specific names come first. "bf16" also serves fp16; "fp32" is the non-tensor-core rate.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("GH200", {"bf16": 989.4, "fp32": 67.0}),
-    ("H200", {"bf16": 989.4, "fp32": 67.0}),
+    ("H200 NVL", {"bf16": 835.5, "fp32": 60.0}),   # PCIe card, 600 W: "NVIDIA H200 NVL"
+    ("H200", {"bf16": 989.4, "fp32": 67.0}),       # SXM, 700 W: "NVIDIA H200"
     ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
     ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp32": 67.0}),      # SXM5: "NVIDIA H100 80GB HBM3"
@@ -68,7 +73,15 @@ class ModelFlops:
         attention = 12 * self.attention_width * sum_sq_doc_lengths
         if self.causal:
             attention /= 2
-        return 6 * (self.body_params * tokens + self.head_params * head_tokens) + attention
+        return self._matmul_flops(tokens, head_tokens) + attention
+
+    def dense_step_flops(self, tokens: int, head_tokens: int, window: int) -> float:
+        """The same step counted as PaLM and nanoGPT do: every token attends over the whole
+        window of `window` tokens, unmasked."""
+        return self._matmul_flops(tokens, head_tokens) + 12 * self.attention_width * tokens * window
+
+    def _matmul_flops(self, tokens: int, head_tokens: int) -> float:
+        return 6 * (self.body_params * tokens + self.head_params * head_tokens)
 
 
 def model_flops(model: nn.Module, head: nn.Module | None, *, num_layers: int, num_heads: int,
@@ -96,10 +109,11 @@ class Throughput:
 
     flops: ModelFlops
     peak_tflops: float | None
+    window: int | None = None  # data.seq_len, for mfu_dense
 
     @classmethod
     def of(cls, hf_model: nn.Module, *, causal: bool, device: torch.device, bf16: bool,
-           peak_override: float | None = None) -> "Throughput":
+           peak_override: float | None = None, window: int | None = None) -> "Throughput":
         """From a Hugging Face model (before DeepSpeed partitions it). The peak: the config's
         override, else the table's for this GPU at the run's precision, else none (CPU, or a
         GPU not in the table): no MFU is reported rather than a guessed one."""
@@ -111,15 +125,18 @@ class Throughput:
         peak = peak_override
         if peak is None and device.type == "cuda":
             peak = peak_tflops(torch.cuda.get_device_name(device), "bf16" if bf16 else "fp32")
-        return cls(flops, peak)
+        return cls(flops, peak, window)
 
     def rates(self, real_tokens: float, head_tokens: float, attended_pairs: float,
               seconds: float, world: int) -> dict:
-        """{"tflops_per_gpu": ..., "mfu": ...} for a window's global counts; mfu only when the
-        peak is known."""
+        """{"tflops_per_gpu": ..., "mfu": ..., "mfu_dense": ...} for a window's global counts;
+        the MFUs only when the peak is known, mfu_dense when the window is too."""
         achieved = self.flops.step_flops(real_tokens, head_tokens, attended_pairs)
         tflops = achieved / seconds / world / 1e12
         rates = {"tflops_per_gpu": tflops}
         if self.peak_tflops:
             rates["mfu"] = tflops / self.peak_tflops
+            if self.window:
+                dense = self.flops.dense_step_flops(real_tokens, head_tokens, self.window)
+                rates["mfu_dense"] = dense / seconds / world / 1e12 / self.peak_tflops
         return rates

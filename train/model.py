@@ -331,7 +331,9 @@ class PackedModel(nn.Module):
         return self.family is not None
 
     def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen,
-                return_predictions: bool = False):
+                return_predictions: bool = False, num_labelled: int | None = None):
+        """`num_labelled`, the count of labels that are not ignored, lets a caller that has the
+        labels on the host (the trainer: numpy batches) spare the device a sync per step."""
         position_ids = position_ids + self.position_offset if self.position_offset else position_ids
         if not self.wired:
             return self._unwired_forward(input_ids, labels, position_ids, return_predictions)
@@ -346,7 +348,9 @@ class PackedModel(nn.Module):
         # rows go on to the head (and its transform). When few are unlabelled (CLM: the EOS
         # positions, ~3%), gathering costs more than it saves (the gather's backward, index_put,
         # was 8% of a CPU step), so the kernel skips them itself.
-        if return_predictions or 2 * int(keep.sum()) < len(targets):
+        if num_labelled is None:
+            num_labelled = int(keep.sum())  # a host sync; the trainer passes the count instead
+        if return_predictions or 2 * num_labelled < len(targets):
             hidden, targets = hidden[keep], targets[keep]
         if self.family.pre_head:
             hidden = self.family.pre_head(self.hf_model, hidden)

@@ -118,7 +118,8 @@ class RankRun:
         # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
         self.throughput = Throughput.of(self.hf_model, causal=self.task.name in ("clm", "sft"),
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
-                                        peak_override=cfg.mfu_peak_tflops)
+                                        peak_override=cfg.mfu_peak_tflops,
+                                        window=cfg.data.seq_len)
 
     def open_loader(self, split: str, batch_size: int, shuffle: bool, verify: str,
                     path: str | None = None) -> PackedLoader | MixtureLoader:
@@ -242,7 +243,9 @@ class RankRun:
             batches = [self.task.train_batch(next(train_iter))
                        for _ in range(self.cfg.gradient_accumulation_steps)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        global_tokens = self.all_reduce(torch.tensor(float(local_tokens), device=self.device))
+        # torch.full, a fill on the device: torch.tensor(x, device="cuda") would copy from
+        # pageable host memory, which waits for the device's queue to drain (a sync per step)
+        global_tokens = self.all_reduce(torch.full((), float(local_tokens), device=self.device))
         # [loss sum, tokens] of the micro-batches actually trained on (skipped ones excluded)
         totals = torch.zeros(2, device=self.device)
         skipped = False
@@ -301,9 +304,12 @@ class RankRun:
 
     def forward(self, batch, return_predictions: bool = False):
         t = as_torch(batch, self.device)
+        # counted on the host, from the numpy labels: no device sync per micro-batch
+        num_labelled = int((batch["labels"] != IGNORE_INDEX).sum())
         return self.engine(input_ids=t["input_ids"], labels=t["labels"],
                            position_ids=t["position_ids"], cu_seqlens=t["cu_seqlens"],
-                           max_seqlen=t["max_seqlen"], return_predictions=return_predictions)
+                           max_seqlen=t["max_seqlen"], return_predictions=return_predictions,
+                           num_labelled=num_labelled)
 
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
@@ -356,7 +362,10 @@ class RankRun:
         return hosts
 
     def agree_to_stop(self, local: StopReason | None) -> StopReason | None:
-        """All ranks stop together or not at all: the reasons' values are max-reduced."""
+        """All ranks stop together or not at all: the reasons' values are max-reduced. Alone,
+        there is nothing to agree on, and no device round trip (a host sync) per step."""
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return local
         flag = self.all_reduce(torch.tensor(float(local or 0), device=self.device),
                                torch.distributed.ReduceOp.MAX)
         return StopReason(int(flag.item())) if flag.item() else None
