@@ -18,13 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-from train.errors import UsageError, exits_cleanly_on_usage_error
+from train.errors import DataError, exits_cleanly_on_usage_error
 
 
 def task_of(model_dir: str) -> str:
+    from train.run.export import check_model_dir
+
+    check_model_dir(model_dir, tokenizer=False)
     config = Path(model_dir) / "config.json"
-    if not config.exists():
-        raise UsageError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     architecture = (json.loads(config.read_text()).get("architectures") or [""])[0]
     if architecture.endswith("ForMaskedLM"):
         return "mlm"
@@ -68,7 +69,7 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
     own windows (data.seq_len of its train_config.json) unless seq_len is given."""
     import transformers
 
-    from train.run.eval_loop import evaluate
+    from train.run.eval_loop import eval_sums
     from train.data.loader import PackedLoader, as_torch
     from train.model import PackedModel, max_positions
     from train.data.shards import ShardIndex, file_sha256
@@ -90,7 +91,12 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
         return wrapped(t["input_ids"], t["labels"], t["position_ids"], t["cu_seqlens"],
                        t["max_seqlen"], return_predictions=return_predictions)
 
-    return evaluate(forward, loader, task, max_batches=max_batches)
+    loss_sum, tokens, counts = eval_sums(forward, loader, task, max_batches=max_batches)
+    if tokens == 0:  # a perplexity of exp(0) = 1.0 would read as a perfect model
+        raise DataError(f"--data {data_dir}: the {split!r} split yields no labelled tokens to "
+                        f"evaluate (its documents are shorter than the windows, or carry no "
+                        f"labels); evaluate another split or prepare more data")
+    return task.eval_record(loss_sum, tokens, counts)
 
 
 @exits_cleanly_on_usage_error

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -592,7 +593,21 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         out, [("--input", spec, s) for spec, s in zip(args.input, train_sources)] +
         [("--validation-input", spec, s)
          for spec, s in zip(args.validation_input or [], val_sources)])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is an existing file, not a directory: give a new or "
+                         f"empty directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return prepare_into(args, argv, out, inputs, train_sources, val_sources)
+    except UsageError:
+        if created:  # a refused prepare leaves nothing behind; all of it is its own
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def prepare_into(args, argv, out: Path, inputs, train_sources, val_sources) -> int:
+    """The phases after the inputs are resolved, into out (which exists)."""
     fp = fingerprint(args, train_sources, val_sources)
     written = WrittenFiles(out)
     try:

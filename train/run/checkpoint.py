@@ -130,8 +130,7 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     partial = r / f"{PARTIAL}{name(step)}"
     if rank == 0:
         r.mkdir(parents=True, exist_ok=True)
-        if partial.exists():  # left by a save that was killed
-            shutil.rmtree(partial)
+        durable.fresh_dir(partial)  # whatever a killed save left there goes first
     barrier()
     engine.save_checkpoint(str(r), tag=partial.name, save_latest=False)
     save_rng(partial, rank)
@@ -139,12 +138,12 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     if rank == 0:
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
             os._exit(17)
-        (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
+        durable.write_json(partial / STATE, trainer_state, indent=1)
         # Every rank's files were closed before the barrier; one page cache on one node (and
         # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
-        durable.fsync_tree(partial)
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
+        durable.seal_tree(partial)
+        # the same step saved again (a resumed run): replace it whole
+        durable.remove_tree(final)
         durable.commit_rename(partial, final)
         print(f"checkpoint {final} saved", file=sys.stderr, flush=True)
         drop_set_aside(output_dir)  # the previous run's, now that this run has one of its own

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.run import checkpoint, config_drift
+from train.run import checkpoint, config_drift, run_dir
 from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
 from train.errors import DataError, UsageError
 from train.data.loader import num_windows
@@ -55,6 +55,8 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     """Check and derive; raises UsageError. data_ready=False (the launcher with --prepare, whose
     first job makes the data) skips what needs the shards."""
     indexes = load_indexes(cfg) if data_ready else []
+    for each in indexes:
+        each.check_tokenizer()
     index = indexes[0] if indexes else None  # a mixture's sources share its tokenizer
     task = make_task(cfg, index) if index else None  # the shards fit the task
     kwargs = task.model_kwargs() if task else {}
@@ -76,7 +78,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
                          f"positions; lower data.seq_len")
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
-    check_output_dir(Path(cfg.output_dir))
+    check_output_dir(cfg)
     check_fresh_start(cfg)
     resume_from = find_resume(cfg)
     identity = training_data_identity(indexes) if indexes else None
@@ -208,8 +210,14 @@ def count_steps(cfg: Config, world: int, index: ShardIndex | None, task: Task | 
     return max(1, math.ceil(cfg.num_train_epochs * samples / per_step))
 
 
-def check_output_dir(out: Path) -> None:
-    """output_dir exists and is writable, or can be created (nothing is created here)."""
+def check_output_dir(cfg: Config) -> None:
+    """output_dir is this run's to write in (train/run/run_dir.py), and exists and is writable
+    or can be created (nothing is created here)."""
+    out = Path(cfg.output_dir)
+    if cfg.output_dir == Config.output_dir:
+        note(f"output_dir is not set: the run writes to {out.resolve()}")
+    data_dirs = [s.path for s in cfg.data.mixture or []] + [cfg.data.path]
+    run_dir.check(out, [Path(d) for d in data_dirs if d])
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -1,0 +1,265 @@
+"""Hardening, second round, through the real command lines: a user's files, a stray symbolic
+link, a hostile string, a tokenizer that does not match, the umask, and bad input that used to
+reach a traceback. Each class tries several members; a refusal is one `error:` line naming the
+file, key or flag, exit status 2, and nothing of the user's is touched."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, free_port, run_cli
+
+TINY = str(REPO / "configs" / "tiny-clm.yaml")
+ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+def refused(res, *fragments: str) -> str:
+    """The process exited 2 with exactly one error line, holding every fragment."""
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def train_cli(data, out, *overrides, cwd=REPO, env=None):
+    return run_cli("-m", "train", TINY, f"data.path={data}", f"output_dir={out}", *overrides,
+                   env={**ENV, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# output_dir: only ever a directory the run made
+# ---------------------------------------------------------------------------------------------
+
+def users_directory(root: Path) -> Path:
+    """A directory of a user's work, with names a run also writes."""
+    (root / "final").mkdir(parents=True)
+    (root / "final" / "notes.tex").write_text("\\section{results}\n")
+    (root / "metrics.jsonl").write_text('{"step": 1, "from": "another tool"}\n')
+    return root
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["resume=never", "overwrite_output_dir=true"], ["resume=never"]])
+def test_a_users_directory_is_refused_whatever_resume_says(prepared, tmp_path, overrides):
+    out = users_directory(tmp_path / "thesis")
+    before = snapshot(out)
+    res = train_cli(prepared, out, "max_steps=2", *overrides)
+    refused(res, f"output_dir {out}", "not a run directory", str(out / "final"))
+    assert snapshot(out) == before
+    assert sorted(os.listdir(out)) == ["final", "metrics.jsonl"]  # nothing added either
+
+
+def test_the_launcher_refuses_a_users_directory_before_submitting(prepared, tmp_path):
+    out = users_directory(tmp_path / "thesis")
+    before = snapshot(out)
+    res = run_cli("-m", "launcher", "--dry-run", TINY, f"data.path={prepared}",
+                  f"output_dir={out}")
+    refused(res, "not a run directory")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["root", "home", "data", "cwd"])
+def test_places_that_are_never_an_output_dir(prepared, tmp_path, where):
+    home = tmp_path / "home"
+    home.mkdir()
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    (cwd / "paper.md").write_text("draft\n")
+    out, fragment = {"root": ("/", "is the root directory"),
+                     "home": (str(home), "is your home directory"),
+                     "data": (str(prepared), "is the data directory"),
+                     "cwd": (".", "is the current directory, which holds other files")}[where]
+    before = snapshot(prepared)
+    res = run_cli("-m", "train", TINY, f"data.path={prepared}", f"output_dir={out}",
+                  env={**ENV, "HOME": str(home), "PYTHONPATH": str(REPO)}, cwd=cwd)
+    refused(res, fragment)
+    assert snapshot(prepared) == before
+    assert sorted(os.listdir(cwd)) == ["paper.md"]
+
+
+def test_the_default_output_dir_is_named_not_silent(prepared, tmp_path):
+    config = tmp_path / "no-output-dir.yaml"
+    config.write_text("\n".join(line for line in Path(TINY).read_text().splitlines()
+                                if not line.startswith("output_dir")))
+    res = run_cli("-m", "launcher", "--dry-run", str(config), f"data.path={prepared}",
+                  cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"note: output_dir is not set: the run writes to {tmp_path / 'runs' / 'default'}" \
+        in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# No write through a symbolic link
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_never_writes_through_a_link_in_its_output(corpus_dir, tmp_path):
+    """Links planted where prepare writes its temporary files: each is replaced by a file of
+    prepare's own, and the files they pointed at are untouched."""
+    out = tmp_path / "data"
+    out.mkdir()
+    victims = {}
+    for name in ("train-00000.bin.tmp", "index.json.tmp", ".prepare-files.json.tmp",
+                 "train-00000.json.tmp"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious\n")
+        victims[victim] = victim.read_bytes()
+        os.symlink(victim, out / name)
+    res = run_cli("-m", "train.prepare", "--input", str(corpus_dir / "a.jsonl"), "--output",
+                  str(out), "--train-tokenizer", "300", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for victim, content in victims.items():
+        assert victim.read_bytes() == content, victim
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert (out / "index.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["train-00000.bin", "tokenizer.json"])
+def test_a_data_file_linked_from_outside_is_refused(prepared, tmp_path, name):
+    data = copy_data(prepared, tmp_path / "data")
+    outside = tmp_path / f"elsewhere-{name}"
+    shutil.move(data / name, outside)
+    os.symlink(outside, data / name)
+    res = train_cli(data, tmp_path / "o")
+    refused(res, f"{data / name} is a symbolic link to {outside}", "outside the data directory")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "final"])
+def test_a_link_among_a_run_directorys_own_files_is_refused(prepared, tmp_path, name):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".slurm-lm-run.json").write_text('{"format": 1}\n')
+    target = tmp_path / "target"
+    target.write_text("not the run's\n")
+    os.symlink(target, out / name)
+    res = train_cli(prepared, out, "max_steps=2")
+    refused(res, f"{out / name} is a symbolic link")
+    assert target.read_text() == "not the run's\n"
+
+
+def test_durable_writes_replace_a_link_and_appends_refuse_one(tmp_path):
+    from train import durable
+    from train.errors import UsageError
+
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    for i, write in enumerate([lambda p: durable.write_json(p, {"a": 1}),
+                               lambda p: durable.write_text(p, "new\n"),
+                               lambda p: durable.create_fresh(p).close()]):
+        link = tmp_path / f"link{i}"
+        os.symlink(target, link)
+        write(link)
+        assert not link.is_symlink() and target.read_text() == "keep\n"
+    os.symlink(target, tmp_path / "log")
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        durable.open_append(tmp_path / "log")
+    assert target.read_text() == "keep\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing typed reaches the sbatch script unchecked
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [
+    ("--partition", "gpu\n#SBATCH --uid=0"),
+    ("--account", "proj\r#SBATCH --qos=high"),
+    ("--qos", "normal high"),
+    ("--constraint", "a100\x1b[2J"),
+    ("--exclude", "node1\tnode2"),
+    ("--time", "1:00:00\n#SBATCH --uid=0"),
+])
+def test_a_hostile_sbatch_option_is_refused(prepared, tmp_path, flag, value):
+    res = run_cli("-m", "launcher", "--dry-run", flag, value, TINY, f"data.path={prepared}",
+                  f"output_dir={tmp_path / 'o'}")
+    refused(res, flag, "would break the sbatch script")
+    assert "#SBATCH" not in res.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where,flags,words", [
+    ("override 2", [], ["max_steps=2\n#SBATCH --uid=0"]),
+    ("--prepare", ["--prepare", "--input x\n--output d --train-tokenizer 300"], []),
+    ("output_dir", [], []),        # from the config file: the log folder's #SBATCH line
+    ("the config path", [], []),
+])
+def test_a_control_character_in_a_command_word_is_refused(prepared, tmp_path, where, flags,
+                                                          words):
+    config = tmp_path / ("tiny\n.yaml" if where == "the config path" else "tiny.yaml")
+    text = Path(TINY).read_text()
+    if where == "output_dir":
+        text = text.replace("output_dir: runs/tiny-clm", f'output_dir: "{tmp_path}/run\\nx"')
+    config.write_text(text)
+    res = run_cli("-m", "launcher", "--dry-run", *flags, str(config), f"data.path={prepared}",
+                  *words)
+    refused(res, where, "would break the sbatch script")
+    assert "#SBATCH" not in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer beside the shards is the one they were made with
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["edited", "swapped", "missing"])
+def test_a_tokenizer_that_does_not_match_the_shards_is_refused(prepared, stdlib_data, tmp_path,
+                                                               case):
+    data = copy_data(prepared, tmp_path / "data")
+    tokenizer = data / "tokenizer.json"
+    if case == "edited":
+        tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=2))
+    elif case == "swapped":
+        shutil.copyfile(stdlib_data / "tokenizer.json", tokenizer)
+    else:
+        tokenizer.unlink()
+    res = train_cli(data, tmp_path / "o")
+    refused(res, str(tokenizer), "prepare the data again" if case == "missing"
+            else "is not the tokenizer the shards were made with")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real run: the marker, the umask, a resume on a marked directory (slow)
+# ---------------------------------------------------------------------------------------------
+
+def modes(root: Path) -> set[tuple[str, int]]:
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode))
+            for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.slow
+def test_a_run_marks_its_directory_honours_the_umask_and_resumes(prepared, tmp_path):
+    out = tmp_path / "o"
+    short = ["max_steps=2", "save_steps=2", "logging_steps=1", "eval_steps=2",
+             "eval_max_batches=1", "per_device_train_batch_size=2"]
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "train", TINY, f"data.path={prepared}", f"output_dir={out}"]
+    # umask 002 (a team's shared directory): group-writable files, never 0600
+    res = run_cli("-c", "import os, runpy, sys; os.umask(0o002); sys.argv = ['torchrun'] + "
+                  "sys.argv[1:]; runpy.run_module('torch.distributed.run', run_name='__main__')",
+                  *args[2:], *short, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / ".slurm-lm-run.json").read_text())["format"] == 1
+    for tree in (out / "final", out / "checkpoints"):
+        assert modes(tree) <= {("dir", 0o775), ("file", 0o664)}, (tree, modes(tree))
+    # the marked directory, with its checkpoint, resumes (and is no foreign directory)
+    res = run_cli(*args, *short[1:], "max_steps=3", env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resum" in res.stderr.lower()
