@@ -257,9 +257,153 @@ def test_a_run_marks_its_directory_honours_the_umask_and_resumes(prepared, tmp_p
                   *args[2:], *short, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / ".slurm-lm-run.json").read_text())["format"] == 1
-    for tree in (out / "final", out / "checkpoints"):
+    # (checkpoints/ itself also holds DeepSpeed's own zero_to_fp32.py, with its exec bit)
+    for tree in (out / "final", *(out / "checkpoints").glob("step-*")):
         assert modes(tree) <= {("dir", 0o775), ("file", 0o664)}, (tree, modes(tree))
     # the marked directory, with its checkpoint, resumes (and is no foreign directory)
     res = run_cli(*args, *short[1:], "max_steps=3", env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resum" in res.stderr.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the key, file or flag, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,key", [
+    ("learning_rate=.nan", "learning_rate"),
+    ("adam_epsilon=.inf", "adam_epsilon"),
+    ("weight_decay=-.inf", "weight_decay"),
+    ("max_grad_norm=nan", "max_grad_norm"),
+    ("warmup_steps=.inf", "warmup_steps"),
+    ("adam_beta1=.nan", "adam_beta1"),
+    ("model.config.initializer_range=.nan", "model.config.initializer_range"),
+])
+def test_nan_and_infinity_are_refused_naming_the_key(prepared, tmp_path, override, key):
+    res = train_cli(prepared, tmp_path / "o", override)
+    refused(res, f"config key {key} is", "must be a finite number")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ("learning_rate: 3e-4\ndata: {path: x\nmax_steps: 2\n", ["bad.yaml:3:", "not valid YAML"]),
+    ("- learning_rate\n- max_steps\n", ["bad.yaml holds a list, not a mapping"]),
+    ("data: [1, 2]\n", ["config section data must be a mapping, got list"]),
+    ("model:\n  config: [gpt2]\n", ["config key model.config is ['gpt2']"]),
+    ("learning_rat: 3e-4\n", ["unknown config key learning_rat; did you mean learning_rate?"]),
+    ("data:\n  seq_lne: 64\n", ["unknown config key data.seq_lne; did you mean data.seq_len?"]),
+])
+def test_a_bad_yaml_file_is_one_line_naming_where(tmp_path, text, fragments):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    res = run_cli("-m", "train", str(config), env=ENV)
+    line = refused(res, *fragments)
+    assert "^" not in line
+
+
+def test_a_binary_config_file_is_refused(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_bytes(bytes(range(256)) * 4)
+    refused(run_cli("-m", "train", str(config), env=ENV), str(config))
+
+
+def prepare_cli(tmp_path, *inputs: str, output=None):
+    return run_cli("-m", "train.prepare", *[w for i in inputs for w in ("--input", i)],
+                   "--output", str(output or tmp_path / "data"), "--train-tokenizer", "300",
+                   "--no-progress")
+
+
+@pytest.mark.parametrize("name,content,fragments", [
+    ("corpus.parquet", b"PAR1 this is not parquet at all", ["corpus.parquet: not a readable "
+                                                             "Parquet file"]),
+    ("photo.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" * 50, ["photo.txt: holds NUL bytes"]),
+    ("corpus.jsonl", b'{"text": "one"}\n{"text": "two"\n{"text": "three"}\n',
+     ["corpus.jsonl line 2: not valid JSON"]),
+    ("corpus.json", b'[{"text": "one"}, {"text": ]', ["corpus.json: not valid JSON"]),
+])
+def test_a_bad_input_file_is_refused_and_leaves_nothing(tmp_path, name, content, fragments):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n"
+                            for i in range(50)))
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    res = prepare_cli(tmp_path, str(good), str(bad))
+    refused(res, *fragments)
+    assert not (tmp_path / "data").exists()  # no .prepare-files.json, no partial shards
+
+
+def test_prepare_output_that_is_a_file_is_refused(corpus_dir, tmp_path):
+    out = tmp_path / "data"
+    out.write_text("a user's file\n")
+    refused(prepare_cli(tmp_path, str(corpus_dir / "a.jsonl"), output=out),
+            f"--output {out} is an existing file")
+    assert out.read_text() == "a user's file\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(prepared, tmp_path_factory) -> Path:
+    """A tiny exported model (random weights) with the prepared data's tokenizer."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("model")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64,
+                                     vocab_size=512)
+    transformers.GPT2LMHeadModel(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (prepared / name).exists():
+            shutil.copyfile(prepared / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--max-new-tokens", "0"], ["--max-new-tokens must be at least 1"]),
+    (["--strategy", "top_k", "--temperature", "0"], ["--temperature must be a positive"]),
+    (["--strategy", "top_p", "--temperature", "nan"], ["--temperature must be a positive"]),
+    (["--strategy", "top_p", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    (["--prompt", ""], ["--prompt is empty"]),
+])
+def test_generate_refuses_values_it_would_crash_on(model_dir, args, fragments):
+    prompt = [] if "--prompt" in args else ["--prompt", "def f("]
+    res = run_cli("-m", "train.generate", "--model", str(model_dir), *prompt, *args)
+    refused(res, *fragments)
+
+
+@pytest.mark.parametrize("remove,fragment", [
+    ("model.safetensors", "has no weights"),
+    ("tokenizer.json", "has no tokenizer.json"),
+    ("config.json", "is not a Hugging Face model directory"),
+])
+def test_generate_refuses_an_incomplete_model_directory(model_dir, tmp_path, remove, fragment):
+    broken = copy_data(model_dir, tmp_path / "model")
+    (broken / remove).unlink()
+    res = run_cli("-m", "train.generate", "--model", str(broken), "--prompt", "x")
+    refused(res, f"--model {broken}", fragment)
+
+
+def test_evaluate_refuses_a_non_export_and_no_eval_tokens(prepared, model_dir):
+    refused(run_cli("-m", "train.evaluate", "--model", str(prepared), "--data", str(prepared)),
+            f"--model {prepared} is not a Hugging Face model directory")
+    res = run_cli("-m", "train.evaluate", "--model", str(model_dir), "--data", str(prepared),
+                  "--max-batches", "0")
+    refused(res, "yields no labelled tokens")
+    assert "perplexity" not in res.stdout
+
+
+@pytest.mark.parametrize("out,fragment", [("missing/plot.png", "does not exist"),
+                                          (".", "is a directory")])
+def test_plot_to_a_place_it_cannot_write_is_refused(tmp_path, out, fragment):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n')
+    res = run_cli("-m", "train.plot", str(tmp_path), "--out", str(tmp_path / out))
+    refused(res, fragment)
+
+
+@pytest.mark.slow
+def test_a_corrupt_validation_shard_is_refused_like_a_train_shard(prepared, tmp_path):
+    data = copy_data(prepared, tmp_path / "data")
+    shard = data / "validation-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[0] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    res = train_cli(data, tmp_path / "o", "max_steps=2", "per_device_train_batch_size=2")
+    refused(res, f"shard {shard}", "checksum")
+    assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind (.watchdog too)

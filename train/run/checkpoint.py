@@ -38,11 +38,15 @@ import numpy as np
 import torch
 
 from train import durable
+from train.data.shards import file_sha256
 
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # each file's size and sha256 at commit: what resume verifies
 NAME = re.compile(r"^step-(\d{8})$")
 PARTIAL = ".partial-"
 SET_ASIDE = "previous-run"
+DAMAGED = "damaged-"  # a checkpoint found damaged at a resume, kept for inspection, never used
+RNG_FILE = re.compile(r"^rng-rank\d+\.safetensors$")
 
 
 def root(output_dir: str | Path) -> Path:
@@ -112,10 +116,15 @@ def load_rng(path: Path, rank: int) -> bool:
 
     file = rng_file(path, rank)
     if not file.exists():
-        if (path / f"rng-rank{rank}.pt").exists() and rank == 0:
-            print(f"note: {path} keeps its RNG state in the old pickled format, which is not "
-                  f"loaded; the random streams restart from the seed (resume is not bit-exact "
-                  f"where dropout or masking draws)", file=sys.stderr)
+        if (path / f"rng-rank{rank}.pt").exists():
+            if rank == 0:
+                print(f"note: {path} keeps its RNG state in the old pickled format, which is "
+                      f"not loaded; the random streams restart from the seed (resume is not "
+                      f"bit-exact where dropout or masking draws)", file=sys.stderr)
+        else:
+            print(f"warning: {file} is missing: rank {rank}'s random streams restart from the "
+                  f"seed, so dropout and masking draw differently than an uninterrupted run "
+                  f"would (the data order and the model state are unaffected)", file=sys.stderr)
         return False
     with safe_open(file, framework="pt") as f:
         set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
@@ -139,6 +148,7 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
             os._exit(17)
         durable.write_json(partial / STATE, trainer_state, indent=1)
+        write_manifest(partial)
         # Every rank's files were closed before the barrier; one page cache on one node (and
         # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
         durable.seal_tree(partial)
@@ -152,6 +162,63 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def write_manifest(path: Path) -> None:
+    """Rank 0, once every rank's files are closed: each file's size and sha256."""
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    durable.write_json(path / MANIFEST, {"files": files}, indent=1)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint (the damaged file, named), or None. A checkpoint
+    saved before manifests has only its trainer_state.json checked. A missing RNG file is not
+    damage: resume warns and reseeds those streams (load_rng)."""
+    try:
+        if not isinstance(json.loads((path / STATE).read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return f"{path / STATE} is not readable ({err})"
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{path / MANIFEST} is not readable ({err})"
+    for name, (size, sha256) in expected.items():
+        f = path / name
+        if not f.is_file():
+            if RNG_FILE.match(f.name):
+                continue
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {size} when saved"
+        if file_sha256(f) != sha256:
+            return f"{f} fails its sha256 checksum"
+    return None
+
+
+def latest_good(output_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The latest complete checkpoint that verifies, and the newer ones that do not (each with
+    what is wrong with it)."""
+    damaged = []
+    for path in reversed(complete_checkpoints(output_dir)):
+        why = damage(path)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    return None, damaged
+
+
+def set_damaged_aside(paths: list[Path]) -> None:
+    """Rank 0, holding the lock: rename damaged checkpoints out of the `step-N` names, so that
+    neither a later resume nor pruning (which keeps the newest names) counts them: pruning must
+    never delete the last good checkpoint to keep a damaged one."""
+    for path in paths:
+        if path.exists():
+            os.rename(path, path.with_name(DAMAGED + path.name))
 
 
 def take_over(output_dir, set_aside: bool) -> None:

@@ -85,6 +85,7 @@ def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
             holder = run_lock.acquire(cfg.output_dir)
             held.callback(run_lock.release, cfg.output_dir, holder)
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
+            checkpoint.set_damaged_aside(plan.damaged)
         job = preemption.slurm_job_id()
         watchdog = Watchdog(
             Path(cfg.output_dir), env.rank, env.world_size, cfg.watchdog,
@@ -324,7 +325,8 @@ class RankRun:
         if self.eval_loaders is None:
             self.eval_loaders = {s.name: self.open_loader(
                 self.cfg.data.validation_split, self.cfg.per_device_eval_batch_size,
-                shuffle=False, verify="none", path=s.path) for s in self.plan.eval_sources}
+                shuffle=False, verify=self.cfg.data.verify, path=s.path)  # checked like train
+                for s in self.plan.eval_sources}
         self.engine.eval()
 
         def forward(batch, return_predictions=False):
