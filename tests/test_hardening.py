@@ -407,3 +407,33 @@ def test_a_corrupt_validation_shard_is_refused_like_a_train_shard(prepared, tmp_
     res = train_cli(data, tmp_path / "o", "max_steps=2", "per_device_train_batch_size=2")
     refused(res, f"shard {shard}", "checksum")
     assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind (.watchdog too)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C is a clean stop
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(stdlib_data, tmp_path):
+    """SIGINT (what Ctrl-C sends every process of the terminal's group) to each rank mid-run: a
+    collective checkpoint and one line saying so, status 0, no KeyboardInterrupt traceback."""
+    import re
+    import signal
+
+    from test_hangs import logged_step, ranks, start, wait_for
+
+    out = tmp_path / "run"
+    proc = start(stdlib_data, out, "max_steps=2000", "eval_steps=1000", "save_steps=10000")
+    try:
+        wait_for(lambda: logged_step(out) >= 5, proc, what="step 5")
+        for pid in ranks(proc).values():
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = Path(proc.err_path).read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    step = int(re.search(r"SIGINT: checkpoint saved at step (\d+)", log).group(1))
+    assert (out / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()

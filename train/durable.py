@@ -61,9 +61,10 @@ def create_fresh(path: Path, binary: bool = True):
 
 
 @contextlib.contextmanager
-def written_whole(path: Path, binary: bool = False):
-    """`with written_whole(path) as f: f.write(...)`: written under `path.tmp`, fsynced and
-    renamed over path only when the block ends without an error (then the temporary file goes)."""
+def written_whole(path: Path, binary: bool = False, fsync: bool = True):
+    """`with written_whole(path) as f: f.write(...)`: written under `path.tmp`, fsynced (unless
+    fsync=False: a heartbeat rewritten every few seconds) and renamed over path only when the
+    block ends without an error (then the temporary file goes)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     f = create_fresh(tmp, binary)
@@ -71,15 +72,16 @@ def written_whole(path: Path, binary: bool = False):
         with f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_text(path: Path, text: str) -> None:
-    with written_whole(path) as f:
+def write_text(path: Path, text: str, fsync: bool = True) -> None:
+    with written_whole(path, fsync=fsync) as f:
         f.write(text)
 
 

@@ -32,7 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+from train import durable
+
+# Ctrl-C (SIGINT) stops like SIGTERM: a checkpoint, or one line naming the one that remains;
+# a second Ctrl-C interrupts at once (KeyboardInterrupt), for a run that will not stop
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 NOT_REQUEUED_EXIT_CODE = 4  # a stop or hang under Slurm that could not or must not be requeued
 REQUEUE_TIMEOUT_S = 60
 LEDGER = "requeues.jsonl"
@@ -41,6 +45,8 @@ _signalled: str | None = None  # the first stop signal this process received
 
 def _on_signal(signum, frame):
     global _signalled
+    if signum == signal.SIGINT and _signalled == "SIGINT":
+        raise KeyboardInterrupt
     _signalled = _signalled or signal.Signals(signum).name
 
 
@@ -123,7 +129,7 @@ def requeue(job_id: str, out: Path, limit: int, cause: str) -> int:
               f"resubmit, the run resumes from its latest checkpoint", file=sys.stderr, flush=True)
         return NOT_REQUEUED_EXIT_CODE
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    with open(ledger, "a") as f:
+    with durable.open_append(ledger) as f:
         f.write(json.dumps({"job": job_id, "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                             "checkpoint_step": step, "cause": cause, "time": time.time()}) + "\n")
     try:
