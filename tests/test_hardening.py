@@ -437,3 +437,42 @@ def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(stdlib_data, tmp_path):
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     step = int(re.search(r"SIGINT: checkpoint saved at step (\d+)", log).group(1))
     assert (out / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full or read-only file system (a small tmpfs; mounting needs root)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MB tmpfs at tmp_path/fs, unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the CI runs the tests as root)")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_prepare_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(
+        prepared, tmp_path, small_fs):
+    import subprocess
+
+    corpus = tmp_path / "big.jsonl"  # about 6 MB of text: more tokens than 2 MB hold
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "alpha beta gamma " * 40})
+                              + "\n" for i in range(8000)))
+    out = small_fs / "data"
+    res = run_cli("-m", "train.prepare", "--input", str(corpus), "--output", str(out),
+                  "--tokenizer", str(prepared / "tokenizer.json"), "--no-progress")
+    refused(res, f"--output {out}: no space left", "MB free")
+    assert not out.exists() and os.listdir(small_fs) == []
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    res = run_cli("-m", "train.prepare", "--input", str(corpus), "--output", str(out),
+                  "--tokenizer", str(prepared / "tokenizer.json"), "--no-progress")
+    refused(res, "read-only file system")

@@ -6,7 +6,7 @@ reading the source, nothing imported).
 base (imported by every layer)
     errors      UsageError, DataError and the exit statuses
     config      the YAML config: dataclasses, overrides, validation
-    durable     files written whole: temporary name, fsync, rename
+    durable     files written whole and fresh: temporary name, never through a link, umask
 train/data/ prepare time (no torch; `python -m train.prepare`, once, before any job)
     sources     where documents come from: files, HF datasets, python-stdlib; SentenceSource
     ner_data    CoNLL / JSONL token-classification input;  code_ner: the stdlib, tagged
@@ -32,6 +32,7 @@ train/run/  one rank of a job (`python -m train`)
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
     config_drift  what a resume may change in the config (the table), refusing the rest
     run_lock    output_dir/.lock: one run per output_dir, naming its holder
+    run_dir     output_dir/.slurm-lm-run.json: a run only ever writes in a directory it made
     watchdog    per-phase hang limits, heartbeats naming the ranks that did not arrive
     stragglers  each rank's own work per step: the slowest rank, the warning line
     distributed, preemption (stop signals, walltime, requeues), faults
