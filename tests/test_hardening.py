@@ -420,18 +420,11 @@ def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(stdlib_data, tmp_path):
     import re
     import signal
 
-    from test_hangs import logged_step, ranks, start, wait_for
+    from test_hangs import logged_step, signal_ranks_when, start
 
     out = tmp_path / "run"
     proc = start(stdlib_data, out, "max_steps=2000", "eval_steps=1000", "save_steps=10000")
-    try:
-        wait_for(lambda: logged_step(out) >= 5, proc, what="step 5")
-        for pid in ranks(proc).values():
-            os.kill(pid, signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    signal_ranks_when(proc, lambda: logged_step(out) >= 5, "step 5", signal.SIGINT)
     log = Path(proc.err_path).read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
