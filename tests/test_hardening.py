@@ -107,6 +107,35 @@ def test_the_default_output_dir_is_named_not_silent(prepared, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_what_counts_as_a_run_directory(tmp_path):
+    """run_dir.check alone (fast): new, empty, marked, a starting run's own files, and a run
+    directory of a version before the marker are accepted; anything else is refused."""
+    from train.errors import UsageError
+    from train.run import run_dir
+
+    accepted = {"absent": [], "empty": ["."], "marked": [".slurm-lm-run.json", "notes.tex"],
+                "starting": [".lock", ".watchdog/rank-1.json", ".rendezvous-0.json"],
+                "before the marker": ["metrics.jsonl", "checkpoints/step-00000002/"
+                                      "trainer_state.json", "final/config.json"]}
+    refused_ = {"a user's": ["notes.tex"], "only run names, no checkpoint": ["metrics.jsonl"],
+                "a half checkpoint": ["checkpoints/step-00000002/model.pt"]}
+    for cases, ok in ((accepted, True), (refused_, False)):
+        for case, files in cases.items():
+            out = tmp_path / case
+            for name in files:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                if name != ".":
+                    (out / name).write_text("{}")
+            if ok:
+                run_dir.check(out)
+            else:
+                with pytest.raises(UsageError, match="not a run directory"):
+                    run_dir.check(out)
+    run_dir.mark(tmp_path / "fresh")
+    run_dir.check(tmp_path / "fresh")
+    assert run_dir.is_marked(tmp_path / "fresh")
+
+
 # ---------------------------------------------------------------------------------------------
 # No write through a symbolic link
 # ---------------------------------------------------------------------------------------------

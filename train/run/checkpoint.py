@@ -237,7 +237,7 @@ def clean_partials(output_dir) -> list[Path]:
     found = sorted(p for p in r.glob(f"{PARTIAL}step-*")
                    if p.is_dir() and NAME.match(p.name[len(PARTIAL):])) if r.is_dir() else []
     for p in found:
-        shutil.rmtree(p)
+        durable.remove_tree(p)  # a link there goes, never what it points at
     return found
 
 
@@ -254,7 +254,7 @@ def set_previous_run_aside(output_dir) -> Path | None:
     for p in found:
         target = aside / p.name
         if target.exists():  # set aside by an earlier overwrite that never saved: keep the newer
-            shutil.rmtree(target)
+            durable.remove_tree(target)
         os.rename(p, target)
     durable.fsync_path(aside)
     durable.fsync_path(root(output_dir))
@@ -264,7 +264,7 @@ def set_previous_run_aside(output_dir) -> Path | None:
 def drop_set_aside(output_dir) -> None:
     aside = root(output_dir) / SET_ASIDE
     if aside.exists():
-        shutil.rmtree(aside)
+        durable.remove_tree(aside)
 
 
 def load_state(path: Path) -> dict:
