@@ -498,3 +498,30 @@ def test_prepare_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(
     res = run_cli("-m", "train.prepare", "--input", str(corpus), "--output", str(out),
                   "--tokenizer", str(prepared / "tokenizer.json"), "--no-progress")
     refused(res, "read-only file system")
+
+
+@pytest.mark.slow
+def test_killing_torchrun_leaves_no_rank_behind(stdlib_data, tmp_path):
+    """kill -9 of the top process: its ranks get SIGTERM from the kernel (PR_SET_PDEATHSIG) and
+    stop cleanly, saving a checkpoint, instead of training on as orphans."""
+    import signal
+
+    import psutil
+
+    from test_hangs import logged_step, ranks, start, wait_for
+
+    out = tmp_path / "run"
+    proc = start(stdlib_data, out, "max_steps=2000", "eval_steps=1000", "save_steps=10000")
+    try:
+        wait_for(lambda: logged_step(out) >= 5, proc, what="step 5")
+        workers = [psutil.Process(pid) for pid in ranks(proc).values()]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=120)
+        assert not alive, f"ranks still alive after their torchrun was killed: {alive}"
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            if "train" in " ".join(p.cmdline()):
+                p.kill()
+    log = Path(proc.err_path).read_text()
+    assert "SIGTERM: checkpoint saved at step" in log, log[-3000:]
