@@ -18,14 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from train.errors import DataError, exits_cleanly_on_usage_error
+from train.errors import DataError, UsageError, exits_cleanly_on_usage_error
 
 
 def task_of(model_dir: str) -> str:
-    from train.run.export import check_model_dir
-
-    check_model_dir(model_dir, tokenizer=False)
     config = Path(model_dir) / "config.json"
+    if not config.exists():
+        raise UsageError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     architecture = (json.loads(config.read_text()).get("architectures") or [""])[0]
     if architecture.endswith("ForMaskedLM"):
         return "mlm"
@@ -75,6 +74,9 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
     from train.data.shards import ShardIndex, file_sha256
     from train.tasks import make_task
 
+    from train.run.export import check_model_dir
+
+    check_model_dir(model_dir, tokenizer=False)  # config and weights, named before loading
     cfg = run_config(model_dir, **{"data.seq_len": seq_len, **overrides})
     task = make_task(cfg, ShardIndex.load(data_dir))
     model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
