@@ -59,14 +59,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_script_words(args) -> None:
+    """Nothing typed here reaches the sbatch script unchecked: the #SBATCH option values, and
+    every word of the command lines (the config path, the overrides, --prepare's words)."""
+    from launcher.submit import SBATCH_OPTIONS, check_words
+
+    check_words({f"--{key}": getattr(args, key) for key in SBATCH_OPTIONS}, sbatch_value=True)
+    check_words({"the config path": args.config, "--prepare": args.prepare,
+                 **{f"override {i + 1}": word for i, word in enumerate(args.overrides)}})
+
+
 def validate(args):
     """The checks a job would fail on, run here by the same preflight every rank runs. Returns
     (config, DeepSpeed config, world size)."""
+    from launcher.submit import check_words
     from train.config import load_config
     from train.run.preflight import preflight
     from train.run.run_lock import refuse_if_held
 
+    check_script_words(args)
     cfg = load_config(args.config, args.overrides)
+    # the log folder goes into an #SBATCH line; data.path into the job's command line
+    check_words({"output_dir": str(Path(cfg.output_dir).resolve()), "data.path": cfg.data.path})
     refuse_if_held(cfg.output_dir)  # a live run on this output_dir: submitting would only fail
     world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
     # with --prepare the data is made by the first job: what needs it is checked there
@@ -102,6 +116,9 @@ def launch(args) -> int:
                  if args.cluster == "slurm" else None)
     folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
     executor = make_executor(res, folder, render_only=args.dry_run)
+    if not args.dry_run:  # the job's logs go into output_dir before any rank starts
+        from train.run import run_dir
+        run_dir.mark(cfg.output_dir)
     if args.dry_run:
         print(render_sbatch(executor) if args.cluster == "slurm" else
               f"# --cluster local: {tasks} task(s) of TrainJob on this machine")

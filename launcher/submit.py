@@ -8,7 +8,10 @@ train/run/preemption.py); submitit's own handler would checkpoint on rank 0 alon
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+
+from train.errors import UsageError
 
 SIGNAL_DELAY_S = 120  # the warning comes 2 minutes before the end: a save of a 1B model fits
 
@@ -47,6 +50,25 @@ class Resources:
     constraint: str | None = None
     exclude: str | None = None
     job_name: str = "train"
+
+
+# A control character (a newline above all) in an #SBATCH value would start a directive of its
+# own ("--partition 'gpu\n#SBATCH --uid=0'"); whitespace would end the value early.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SBATCH_OPTIONS = ("partition", "account", "qos", "constraint", "exclude", "time")
+
+
+def check_words(words: dict[str, str | None], sbatch_value: bool = False) -> None:
+    """Refuse a value bound for the sbatch script that holds a control character (or, for an
+    #SBATCH option's value, whitespace), naming where it came from. words: {where: value}."""
+    for where, value in words.items():
+        if value is None:
+            continue
+        bad = CONTROL.search(value) or (sbatch_value and re.search(r"\s", value))
+        if bad:
+            raise UsageError(f"{where} {value!r} holds {bad.group()!r}, which would break the "
+                             f"sbatch script's lines; remove it (a control character or, in an "
+                             f"#SBATCH value, a space never belongs there)")
 
 
 def make_executor(res: Resources, folder: str, render_only: bool = False):

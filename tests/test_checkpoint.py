@@ -52,7 +52,7 @@ def test_a_checkpoint_commit_fsyncs_its_files_its_directory_then_the_rename(tmp_
     partial = final.with_name(".partial-" + final.name)
     files = {partial / p.name for p in final.iterdir()}
     assert files == {partial / "mp_rank_00_model_states.pt", partial / "trainer_state.json",
-                     partial / "rng-rank0.safetensors"}
+                     partial / "rng-rank0.safetensors", partial / "manifest.json"}
     assert files <= set(fsynced)  # every file, under the name it had before the rename
     # the directory after its files, and the parent (the rename) after everything
     assert fsynced.index(partial) > max(fsynced.index(f) for f in files)
@@ -66,7 +66,7 @@ def test_the_export_is_fsynced_before_and_after_its_rename(tmp_path, fsynced):
         def unwrap_for_export(self):
             class HF:
                 def save_pretrained(self, path, state_dict, safe_serialization):
-                    Path(path).mkdir()
+                    Path(path).mkdir(exist_ok=True)  # as transformers' own does
                     (Path(path) / "model.safetensors").write_bytes(b"w")
             return HF()
 

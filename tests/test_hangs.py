@@ -127,6 +127,18 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
     assert "warning: rank 1 on " in warnings[0]
 
 
+def signal_ranks_when(proc, predicate, what: str, sig) -> None:
+    """Once predicate() holds, send sig to every rank and wait for the run to end."""
+    try:
+        wait_for(predicate, proc, what=what)
+        for pid in ranks(proc).values():
+            os.kill(pid, sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data, tmp_path):
     """One output_dir through four runs: SIGTERM during start-up, during the step-0 eval, mid-run
     (a collective save), during the checkpoint load. Each run stops cleanly (status 0 outside
@@ -137,17 +149,10 @@ def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data,
     def stop_in(phase: str | None, expected: str):
         proc = start(stdlib_data, out, *common,
                      env={"TRAIN_FAULT_DELAY": f"{phase}:5"} if phase else {})
-        try:
-            if phase:
-                wait_for(lambda: in_phase(out, phase), proc, what=phase)
-            else:
-                wait_for(lambda: logged_step(out) >= 10, proc, what="step 10")
-            for pid in ranks(proc).values():
-                os.kill(pid, signal.SIGTERM)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        if phase:
+            signal_ranks_when(proc, lambda: in_phase(out, phase), phase, signal.SIGTERM)
+        else:
+            signal_ranks_when(proc, lambda: logged_step(out) >= 10, "step 10", signal.SIGTERM)
         log = Path(proc.err_path).read_text()
         assert proc.returncode == 0, log[-3000:]
         assert re.search(expected, log), log[-3000:]

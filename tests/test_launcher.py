@@ -92,8 +92,9 @@ def test_a_failed_prepare_on_this_machine_is_reported_not_raised(tmp_path):
 
 
 def test_job_name_is_sanitized(prepared, tmp_path):
-    """A newline in output_dir's name must not reach the #SBATCH lines."""
-    out = tmp_path / "run\nx;y"
+    """A space or a semicolon in output_dir's name does not reach the #SBATCH lines (a newline
+    is refused outright: tests/test_hardening.py)."""
+    out = tmp_path / "run x;y"
     res = run_cli("-m", "launcher", "--nodes", "1", "--dry-run", TINY, f"data.path={prepared}",
                   f"output_dir={out}")
     assert res.returncode == 0, res.stderr[-2000:]

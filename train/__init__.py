@@ -51,6 +51,7 @@ train/run/  one rank of a job (`python -m train`)
     train.run.checkpoint    whole-or-absent checkpoints
     train.run.export        output_dir/final/: a Hugging Face model directory
     train.run.config_drift  what a resume may change in the config, refusing the rest
+    train.run.run_dir       output_dir/.slurm-lm-run.json: a run writes only into its own dir
     train.run.run_lock      output_dir/.lock: one run per output_dir, naming its holder
     train.run.watchdog      per-phase hang limits, heartbeats naming the missing ranks
     train.run.stragglers    each rank's own work per step: the slowest rank, the warning

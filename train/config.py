@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -181,10 +182,10 @@ def _coerce(value, annotation, key: str):
         if t == "int" and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
         if t == "float" and isinstance(value, str):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                return float(value)
+                return _finite(float(value), key)
             except ValueError:
                 pass
         if t == "str" and isinstance(value, str):
@@ -192,11 +193,31 @@ def _coerce(value, annotation, key: str):
         if t == "str" and isinstance(value, bool):
             return "yes" if value else "no"  # YAML 1.1 reads `eval_strategy: no` as false
         if t == "dict" and isinstance(value, dict):
+            _check_finite_leaves(value, key)
             return value
         if t == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
     raise UsageError(f"config key {key} is {value!r} ({type(value).__name__}); it must be "
                      f"{' or '.join(t for t in types if t != 'None')}")
+
+
+def _finite(value: float, key: str) -> float:
+    """NaN and infinity make no training meaningful (adam_epsilon: .inf zeroes every update)."""
+    if not math.isfinite(value):
+        raise UsageError(f"config key {key} is {value}; it must be a finite number")
+    return value
+
+
+def _check_finite_leaves(value, key: str) -> None:
+    """The floats of a passed-through mapping (model.config, deepspeed.config) are finite."""
+    if isinstance(value, float):
+        _finite(value, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_leaves(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite_leaves(v, f"{key}[{i}]")
 
 
 def _build(cls, raw: dict, prefix: str = ""):
@@ -218,7 +239,9 @@ def _build(cls, raw: dict, prefix: str = ""):
     for key, value in raw.items():
         if key not in fields:
             valid = ", ".join(sorted(fields))
-            raise UsageError(f"unknown config key {prefix}{key}; valid keys"
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise UsageError(f"unknown config key {prefix}{key}; {hint}valid keys"
                              f"{' in ' + prefix.rstrip('.') if prefix else ''}: {valid}")
         f = fields[key]
         if dataclasses.is_dataclass(f.default_factory):  # a section
@@ -257,6 +280,16 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def yaml_error_line(path, err: yaml.YAMLError) -> str:
+    """One line, file:line:column: what is wrong (PyYAML's own message spans several lines,
+    with a caret on a line of its own)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None))
+                    if x) or str(err).splitlines()[0]
+    return f"{where}: not valid YAML: {what}"
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     raw = {}
     if path is not None:
@@ -266,7 +299,13 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise UsageError(f"{path} is not valid YAML: {err}") from None
+            raise UsageError(yaml_error_line(path, err)) from None
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{path} is not a text file ({err.reason} at byte {err.start}); "
+                             f"give a YAML config") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path} holds a {type(raw).__name__}, not a mapping of config "
+                             f"keys (learning_rate: 3e-4, ...)")
     for override in overrides:
         apply_override(raw, override)
     cfg = _build(Config, raw)

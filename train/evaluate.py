@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.errors import UsageError, exits_cleanly_on_usage_error
+from train.errors import DataError, UsageError, exits_cleanly_on_usage_error
 
 
 def task_of(model_dir: str) -> str:
@@ -69,12 +69,15 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
     own windows (data.seq_len of its train_config.json) unless seq_len is given."""
     import transformers
 
-    from train.run.eval_loop import eval_metrics
+    from train.run.eval_loop import eval_sums
     from train.data.loader import PackedLoader, as_torch
     from train.model import PackedModel, max_positions
     from train.data.shards import ShardIndex, file_sha256
     from train.tasks import make_task
 
+    from train.run.export import check_model_dir
+
+    check_model_dir(model_dir, tokenizer=False)  # config and weights, named before loading
     cfg = run_config(model_dir, **{"data.seq_len": seq_len, **overrides})
     task = make_task(cfg, ShardIndex.load(data_dir))
     model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
@@ -91,7 +94,12 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
         return wrapped(t["input_ids"], t["labels"], t["position_ids"], t["cu_seqlens"],
                        t["max_seqlen"], return_predictions=return_predictions)
 
-    return eval_metrics(forward, loader, task, max_batches=max_batches)
+    loss_sum, tokens, counts = eval_sums(forward, loader, task, max_batches=max_batches)
+    if tokens == 0:  # a perplexity of exp(0) = 1.0 would read as a perfect model
+        raise DataError(f"--data {data_dir}: the {split!r} split yields no labelled tokens to "
+                        f"evaluate (its documents are shorter than the windows, or carry no "
+                        f"labels); evaluate another split or prepare more data")
+    return task.eval_record(loss_sum, tokens, counts)
 
 
 @exits_cleanly_on_usage_error

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,12 +37,31 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
+def check_args(args) -> None:
+    """Values generate() would fail on (or silently misread), refused naming the flag."""
+    if args.prompt is not None and not args.prompt:
+        raise UsageError("--prompt is empty: give the text to continue")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = args.strategy in ("top_k", "top_p")
+    if sampling and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a positive finite number with --strategy "
+                         f"{args.strategy}, got {args.temperature} (for the most likely tokens "
+                         f"use --strategy greedy)")
+    if args.strategy == "top_p" and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.strategy == "top_k" and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.strategy == "beam" and args.num_beams < 1:
+        raise UsageError(f"--num-beams must be at least 1, got {args.num_beams}")
+
+
 def load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise UsageError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
+    from train.run.export import check_model_dir
+
+    check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.eval()
@@ -102,6 +122,7 @@ def main(argv=None) -> int:
         ap.error("--messages needs --chat")
     if (args.prompt is None) == (args.messages is None) or (args.prompt is None and not args.chat):
         ap.error("give --prompt, or --chat with --prompt or --messages")
+    check_args(args)
     import torch
 
     model, tokenizer = load(args.model)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import hashlib
 import itertools
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -694,7 +696,40 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         out, [("--input", spec, s) for spec, s in zip(args.input, train_sources)] +
         [("--validation-input", spec, s)
          for spec, s in zip(args.validation_input or [], val_sources)])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is an existing file, not a directory: give a new or "
+                         f"empty directory")
+    created = not out.exists()
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            return prepare_into(args, argv, out, inputs, train_sources, val_sources)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            raise UsageError(disk_error(err, out)) from None
+    except UsageError:
+        if created:  # a refused prepare leaves nothing behind; all of it is its own
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def disk_error(err: OSError, out: Path) -> str:
+    """One line for a full or read-only file system: which path, what it held, what is free.
+    No index.json was written, so the directory never looks complete; a rerun with the same
+    command resumes after the complete shards once there is room."""
+    where = err.filename or out
+    if err.errno == errno.EROFS:
+        return f"--output {out}: {where} is on a read-only file system; choose another --output"
+    written = sum(f.stat().st_size for f in out.glob("*") if f.is_file())
+    free = shutil.disk_usage(out).free
+    return (f"--output {out}: no space left writing {where} ({written / 1e6:.1f} MB written "
+            f"so far, {free / 1e6:.1f} MB free; the shards need about 2 bytes per token): free "
+            f"space or choose another --output, then rerun the same command to resume")
+
+
+def prepare_into(args, argv, out: Path, inputs, train_sources, val_sources) -> int:
+    """The phases after the inputs are resolved, into out (which exists)."""
     fp = fingerprint(args, train_sources, val_sources)
     written = WrittenFiles(out)
     try:

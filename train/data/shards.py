@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train import durable
 from train.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
@@ -105,14 +106,9 @@ class ShardRecord:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The data directory's JSON (index, sidecars, manifest), written fresh and whole
+    (train/durable.py): readers see the old file or the new one, never a half."""
+    durable.write_json(path, obj, indent=1, sort_keys=True)
 
 
 MANIFEST_NAME = ".prepare-files.json"
@@ -214,7 +210,7 @@ class ShardWriter:
                                  f"move it away or choose another --output")
         self.written.record(self._name, sidecar)
         self._tmp = self.out_dir / (self._name + ".tmp")
-        self._file = open(self._tmp, "wb")
+        self._file = durable.create_fresh(self._tmp)  # never through a link left there
         self._hash = hashlib.sha256()
         self._tokens, self._docs = 0, 0
 
@@ -371,11 +367,13 @@ class ShardIndex:
             raise DataError(f"{path}: format {found!r} is not {FORMAT_VERSION}; "
                             f"prepare the data again with this version")
         try:
-            return cls._from_raw(root, raw)
+            index = cls._from_raw(root, raw)
         except KeyError as err:
             raise DataError(f"{path} lacks the key {err}; prepare the data again") from None
         except (TypeError, ValueError, AttributeError) as err:
             raise DataError(f"{path} is damaged ({err}); prepare the data again") from None
+        index.refuse_links_outside()
+        return index
 
     @classmethod
     def _from_raw(cls, root: Path, raw: dict) -> "ShardIndex":
@@ -389,6 +387,38 @@ class ShardIndex:
                    if labels else None,
                    stats=raw.get("stats", {}), source=raw.get("source", {}),
                    fingerprint=raw.get("fingerprint"), chat=raw.get("chat"))
+
+    def files(self) -> list[str]:
+        """Every file of the directory the index names: shards, label shards, tokenizer."""
+        groups = [self.splits] + ([self.labels.splits] if self.labels is not None else [])
+        return [r.file for g in groups for records in g.values() for r in records] + \
+            list(TOKENIZER_FILES)
+
+    def refuse_links_outside(self) -> None:
+        """A shard or tokenizer file that is a link out of the data directory is never read: the
+        directory would no longer be what its index says (and a write there would land
+        elsewhere)."""
+        inside = self.root.resolve()
+        for name in self.files():
+            path = self.root / name
+            if path.is_symlink() and inside not in path.resolve().parents:
+                raise DataError(f"{path} is a symbolic link to {path.resolve()}, outside the data "
+                                f"directory {self.root}: put the file itself there, or prepare "
+                                f"the data again")
+
+    def check_tokenizer(self) -> None:
+        """The tokenizer beside the shards is the one they were tokenized with (a run exports
+        it with the model, and train.generate needs it)."""
+        path = self.root / TOKENIZER_FILES[0]
+        if not path.is_file():
+            raise DataError(f"{path} is missing: a model trained on this data would be exported "
+                            f"without its tokenizer; prepare the data again (prepare installs "
+                            f"the tokenizer beside the shards)")
+        found = file_sha256(path)
+        if found != self.tokenizer_sha256:
+            raise DataError(f"{path} (sha256 {found[:12]}) is not the tokenizer the shards were "
+                            f"made with ({INDEX_NAME} records {self.tokenizer_sha256[:12]}): put "
+                            f"the original back, or prepare the data again with this one")
 
     def shards(self, split: str) -> list[ShardRecord]:
         if split not in self.splits or not self.splits[split]:

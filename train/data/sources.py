@@ -54,6 +54,9 @@ codecs.register_error("train-prepare-count", REPLACED.handler)
 
 
 def decode(data: bytes, where: str) -> str:
+    if b"\0" in data:  # never in text; a NUL is how a binary file (an image, a .bin) shows
+        raise UsageError(f"{where}: holds NUL bytes: a binary file, not text; remove it from "
+                         f"the inputs")
     before = REPLACED.count
     text = data.decode("utf-8", errors="train-prepare-count")
     if REPLACED.count != before and len(REPLACED.files) < 5 and where not in REPLACED.files:
@@ -219,7 +222,13 @@ def _iter_json(path: Path, source: Source):
 def _iter_parquet(path: Path, source: Source):
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    import pyarrow
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UsageError(f"{path}: not a readable Parquet file ({err}); replace it or remove it "
+                         f"from the inputs") from None
     top = source.text_field.split(".")[0]
     if top not in pf.schema_arrow.names:
         raise UsageError(f"{path}: no column {top!r} for --text-field {source.text_field!r}; the "
@@ -227,10 +236,21 @@ def _iter_parquet(path: Path, source: Source):
                          f"with one of those")
     size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
     row = 0
-    for batch in pf.iter_batches(columns=[top], batch_size=1024):
+    for batch in _parquet_batches(pf, path, top):
         for record in batch.to_pylist():
             yield extract_text(record, source.text_field, f"{path} row {row}"), size // rows
             row += 1
+
+
+def _parquet_batches(pf, path: Path, column: str):
+    """The column's record batches; a damaged page is a UsageError naming the file."""
+    import pyarrow
+
+    try:
+        yield from pf.iter_batches(columns=[column], batch_size=1024)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UsageError(f"{path}: its Parquet data is damaged ({err}); replace it or remove it "
+                         f"from the inputs") from None
 
 
 def _iter_csv(path: Path, source: Source):

@@ -38,12 +38,16 @@ import numpy as np
 import torch
 
 from train import durable
-from train.errors import FAULT_EXIT_CODE, note
+from train.errors import FAULT_EXIT_CODE, note, warn
+from train.data.shards import file_sha256
 
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # each file's size and sha256 at commit: what resume verifies
 NAME = re.compile(r"^step-(\d{8})$")
 PARTIAL = ".partial-"
 SET_ASIDE = "previous-run"
+DAMAGED = "damaged-"  # a checkpoint found damaged at a resume, kept for inspection, never used
+RNG_FILE = re.compile(r"^rng-rank\d+\.safetensors$")
 
 
 def root(output_dir: str | Path) -> Path:
@@ -113,10 +117,15 @@ def load_rng(path: Path, rank: int) -> bool:
 
     file = rng_file(path, rank)
     if not file.exists():
-        if (path / f"rng-rank{rank}.pt").exists() and rank == 0:
-            note(f"{path} keeps its RNG state in the old pickled format, which is not "
-                 f"loaded; the random streams restart from the seed (resume is not bit-exact "
-                 f"where dropout or masking draws)")
+        if (path / f"rng-rank{rank}.pt").exists():
+            if rank == 0:
+                note(f"{path} keeps its RNG state in the old pickled format, which is not "
+                     f"loaded; the random streams restart from the seed (resume is not "
+                     f"bit-exact where dropout or masking draws)")
+        else:
+            warn(f"{file} is missing: rank {rank}'s random streams restart from the seed, so "
+                 f"dropout and masking draw differently than an uninterrupted run would (the "
+                 f"data order and the model state are unaffected)")
         return False
     with safe_open(file, framework="pt") as f:
         set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
@@ -131,8 +140,7 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     partial = r / f"{PARTIAL}{name(step)}"
     if rank == 0:
         r.mkdir(parents=True, exist_ok=True)
-        if partial.exists():  # left by a save that was killed
-            shutil.rmtree(partial)
+        durable.fresh_dir(partial)  # whatever a killed save left there goes first
     barrier()
     engine.save_checkpoint(str(r), tag=partial.name, save_latest=False)
     save_rng(partial, rank)
@@ -140,12 +148,13 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
     if rank == 0:
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
             os._exit(FAULT_EXIT_CODE)
-        (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
+        durable.write_json(partial / STATE, trainer_state, indent=1)
+        write_manifest(partial)
         # Every rank's files were closed before the barrier; one page cache on one node (and
         # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
-        durable.fsync_tree(partial)
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
+        durable.seal_tree(partial)
+        # the same step saved again (a resumed run): replace it whole
+        durable.remove_tree(final)
         durable.commit_rename(partial, final)
         print(f"checkpoint {final} saved", file=sys.stderr, flush=True)
         drop_set_aside(output_dir)  # the previous run's, now that this run has one of its own
@@ -154,6 +163,63 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def write_manifest(path: Path) -> None:
+    """Rank 0, once every rank's files are closed: each file's size and sha256."""
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    durable.write_json(path / MANIFEST, {"files": files}, indent=1)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint (the damaged file, named), or None. A checkpoint
+    saved before manifests has only its trainer_state.json checked. A missing RNG file is not
+    damage: resume warns and reseeds those streams (load_rng)."""
+    try:
+        if not isinstance(json.loads((path / STATE).read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return f"{path / STATE} is not readable ({err})"
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{path / MANIFEST} is not readable ({err})"
+    for name, (size, sha256) in expected.items():
+        f = path / name
+        if not f.is_file():
+            if RNG_FILE.match(f.name):
+                continue
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {size} when saved"
+        if file_sha256(f) != sha256:
+            return f"{f} fails its sha256 checksum"
+    return None
+
+
+def latest_good(output_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The latest complete checkpoint that verifies, and the newer ones that do not (each with
+    what is wrong with it)."""
+    damaged = []
+    for path in reversed(complete_checkpoints(output_dir)):
+        why = damage(path)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    return None, damaged
+
+
+def set_damaged_aside(paths: list[Path]) -> None:
+    """Rank 0, holding the lock: rename damaged checkpoints out of the `step-N` names, so that
+    neither a later resume nor pruning (which keeps the newest names) counts them: pruning must
+    never delete the last good checkpoint to keep a damaged one."""
+    for path in paths:
+        if path.exists():
+            os.rename(path, path.with_name(DAMAGED + path.name))
 
 
 def take_over(output_dir, set_aside: bool) -> None:
@@ -172,7 +238,7 @@ def clean_partials(output_dir) -> list[Path]:
     found = sorted(p for p in r.glob(f"{PARTIAL}step-*")
                    if p.is_dir() and NAME.match(p.name[len(PARTIAL):])) if r.is_dir() else []
     for p in found:
-        shutil.rmtree(p)
+        durable.remove_tree(p)  # a link there goes, never what it points at
     return found
 
 
@@ -189,7 +255,7 @@ def set_previous_run_aside(output_dir) -> Path | None:
     for p in found:
         target = aside / p.name
         if target.exists():  # set aside by an earlier overwrite that never saved: keep the newer
-            shutil.rmtree(target)
+            durable.remove_tree(target)
         os.rename(p, target)
     durable.fsync_path(aside)
     durable.fsync_path(root(output_dir))
@@ -199,7 +265,7 @@ def set_previous_run_aside(output_dir) -> Path | None:
 def drop_set_aside(output_dir) -> None:
     aside = root(output_dir) / SET_ASIDE
     if aside.exists():
-        shutil.rmtree(aside)
+        durable.remove_tree(aside)
 
 
 def load_state(path: Path) -> dict:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from train import durable
 from train.run.slurm_cli import SlurmCommandError, slurm_command
 
 # How long ranks wait for rank 0 to publish its port: rank 0 starts as fast as any other rank,
@@ -121,9 +122,8 @@ def rendezvous_store(env: DistEnv, folder: Path, timeout: datetime.timedelta,
         store = dist.TCPStore("0.0.0.0", 0, env.world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + f".partial-{os.getpid()}")
-        partial.write_text(json.dumps({"host": env.master_addr, "port": store.port}))
-        partial.replace(path)  # readers never see half a file
+        # readers never see half a file
+        durable.write_text(path, json.dumps({"host": env.master_addr, "port": store.port}))
         env.master_port = store.port
         return store
     if wait_s is None:

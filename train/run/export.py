@@ -17,16 +17,18 @@ result is written to chat_parity.json; a mismatch is a warning naming the first 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from train import durable
 from train.data.chat import SAMPLE_FILE
 from train.data.shards import TOKENIZER_FILES
-from train.errors import warn
+from train.errors import UsageError, warn
 
 PARITY_FILE = "chat_parity.json"
 PREFIX = "hf_model."
+# the weight files save_pretrained writes (one file, or an index of shards); .bin from older tools
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TRAIN_CONFIG = "train_config.json"
 
 
@@ -36,8 +38,7 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
     if engine.zero_optimization_stage() == 3:
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
     if rank == 0:
-        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = durable.fresh_dir(final_dir.with_name(f".{final_dir.name}.tmp"))
         hf = model.unwrap_for_export()
         state = None
         if gathered is not None:
@@ -45,14 +46,13 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
         hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (data_dir / name).exists():
-                shutil.copyfile(data_dir / name, tmp / name)
+                durable.copy_file(data_dir / name, tmp / name)
         if config is not None:
-            (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+            durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
         if (data_dir / SAMPLE_FILE).exists():
             check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
-        durable.fsync_tree(tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
+        durable.seal_tree(tmp)
+        durable.remove_tree(final_dir)
         durable.commit_rename(tmp, final_dir)
     barrier()
 
@@ -72,3 +72,18 @@ def check_chat_parity(model_dir: Path, sample: list[dict]) -> None:
         warn(f"export: the exported tokenizer's apply_chat_template gives other ids "
              f"than training for {len(mismatched)} of {len(sample)} sampled conversations "
              f"(see {PARITY_FILE}): serve with the shard directory's tokenizer and template")
+
+
+def check_model_dir(model_dir: str, tokenizer: bool = True, flag: str = "--model") -> None:
+    """A model directory the tools can load: config.json, weights and (for text) the tokenizer;
+    a UsageError naming what is missing, before transformers gets to fail on it."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {model_dir} is not a Hugging Face model directory (no "
+                         f"config.json); give a run's output_dir/final")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"{flag} {model_dir} has no weights ({' or '.join(WEIGHT_FILES[:2])}); "
+                         f"it is not a complete export: give a run's output_dir/final")
+    if tokenizer and not (path / TOKENIZER_FILES[0]).is_file():
+        raise UsageError(f"{flag} {model_dir} has no {TOKENIZER_FILES[0]}: copy the tokenizer "
+                         f"of the data it was trained on into it")

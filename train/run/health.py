@@ -34,6 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train import durable
 from train.run.distributed import host_name
 
 TOKEN_DIR = ".node-health"  # inside output_dir; removed again after the check
@@ -167,7 +168,7 @@ def write_token(tokens: Path, rank: int, host: str) -> str | None:
                 f"0's token directory is not there): put output_dir on a file system shared by "
                 f"all nodes")
     try:
-        (tokens / f"rank-{rank}").write_text(host)
+        durable.write_text(tokens / f"rank-{rank}", host)
     except OSError as err:
         return f"output_dir {tokens.parents[1]} is not writable ({err.strerror or err})"
     return None

@@ -11,11 +11,11 @@ from `extra_fields`, a function of the step's record, or from `log(record, extra
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from train import durable
 from train.errors import UsageError, warn
 
 NAME = "metrics.jsonl"
@@ -40,9 +40,7 @@ class MetricsLog:
             self.path.unlink()
             return
         kept = [r for r in read_records(self.path) if r["step"] <= resumed_at]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        durable.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log_step(self, record: dict, extra: dict | None = None) -> dict:
         """A training step's record, with the extra fields; returns what was logged."""
@@ -55,7 +53,7 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as f:
+        with durable.open_append(self.path) as f:  # never through a link
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
@@ -111,6 +109,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = Path(run_dir) / "metrics.jsonl"
+    out = Path(out or Path(run_dir) / "metrics.png")
+    if not out.parent.is_dir() or out.is_dir():
+        raise UsageError(f"cannot write the plot to {out}: "
+                         + (f"{out} is a directory" if out.is_dir() else
+                            f"the directory {out.parent} does not exist")
+                         + "; give --out a file path in an existing directory")
     if not metrics.exists():
         raise UsageError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
     records = read_records(metrics)
@@ -129,7 +133,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
-    out = out or Path(run_dir) / "metrics.png"
-    fig.savefig(out, dpi=100)
+    with durable.written_whole(out, binary=True) as f:
+        fig.savefig(f, dpi=100, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out

@@ -31,10 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+from train import durable
 from train.errors import NOT_REQUEUED_EXIT_CODE
 from train.run.slurm_cli import SlurmCommandError, slurm_command
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# Ctrl-C (SIGINT) stops like SIGTERM: a checkpoint, or one line naming the one that remains;
+# a second Ctrl-C interrupts at once (KeyboardInterrupt), for a run that will not stop
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 REQUEUE_TIMEOUT_S = 60
 LEDGER = "requeues.jsonl"
 _signalled: str | None = None  # the first stop signal this process received
@@ -42,6 +45,8 @@ _signalled: str | None = None  # the first stop signal this process received
 
 def _on_signal(signum, frame):
     global _signalled
+    if signum == signal.SIGINT and _signalled == "SIGINT":
+        raise KeyboardInterrupt
     _signalled = _signalled or signal.Signals(signum).name
 
 
@@ -49,6 +54,23 @@ def install_handlers() -> None:
     """From process start: a stop signal only raises a flag (idempotent)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+    stop_with_the_launcher()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_the_launcher() -> None:
+    """Under torchrun: a rank whose torchrun dies (kill -9 of the top process) gets SIGTERM, a
+    clean stop, rather than train on as an orphan. Linux only; elsewhere nothing changes."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def signalled() -> str | None:
@@ -124,7 +146,7 @@ def requeue(job_id: str, out: Path, limit: int, cause: str) -> int:
               f"resubmit, the run resumes from its latest checkpoint", file=sys.stderr, flush=True)
         return NOT_REQUEUED_EXIT_CODE
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    with open(ledger, "a") as f:
+    with durable.open_append(ledger) as f:
         f.write(json.dumps({"job": job_id, "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                             "checkpoint_step": step, "cause": cause, "time": time.time()}) + "\n")
     try:

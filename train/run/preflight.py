@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.run import checkpoint, config_drift
+from train.run import checkpoint, config_drift, distributed, run_dir
 from train.config import Config, DataSection, MixtureSource, deepspeed_config
-from train.errors import DataError, UsageError, note
+from train.errors import DataError, UsageError, note, warn
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,
@@ -49,12 +49,15 @@ class Plan:
     resume_from: Path | None   # the checkpoint to continue from
     eval_sources: list         # the data sources (MixtureSource) with the validation split
     data_identity: dict | None  # what each checkpoint records of the data (config_drift)
+    damaged: list[Path]         # complete checkpoints newer than resume_from that fail to verify
 
 
 def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     """Check and derive; raises UsageError. data_ready=False (the launcher with --prepare, whose
     first job makes the data) skips what needs the shards."""
     indexes = load_indexes(cfg) if data_ready else []
+    for each in indexes:
+        each.check_tokenizer()
     index = indexes[0] if indexes else None  # a mixture's sources share its tokenizer
     task = make_task(cfg, index) if index else None  # the shards fit the task
     kwargs = task.model_kwargs() if task else {}
@@ -76,9 +79,9 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
                          f"positions; lower data.seq_len")
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
-    check_output_dir(Path(cfg.output_dir))
+    check_output_dir(cfg)
     check_fresh_start(cfg)
-    resume_from = find_resume(cfg)
+    resume_from, damaged = find_resume(cfg)
     identity = training_data_identity(indexes) if indexes else None
     if resume_from is not None:
         config_drift.check(resume_from, checkpoint.load_state(resume_from), cfg.to_dict(), world,
@@ -92,7 +95,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     return Plan(cfg, world, index, task, hf_config, architecture, max_pos, total_steps,
                 cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
                 * cfg.data.seq_len, ds,
-                bool(eval_sources), resume_from, eval_sources, identity)
+                bool(eval_sources), resume_from, eval_sources, identity, damaged)
 
 
 def training_data_identity(indexes: list[ShardIndex]) -> dict:
@@ -208,8 +211,14 @@ def count_steps(cfg: Config, world: int, index: ShardIndex | None, task: Task | 
     return max(1, math.ceil(cfg.num_train_epochs * samples / per_step))
 
 
-def check_output_dir(out: Path) -> None:
-    """output_dir exists and is writable, or can be created (nothing is created here)."""
+def check_output_dir(cfg: Config) -> None:
+    """output_dir is this run's to write in (train/run/run_dir.py), and exists and is writable
+    or can be created (nothing is created here)."""
+    out = Path(cfg.output_dir)
+    if cfg.output_dir == Config.output_dir:
+        note(f"output_dir is not set: the run writes to {out.resolve()}")
+    data_dirs = [s.path for s in cfg.data.mixture or []] + [cfg.data.path]
+    run_dir.check(out, [Path(d) for d in data_dirs if d])
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -234,15 +243,30 @@ def check_fresh_start(cfg: Config) -> None:
                          f"them")
 
 
-def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint `resume` names: the latest complete one (auto), none, or a given one."""
+def find_resume(cfg: Config) -> tuple[Path | None, list[Path]]:
+    """The checkpoint `resume` names: the latest complete one that verifies (auto), none, or a
+    given one; and the damaged checkpoints newer than it (one warning line names them)."""
     choice = cfg.resume
     if choice == "never":
-        return None
+        return None, []
     if choice == "auto":
-        return checkpoint.latest(Path(cfg.output_dir))
+        found, damaged = checkpoint.latest_good(Path(cfg.output_dir))
+        if damaged and found is None:
+            raise UsageError(f"no undamaged checkpoint remains to resume from: {damaged[0][1]}; "
+                             f"start afresh (another output_dir, or resume: never with "
+                             f"overwrite_output_dir: true)")
+        if damaged and distributed.from_environment().rank == 0:
+            warn(f"checkpoint {damaged[0][0].name} is damaged ({damaged[0][1]})"
+                 f"{f' and {len(damaged) - 1} newer ones too' if len(damaged) > 1 else ''}; "
+                 f"resuming from {found.name}, the latest that verifies (the damaged ones are "
+                 f"kept as {checkpoint.DAMAGED}step-N)")
+        return found, [path for path, _ in damaged]
     path = Path(choice)
     if not (path / checkpoint.STATE).is_file():
         raise UsageError(f"resume: {choice} is not a complete checkpoint directory "
                          f"(no {checkpoint.STATE}); use resume: auto or a step-N directory")
-    return path
+    why = checkpoint.damage(path)
+    if why:
+        raise UsageError(f"resume: {choice} is damaged: {why}; name another checkpoint, or use "
+                         f"resume: auto")
+    return path, []

@@ -125,7 +125,8 @@ def acquire(output_dir, me: Holder | None = None) -> Holder:
     # written whole under a private name, then linked into place: link fails if the lock exists,
     # so a reader never sees a half-written lock of a live run
     tmp = path.with_name(f"{LOCK_NAME}.{me.host}.{me.pid}.tmp")
-    tmp.write_text(json.dumps(asdict(me)))
+    with durable.create_fresh(tmp, binary=False) as f:  # never through a link left there
+        f.write(json.dumps(asdict(me)))
     durable.fsync_path(tmp)
     try:
         for _ in range(2):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from train.run import checkpoint, distributed, health, preemption, run_lock
+from train.run import checkpoint, distributed, health, preemption, run_dir, run_lock
 from train.config import Config
 from train.run.engine import build_engine, pick_device, start_process_group
-from train.errors import DataError
+from train.errors import DataError, UsageError
 from train.run.eval_loop import eval_metrics, eval_metrics_by_source
 from train.run.faults import Faults
 from train.flops import Throughput
@@ -66,11 +67,26 @@ def run_training(cfg: Config) -> int:
     env = distributed.from_environment()
     plan = preflight(cfg, env.world_size)
     env.export()  # after preflight: a refused run leaves its caller's environment as it was
+    out = Path(cfg.output_dir)
+    new_dir = env.rank == 0 and not out.exists()
+    try:
+        return run_rank(cfg, plan, env)
+    except UsageError:
+        # refused while starting (a corrupt shard, say): a directory this run made goes with it
+        if new_dir and checkpoint.latest(out) is None and not (out / "final").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
+    """The run after preflight: output_dir held, the watchdog on, the process group up."""
     with contextlib.ExitStack() as held:  # undone in reverse: process group, watchdog, lock
         if env.rank == 0:  # rank 0 holds output_dir; only then does it clear what a run left
+            run_dir.mark(cfg.output_dir)  # preflight found it new, empty or a run directory
             holder = run_lock.acquire(cfg.output_dir)
             held.callback(run_lock.release, cfg.output_dir, holder)
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
+            checkpoint.set_damaged_aside(plan.damaged)
         job = preemption.slurm_job_id()
         watchdog = Watchdog(
             Path(cfg.output_dir), env.rank, env.world_size, cfg.watchdog,
@@ -319,7 +335,8 @@ class RankRun:
         if self.eval_loaders is None:
             self.eval_loaders = {s.name: self.open_loader(
                 self.cfg.data.validation_split, self.cfg.per_device_eval_batch_size,
-                shuffle=False, verify="none", path=s.path) for s in self.plan.eval_sources}
+                shuffle=False, verify=self.cfg.data.verify, path=s.path)  # checked like train
+                for s in self.plan.eval_sources}
         self.engine.eval()
 
         def forward(batch, return_predictions=False):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from train import durable
 from train.config import MIN_TIMEOUT_S, WatchdogSection
 from train.errors import WATCHDOG_EXIT_CODE
 from train.run.distributed import host_name
@@ -188,12 +189,10 @@ class Watchdog:
     def _write_heartbeat(self) -> None:
         pos = self.position
         path = self._heartbeat_path(self.rank)
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": self.pid,
-                                       "phase": pos.phase, "step": pos.step,
-                                       "entered": pos.entered, "time": time.time()}))
-            os.replace(tmp, path)
+            durable.write_text(path, json.dumps(
+                {"rank": self.rank, "host": self.host, "pid": self.pid, "phase": pos.phase,
+                 "step": pos.step, "entered": pos.entered, "time": time.time()}), fsync=False)
         except OSError as err:  # a full or vanished file system: the limits still apply
             print(f"watchdog: rank {self.rank} cannot write {path}: {err}", file=sys.stderr)
 
