@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -134,7 +135,8 @@ class Config:
     save_steps: int = 500
     save_total_limit: int | None = 2
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
-    report_to: str = "none"           # none | tensorboard
+    report_to: str | list[str] = "none"  # none | all | tensorboard, wandb, mlflow: a list or
+                                      # "a,b" (TrainingArguments' form; train/run/trackers.py)
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
     requeue_without_progress: int = 3
@@ -160,7 +162,6 @@ CHOICES = {
     "lr_scheduler_type": SCHEDULES,
     "eval_strategy": ("steps", "no"),
     "nonfinite": ("stop", "skip"),
-    "report_to": ("none", "tensorboard"),
     "data.verify": ("sample", "full", "none"),
     "kernels.attention": BACKENDS,
     "kernels.cross_entropy": BACKENDS,
@@ -324,7 +325,27 @@ def check(cfg: Config) -> None:
         raise UsageError(f"overwrite_output_dir: true starts the run afresh, but resume is "
                          f"{cfg.resume!r}; set resume: never with it, or drop overwrite_output_dir "
                          f"to continue from the checkpoints")
+    report_to_names(cfg.report_to)
     check_ranges(cfg)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # each also the name of the module it needs
+
+
+def report_to_names(value: str | list[str]) -> list[str]:
+    """report_to as TrainingArguments takes it (`none`, `all`, a name, a list, or names joined
+    by commas) -> the trackers to open; `all` is every one of TRACKERS that is installed."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    names = [n for n in names if n]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return [n for n in TRACKERS if importlib.util.find_spec(n) is not None]
+    for name in names:
+        if name not in TRACKERS:
+            raise UsageError(f"config key report_to names {name!r}; choose none, all, or any of "
+                             f"{', '.join(TRACKERS)} (a list, or joined by commas)")
+    return list(dict.fromkeys(names))
 
 
 def check_mixture(cfg: Config) -> None:

@@ -1,9 +1,10 @@
 """The run's metrics log: output_dir/metrics.jsonl (one JSON object per logging step and per
-eval), mirrored to TensorBoard with report_to: tensorboard, a summary line and a plot at the end.
-Only rank 0 writes; on other ranks every method does nothing.
+eval), mirrored to TensorBoard and to the other trackers of report_to (train/run/trackers.py), a
+summary line and a plot at the end. Only rank 0 writes; on other ranks every method does nothing.
 
 A resumed run logs the steps after its checkpoint again, so the first attempt's records after
-that step are dropped on resume; a fresh run starts an empty file.
+that step are dropped on resume (TensorBoard's too: its writer purges them); a fresh run starts
+an empty file.
 
 Per-step fields beyond the loop's own (for example throughput against the hardware's peak) come
 from `extra_fields`, a function of the step's record, or from `log(record, extra)`.
@@ -17,24 +18,34 @@ from pathlib import Path
 from typing import Callable
 
 from train.errors import UsageError
+from train.run.trackers import Trackers, scalars
 
 NAME = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, out: Path, rank: int, tensorboard: bool = False,
-                 extra_fields: Callable[[dict], dict] | None = None):
+    def __init__(self, out: Path, rank: int, report_to: list[str] = (),
+                 extra_fields: Callable[[dict], dict] | None = None, params: dict | None = None):
+        """report_to: the tracker names (config.report_to_names); params: the resolved config,
+        logged as the trackers' parameters."""
         self.path = Path(out) / NAME
         self.out, self.active = Path(out), rank == 0
         self.extra_fields = extra_fields
+        self.report_to, self.params = list(report_to), params or {}
         self.tb = None
-        if tensorboard and self.active:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self.trackers = Trackers([], self.out, False, {})
 
     def start(self, resumed_at: int | None) -> None:
-        """A fresh run (None): no stale records. A resumed one: keep the records up to its step."""
-        if not self.active or not self.path.exists():
+        """A fresh run (None): no stale records. A resumed one: keep the records up to its step.
+        Opens the trackers, which continue the run they logged to before."""
+        if not self.active:
+            return
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tensorboard"),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
+        self.trackers = Trackers(self.report_to, self.out, resumed_at is not None, self.params)
+        if not self.path.exists():
             return
         if resumed_at is None:
             self.path.unlink()
@@ -58,9 +69,9 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+            for key, value in scalars(record).items():
+                self.tb.add_scalar(key, value, record["step"])
+        self.trackers.log(record)
 
     def records(self) -> list[dict]:
         return read_records(self.path)
@@ -79,10 +90,15 @@ class MetricsLog:
             line += " (" + ", ".join(f"{name} {n / max(total, 1):.1%}"
                                      for name, n in real_tokens.items()) + ")"
         line += f"; model in {final_dir}"
+        summary = {"steps": step, "real_tokens": total}
         if evals:
             line += (f"; eval {metric.removeprefix('eval_')} {evals[0][metric]:.3f} at step "
                      f"{evals[0]['step']} -> {evals[-1][metric]:.3f} at step {evals[-1]['step']}")
+            summary[f"final_{metric}"] = evals[-1][metric]
         print(line, file=sys.stderr)
+        if self.tb is not None:
+            self.tb.close()
+        self.trackers.finish(summary)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -11,13 +11,15 @@ UsageError (or DataError) naming the key or file to fix.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.run import checkpoint, config_drift
-from train.config import Config, DataSection, MixtureSource, deepspeed_config, note
+from train.config import (Config, DataSection, MixtureSource, deepspeed_config, note,
+                          report_to_names)
 from train.errors import DataError, UsageError
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
@@ -77,6 +79,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
+    check_trackers(cfg)
     check_fresh_start(cfg)
     resume_from = find_resume(cfg)
     identity = training_data_identity(indexes) if indexes else None
@@ -217,6 +220,14 @@ def check_output_dir(out: Path) -> None:
         raise UsageError(f"output_dir {out} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"output_dir {out} is not writable")
+
+
+def check_trackers(cfg: Config) -> None:
+    """Each tracker report_to asks for is installed (found, not imported: rank 0 imports it)."""
+    for name in report_to_names(cfg.report_to):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"report_to asks for {name}, which is not installed; pip install "
+                             f"'slurm-lm[{name}]' (or {name}), or remove it from report_to")
 
 
 def check_fresh_start(cfg: Config) -> None:

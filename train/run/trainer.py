@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from train.run import checkpoint, distributed, health, preemption, run_lock
-from train.config import Config
+from train.config import Config, report_to_names
 from train.run.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
 from train.run.eval_loop import evaluate, evaluate_sources
@@ -113,7 +113,8 @@ class RankRun:
         self.eval_loaders = None  # opened at the first eval: it scans the split's EOSes
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out, rank, tensorboard=cfg.report_to == "tensorboard")
+        self.metrics = MetricsLog(self.out, rank, report_to_names(cfg.report_to),
+                                  params=cfg.to_dict())
         # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
         self.throughput = Throughput.of(self.hf_model, causal=self.task.name == "clm",
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
