@@ -103,6 +103,17 @@ class StragglerSection:
 
 
 @dataclass
+class EvalHarnessSection:
+    """Downstream evals of the saved checkpoints with lm-evaluation-harness, inline after the
+    save on rank 0 (train/run/downstream.py); off while tasks is null."""
+    tasks: list[str] | None = None    # lm-eval task names, local task YAML paths, or
+                                      # stdlib_next_line (offline, from the validation split)
+    every: int | None = None          # null: each saved checkpoint; N: steps that are multiples
+    limit: int | None = None          # examples per task (null: all)
+    batch_size: int = 8
+
+
+@dataclass
 class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
@@ -147,6 +158,7 @@ class Config:
     health: HealthSection = field(default_factory=HealthSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     stragglers: StragglerSection = field(default_factory=StragglerSection)
+    eval_harness: EvalHarnessSection = field(default_factory=EvalHarnessSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -404,6 +416,9 @@ RANGES = {
     "stragglers.ratio": (lambda x: x > 1, "> 1 (the slowest rank over the median)"),
     "stragglers.windows": (lambda x: x >= 1, "at least 1 logging step"),
     "stragglers.warn_every": (lambda x: x >= 1, "at least 1 step"),
+    "eval_harness.every": (lambda x: x is None or x >= 1, "at least 1 step (or null: each save)"),
+    "eval_harness.limit": (lambda x: x is None or x >= 1, "at least 1 (or null: every example)"),
+    "eval_harness.batch_size": (lambda x: x >= 1, "at least 1"),
 }
 
 

@@ -54,6 +54,8 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
+        for record in kept:  # what a tracker missed (a job killed before it caught up)
+            self.trackers.log(record)
 
     def log_step(self, record: dict, extra: dict | None = None) -> dict:
         """A training step's record, with the extra fields; returns what was logged."""
@@ -122,30 +124,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The run's figure, next to its metrics.jsonl unless `out` (train/run/figure.py)."""
+    from train.run.figure import plot_runs  # it reads metrics.jsonl with this module
 
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.exists():
-        raise UsageError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
-    records = read_records(metrics)
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    metric = "eval_f1" if any("eval_f1" in r for r in evals) else "perplexity"
-    fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-        ax_metric.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
-    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax_loss.legend()
-    label = "entity F1" if metric == "eval_f1" else "perplexity"
-    ax_metric.set(xlabel="step", ylabel=label, title=f"eval {label}")
-    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
-    fig.tight_layout()
-    out = out or Path(run_dir) / "metrics.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plot_runs([Path(run_dir)], out)

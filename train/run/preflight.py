@@ -80,6 +80,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
     check_trackers(cfg)
+    check_eval_harness(cfg)
     check_fresh_start(cfg)
     resume_from = find_resume(cfg)
     identity = training_data_identity(indexes) if indexes else None
@@ -228,6 +229,24 @@ def check_trackers(cfg: Config) -> None:
         if importlib.util.find_spec(name) is None:
             raise UsageError(f"report_to asks for {name}, which is not installed; pip install "
                              f"'slurm-lm[{name}]' (or {name}), or remove it from report_to")
+
+
+def check_eval_harness(cfg: Config) -> None:
+    """eval_harness: lm-eval installed, and the local task YAMLs it names present."""
+    tasks = cfg.eval_harness.tasks
+    if tasks is None:
+        return
+    if not tasks:
+        raise UsageError("eval_harness.tasks is empty; name lm-eval tasks, task YAML paths or "
+                         "stdlib_next_line, or remove the eval_harness section")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("eval_harness needs lm-evaluation-harness, which is not installed; "
+                         "pip install 'slurm-lm[eval]' (or lm-eval), or remove the eval_harness "
+                         "section")
+    for task in tasks:
+        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+            raise UsageError(f"eval_harness.tasks: {task} does not exist; give a local task "
+                             f"YAML's path or an lm-eval task name")
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -15,7 +15,8 @@ the environment is logged but the Slurm job id and nodes: no API key reaches a t
 
 One run across requeues and resumes: each tracker's run id is kept in output_dir/trackers.json
 with the last step it was sent. A resumed job continues that run and sends only later steps, so
-no step is logged twice. After a hard kill between checkpoints, metrics.jsonl keeps the re-run's
+no step is logged twice; it first sends the kept records of metrics.jsonl the tracker had not
+got (a job killed before its trackers caught up). After a hard kill between checkpoints, metrics.jsonl keeps the re-run's
 records of the steps since the checkpoint; a tracker keeps those it was sent first (the same
 loss, lr and grad norm, as a resume reproduces the run; the timings of the first attempt).
 """
@@ -29,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from train.run.config_drift import flatten
+
 STATE = "trackers.json"
 CALL_TIMEOUT_S = 120.0  # a W&B or MLflow call on a local disk takes milliseconds
 QUEUE_SIZE = 1000       # logging steps and evals a slow tracker may lag behind
@@ -41,15 +44,10 @@ def scalars(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float))}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+def as_params(config: dict) -> dict[str, str]:
     """A nested config as {dotted.key: text}: a tracker's parameters."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
-    return flat
+    return {key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in flatten(config).items()}
 
 
 def slurm_fields() -> dict[str, str]:
@@ -220,7 +218,7 @@ class Trackers:
     def __init__(self, names: list[str], out: Path, resumed: bool, params: dict):
         names = [n for n in names if n in OPENERS]
         state = RunState(out, resumed) if names else None
-        params = {**flatten(params), **slurm_fields()}
+        params = {**as_params(params), **slurm_fields()}
         self.trackers = [Tracker(n, out, state, params) for n in names]
 
     def log(self, record: dict) -> None:
