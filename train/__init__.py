@@ -29,6 +29,9 @@ train/run/  one rank of a job (`python -m train`)
     engine      process group, DeepSpeed engine, optimizer, LR schedule
     trainer     run_training(cfg): the loop
     eval_loop   the one eval loop;  metrics: metrics.jsonl, TensorBoard, summary
+    trackers    report_to's W&B and MLflow: worker threads, one run across resumes
+    figure      the figure of one or several runs' metrics (the run's end, train.plot)
+    downstream  eval_harness: lm-evaluation-harness on each saved checkpoint, inline
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
     config_drift  what a resume may change in the config (the table), refusing the rest
     run_lock    output_dir/.lock: one run per output_dir, naming its holder

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ def evaluate_checkpoint(export, out: Path, step: int, section: EvalHarnessSectio
     harness and writes evals/step-N.json. Returns rank 0's metrics record, None elsewhere.
     export(dir) writes the weights as export_final does."""
     evals = out / EVALS
+    evals.mkdir(parents=True, exist_ok=True)
     model_dir = evals / f".model-step-{step}"
     export(model_dir)
     if rank != 0:
@@ -180,6 +182,11 @@ def evaluate_checkpoint(export, out: Path, step: int, section: EvalHarnessSectio
         include = build_local_task(data_dir, evals / "tasks") if LOCAL_TASK in section.tasks \
             else evals / "tasks"
         results = run_harness(model_dir, section, include, device)
+    except Exception as err:  # a failed eval is reported; training and its checkpoint go on
+        first_line = (str(err).splitlines() or [""])[0][:300]
+        print(f"warning: eval_harness on the checkpoint of step {step} failed: "
+              f"{type(err).__name__}: {first_line}; training goes on", file=sys.stderr)
+        return None
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     write_results(out, step, results)

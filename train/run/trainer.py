@@ -216,6 +216,7 @@ class RankRun:
                 self.metrics.log({"step": p.step, **self.evaluate()})
             if p.step % cfg.save_steps == 0 and p.step < plan.total_steps:
                 self.save(pending)
+                self.downstream_eval()
             self.faults.after_step(self.rank, p.step)
             reason = self.agree_to_stop(self.stop.local_reason(p.step))
             if reason and p.step < plan.total_steps:
@@ -228,6 +229,7 @@ class RankRun:
             self.watchdog.enter("eval", p.step)
             self.metrics.log({"step": p.step, **self.evaluate()})
         self.save(pending)
+        self.downstream_eval()
         self.export()
         self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
                             dict(zip(self.source_names(), p.real_tokens_seen)))
@@ -402,6 +404,25 @@ class RankRun:
             real = [int(n) for n in real]
         return Progress(state["step"], real, state.get("skipped_steps", []),
                         state.get("pending_loss", 0.0), state.get("pending_tokens", 0.0))
+
+    def downstream_eval(self):
+        """eval_harness on the checkpoint just saved, inline (train/run/downstream.py): its
+        numbers join metrics.jsonl and the trackers at its step."""
+        from train.run import downstream
+        from train.run.export import export_final
+
+        section, step = self.cfg.eval_harness, self.progress.step
+        if not downstream.due(section, step):
+            return
+        self.watchdog.enter("downstream eval", step)
+        data_dir = Path(self.sources[0].path)
+        record = downstream.evaluate_checkpoint(
+            lambda model_dir: export_final(self.engine, self.model, model_dir, data_dir,
+                                           self.rank, self.barrier),
+            self.out, step, section, data_dir, self.rank, str(self.device))
+        self.barrier()  # the other ranks wait for rank 0's harness here
+        if record is not None:
+            self.metrics.log(record)
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
