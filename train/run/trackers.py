@@ -85,7 +85,7 @@ class MlflowRun:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.local_store(out, MlflowClient)
         self.client = MlflowClient(uri)
         if run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
@@ -107,6 +107,18 @@ class MlflowRun:
         for i in range(0, max(len(new), len(changed)), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=new[i:i + 100], tags=changed[i:i + 100])
         self.id = run_id
+
+    @staticmethod
+    def local_store(out: Path, client_class) -> str:
+        """output_dir/mlflow.db, its tables created under a temporary name first: a job killed
+        while MLflow creates them (seconds on a busy node) leaves no half-made database."""
+        db = (out / "mlflow.db").resolve()
+        if not db.exists():
+            tmp = db.with_name(".mlflow.db.tmp")
+            tmp.unlink(missing_ok=True)
+            client_class(f"sqlite:///{tmp}").search_experiments()  # creates the tables
+            os.replace(tmp, db)
+        return f"sqlite:///{db}"
 
     def log(self, step: int, values: dict) -> None:
         from mlflow.entities import Metric
