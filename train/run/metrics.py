@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from train.errors import UsageError
-from train.run.trackers import Trackers, scalars
+from train.run.trackers import CALL_TIMEOUT_S, Trackers, scalars
 
 NAME = "metrics.jsonl"
+STOP_FLUSH_S = 10.0  # what a stopping job gives its trackers to send what is queued
 
 
 class MetricsLog:
@@ -98,9 +99,16 @@ class MetricsLog:
                      f"{evals[0]['step']} -> {evals[-1][metric]:.3f} at step {evals[-1]['step']}")
             summary[f"final_{metric}"] = evals[-1][metric]
         print(line, file=sys.stderr)
+        self.close(summary, CALL_TIMEOUT_S)
+
+    def close(self, summary: dict | None = None, timeout_s: float = STOP_FLUSH_S) -> None:
+        """Flush and close the trackers: at the end, with the summary; at a stop or a failure,
+        briefly (a preempted job has seconds before it is killed; a resume sends what the
+        trackers missed)."""
         if self.tb is not None:
             self.tb.close()
-        self.trackers.finish(summary)
+            self.tb = None
+        self.trackers.finish(summary or {}, timeout_s)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -239,5 +239,7 @@ class Trackers:
             tracker.log(record["step"], values)
 
     def finish(self, summary: dict, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        """Send the summary and close each run; the second call does nothing."""
         for tracker in self.trackers:
             tracker.finish(summary, timeout_s)
+        self.trackers = []

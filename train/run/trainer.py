@@ -78,6 +78,7 @@ def run_training(cfg: Config) -> int:
             if job else None)
         held.callback(watchdog.close)
         run = RankRun(plan, env.rank, pick_device(env.local_rank), watchdog)
+        held.callback(run.metrics.close)  # a stop or a failure: flush the trackers briefly
         held.callback(end_process_group)
         try:
             start_process_group(run.device, env, Path(cfg.output_dir))
