@@ -93,7 +93,7 @@ def test_two_ranks_evaluate_each_checkpoint_as_lm_eval_does_and_plot_it(stdlib_d
     ran = run_cli("-m", "lm_eval", "--model", "hf", "--model_args",
                   f"pretrained={out / 'final'}", "--tasks", "stdlib_next_line",
                   "--include_path", str(out / "evals" / "tasks"), "--limit", str(limit),
-                  "--batch_size", "8", "--device", "cpu", "--bootstrap_iters", "0",
+                  "--batch_size", "8", "--device", "cpu",
                   "--output_path", str(cli), env=OFFLINE, timeout=600)
     assert ran.returncode == 0, ran.stderr[-3000:]
     theirs = json.loads(next(cli.rglob("results_*.json")).read_text())["results"]

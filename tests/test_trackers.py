@@ -239,3 +239,23 @@ def test_two_ranks_killed_and_resumed_log_one_run_per_tracker_equal_to_metrics(
     check("tensorboard", logged, rel=2**-23)
     for f in out.rglob("*"):
         assert not f.is_file() or SECRET.encode() not in f.read_bytes(), f
+
+
+def test_trackers_get_the_resolved_config_and_the_slurm_job_as_parameters(tmp_path,
+                                                                         monkeypatch):
+    got = {}
+
+    class Keeps(Hangs):
+        def __init__(self, out, run_id, params):
+            self.id = "run"
+            got.update(params)
+
+    monkeypatch.setitem(trackers.OPENERS, "wandb", Keeps)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[1-2]")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    log = Trackers(["wandb"], tmp_path, resumed=False,
+                   params={"max_steps": 8, "model": {"config": {"n_layer": 2}}, "bf16": False})
+    log.finish({}, timeout_s=10)
+    assert got == {"max_steps": "8", "model.config.n_layer": "2", "bf16": "false",
+                   "slurm_job_id": "4242", "slurm_nodes": "node[1-2]"}
