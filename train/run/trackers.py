@@ -189,6 +189,8 @@ class Tracker:
     def finish(self, summary: dict, timeout_s: float) -> None:
         self.put(lambda: self.run.finish(summary))
         self.put(None)
+        if self.dropped:  # hung or failed: nothing to wait for
+            return
         self.thread.join(timeout_s)
         if self.thread.is_alive():
             self.drop(f"did not finish within {timeout_s:.0f} s")
