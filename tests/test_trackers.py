@@ -15,6 +15,7 @@ from train.errors import UsageError
 from train.run import trackers
 from train.run.trackers import Trackers
 
+from helpers import run_cli
 from test_train import TINY, metrics, train
 
 SECRET = "wandb_v1_NotARealKeyButSecret0123456789abcdef"  # a user's key, in the environment
@@ -259,3 +260,13 @@ def test_trackers_get_the_resolved_config_and_the_slurm_job_as_parameters(tmp_pa
     log.finish({}, timeout_s=10)
     assert got == {"max_steps": "8", "model.config.n_layer": "2", "bf16": "false",
                    "slurm_job_id": "4242", "slurm_nodes": "node[1-2]"}
+
+
+def test_other_ranks_never_import_a_tracker(tmp_path):
+    code = ("import sys; from pathlib import Path; from train.run.metrics import MetricsLog\n"
+            f"log = MetricsLog(Path({str(tmp_path)!r}), rank=1, report_to=['wandb', 'mlflow'])\n"
+            "log.start(None); log.log({'step': 1, 'loss': 1.0}); log.close({})\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow')))")
+    res = run_cli("-c", code, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]" and list(tmp_path.iterdir()) == []
