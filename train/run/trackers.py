@@ -15,10 +15,11 @@ the environment is logged but the Slurm job id and nodes: no API key reaches a t
 
 One run across requeues and resumes: each tracker's run id is kept in output_dir/trackers.json
 with the last step it was sent. A resumed job continues that run and sends only later steps, so
-no step is logged twice; it first sends the kept records of metrics.jsonl the tracker had not
-got (a job killed before its trackers caught up). After a hard kill between checkpoints, metrics.jsonl keeps the re-run's
-records of the steps since the checkpoint; a tracker keeps those it was sent first (the same
-loss, lr and grad norm, as a resume reproduces the run; the timings of the first attempt).
+no step is logged twice; it first sends the kept records of metrics.jsonl that the tracker had
+not got (a job killed before its trackers caught up). After a hard kill between checkpoints,
+metrics.jsonl keeps the re-run's records of the steps since the checkpoint; a tracker keeps
+those it was sent first (the same loss, lr and grad norm, as a resume reproduces the run; the
+timings of the first attempt).
 """
 from __future__ import annotations
 
