@@ -32,6 +32,7 @@ train/run/  one rank of a job (`python -m train`)
     trackers    report_to's W&B and MLflow: worker threads, one run across resumes
     figure      the figure of one or several runs' metrics (the run's end, train.plot)
     downstream  eval_harness: lm-evaluation-harness on each saved checkpoint, inline
+    eval_jobs   eval_harness where: slurm: each checkpoint's eval as a Slurm job; merging
     checkpoint  whole-or-absent checkpoints;  export: output_dir/final/
     config_drift  what a resume may change in the config (the table), refusing the rest
     run_lock    output_dir/.lock: one run per output_dir, naming its holder
@@ -39,5 +40,6 @@ train/run/  one rank of a job (`python -m train`)
     stragglers  each rank's own work per step: the slowest rank, the warning line
     distributed, preemption (stop signals, walltime, requeues), faults
 commands (thin command lines over the layers)
-    __main__ (python -m train), prepare, evaluate, generate, plot
+    __main__ (python -m train), prepare, evaluate, generate, plot, eval_job (one
+    checkpoint's eval_harness job)
 """

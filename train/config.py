@@ -105,12 +105,19 @@ class StragglerSection:
 @dataclass
 class EvalHarnessSection:
     """Downstream evals of the saved checkpoints with lm-evaluation-harness, inline after the
-    save on rank 0 (train/run/downstream.py); off while tasks is null."""
+    save on rank 0 (train/run/downstream.py) or as Slurm jobs of their own
+    (train/run/eval_jobs.py); off while tasks is null."""
     tasks: list[str] | None = None    # lm-eval task names, local task YAML paths, or
                                       # stdlib_next_line (offline, from the validation split)
     every: int | None = None          # null: each saved checkpoint; N: steps that are multiples
     limit: int | None = None          # examples per task (null: all)
     batch_size: int = 8
+    where: str = "inline"             # inline | slurm: a job of its own per checkpoint (inline
+                                      # when the run is not a Slurm job)
+    partition: str | None = None      # slurm: the eval jobs' partition (null: the default one)
+    gpus: int = 0                     # slurm: GPUs per eval job (0: on CPU)
+    time: int | str = "01:00:00"      # slurm: each eval job's limit, as the launcher's --time
+                                      # (minutes, HH:MM:SS or D-HH:MM:SS)
 
 
 @dataclass
@@ -177,6 +184,7 @@ CHOICES = {
     "data.verify": ("sample", "full", "none"),
     "kernels.attention": BACKENDS,
     "kernels.cross_entropy": BACKENDS,
+    "eval_harness.where": ("inline", "slurm"),
 }
 
 
@@ -419,6 +427,7 @@ RANGES = {
     "eval_harness.every": (lambda x: x is None or x >= 1, "at least 1 step (or null: each save)"),
     "eval_harness.limit": (lambda x: x is None or x >= 1, "at least 1 (or null: every example)"),
     "eval_harness.batch_size": (lambda x: x >= 1, "at least 1"),
+    "eval_harness.gpus": (lambda x: x >= 0, ">= 0 (0: the eval jobs run on CPU)"),
 }
 
 

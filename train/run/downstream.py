@@ -167,21 +167,35 @@ def write_results(out: Path, step: int, results: dict) -> Path:
     return path
 
 
+def evaluate_export(model_dir: Path, out: Path, step: int, section: EvalHarnessSection,
+                    data_dir: Path, device: str = "cpu") -> dict:
+    """The harness on an exported model directory: evals/step-N.json written, and the metrics
+    record of step N returned. Inline on rank 0, or in an eval job (python -m train.eval_job)."""
+    evals = out / EVALS
+    include = build_local_task(data_dir, evals / "tasks") if LOCAL_TASK in section.tasks \
+        else evals / "tasks"
+    results = run_harness(model_dir, section, include, device)
+    write_results(out, step, results)
+    return {"step": step, **downstream_fields(results)}
+
+
+def model_dir_of(out: Path, step: int) -> Path:
+    """Where the weights of step N are exported for its eval."""
+    return out / EVALS / f".model-step-{step}"
+
+
 def evaluate_checkpoint(export, out: Path, step: int, section: EvalHarnessSection,
                         data_dir: Path, rank: int, device: str = "cpu") -> dict | None:
     """Inline: every rank exports the weights (a collective under ZeRO-3), rank 0 runs the
     harness and writes evals/step-N.json. Returns rank 0's metrics record, None elsewhere.
     export(dir) writes the weights as export_final does."""
-    evals = out / EVALS
-    evals.mkdir(parents=True, exist_ok=True)
-    model_dir = evals / f".model-step-{step}"
+    (out / EVALS).mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir_of(out, step)
     export(model_dir)
     if rank != 0:
         return None
     try:
-        include = build_local_task(data_dir, evals / "tasks") if LOCAL_TASK in section.tasks \
-            else evals / "tasks"
-        results = run_harness(model_dir, section, include, device)
+        return evaluate_export(model_dir, out, step, section, data_dir, device)
     except Exception as err:  # a failed eval is reported; training and its checkpoint go on
         first_line = (str(err).splitlines() or [""])[0][:300]
         print(f"warning: eval_harness on the checkpoint of step {step} failed: "
@@ -189,5 +203,3 @@ def evaluate_checkpoint(export, out: Path, step: int, section: EvalHarnessSectio
         return None
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
-    write_results(out, step, results)
-    return {"step": step, **downstream_fields(results)}

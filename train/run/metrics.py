@@ -66,7 +66,8 @@ class MetricsLog:
         self.log(record)
         return record
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, late: bool = False) -> None:
+        """late: a record of an earlier step than those logged already (an eval job's)."""
         if not self.active:
             return
         with open(self.path, "a") as f:
@@ -74,7 +75,7 @@ class MetricsLog:
         if self.tb is not None:
             for key, value in scalars(record).items():
                 self.tb.add_scalar(key, value, record["step"])
-        self.trackers.log(record)
+        self.trackers.log(record, late)
 
     def records(self) -> list[dict]:
         return read_records(self.path)

@@ -247,6 +247,10 @@ def check_eval_harness(cfg: Config) -> None:
         if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
             raise UsageError(f"eval_harness.tasks: {task} does not exist; give a local task "
                              f"YAML's path or an lm-eval task name")
+    if cfg.eval_harness.where == "slurm":
+        from train.run.eval_jobs import check_section
+
+        check_section(cfg.eval_harness)
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -182,10 +182,12 @@ class Tracker:
         self.run.log(step, values)
         self.state.set(self.name, step=step)
 
-    def log(self, step: int, values: dict) -> None:
-        if step <= self.sent or not values:
+    def log(self, step: int, values: dict, late: bool = False) -> None:
+        """late: an earlier step's numbers (an eval job's, merged once): sent as they are,
+        the last step sent stays the last training step's."""
+        if not values or (step <= self.sent and not late):
             return
-        self.put(self.send, step, values)
+        self.put(self.run.log if late else self.send, step, values)
 
     def finish(self, summary: dict, timeout_s: float) -> None:
         self.put(lambda: self.run.finish(summary))
@@ -236,10 +238,10 @@ class Trackers:
         params = {**as_params(params), **slurm_fields()}
         self.trackers = [Tracker(n, out, state, params) for n in names]
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, late: bool = False) -> None:
         values = scalars(record)
         for tracker in self.trackers:
-            tracker.log(record["step"], values)
+            tracker.log(record["step"], values, late)
 
     def finish(self, summary: dict, timeout_s: float = CALL_TIMEOUT_S) -> None:
         """Send the summary and close each run; the second call does nothing."""

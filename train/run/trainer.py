@@ -18,6 +18,7 @@ Throughout, a watchdog thread (train/run/watchdog.py) ends the job if a phase st
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from train.run import checkpoint, distributed, health, preemption, run_lock
-from train.config import Config, report_to_names
+from train.config import Config, note, report_to_names
 from train.run.engine import build_engine, pick_device, start_process_group
 from train.errors import DataError
 from train.run.eval_loop import evaluate, evaluate_sources
@@ -209,6 +210,7 @@ class RankRun:
                                        now - started, rates)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                self.merge_evals()
                 pending.zero_()
                 work = [0, 0]
                 window_start, window_steps = now, 0
@@ -231,6 +233,7 @@ class RankRun:
             self.metrics.log({"step": p.step, **self.evaluate()})
         self.save(pending)
         self.downstream_eval()
+        self.merge_evals(ended=True)
         self.export()
         self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
                             dict(zip(self.source_names(), p.real_tokens_seen)))
@@ -417,13 +420,48 @@ class RankRun:
             return
         self.watchdog.enter("downstream eval", step)
         data_dir = Path(self.sources[0].path)
-        record = downstream.evaluate_checkpoint(
-            lambda model_dir: export_final(self.engine, self.model, model_dir, data_dir,
-                                           self.rank, self.barrier),
-            self.out, step, section, data_dir, self.rank, str(self.device))
+
+        def export(model_dir):
+            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier)
+
+        if self.eval_jobs:
+            from train.run import eval_jobs
+
+            model_dir = downstream.model_dir_of(self.out, step)
+            model_dir.parent.mkdir(parents=True, exist_ok=True)
+            export(model_dir)
+            if self.rank == 0:  # the job evaluates it; this one goes on at once
+                eval_jobs.submit(self.out, step, section, data_dir)
+            return
+        record = downstream.evaluate_checkpoint(export, self.out, step, section, data_dir,
+                                                self.rank, str(self.device))
         self.barrier()  # the other ranks wait for rank 0's harness here
         if record is not None:
             self.metrics.log(record)
+
+    @functools.cached_property
+    def eval_jobs(self) -> bool:
+        """Are the downstream evals Slurm jobs of their own (train/run/eval_jobs.py)? Asked for
+        and possible: this is a Slurm job with sbatch at hand; inline otherwise (with a note)."""
+        from train.run import eval_jobs
+
+        section = self.cfg.eval_harness
+        if section.where != "slurm" or not section.tasks:
+            return False
+        if eval_jobs.under_slurm():
+            return True
+        if self.rank == 0:
+            note("eval_harness.where is slurm but this run is not a Slurm job with sbatch at "
+                 "hand (--cluster local, or no Slurm): the evals run inline")
+        return False
+
+    def merge_evals(self, ended: bool = False):
+        """Rank 0 logs the eval jobs' finished results (train/run/eval_jobs.py) at their steps."""
+        if self.rank == 0 and self.eval_jobs:
+            from train.run import eval_jobs
+
+            for record in eval_jobs.collect(self.out, ended):
+                self.metrics.log(record, late=True)
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""
