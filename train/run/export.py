@@ -29,11 +29,11 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
     if rank == 0:
         tmp = final_dir.with_name(f".{final_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        hf = model.unwrap_for_export()
         state = None
         if gathered is not None:
             state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
-        hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        with model.unwrapped_for_export() as hf:
+            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (data_dir / name).exists():
                 shutil.copyfile(data_dir / name, tmp / name)
