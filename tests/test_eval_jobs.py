@@ -122,7 +122,7 @@ def test_a_failed_eval_is_reported_once_retried_once_then_given_up(tmp_path, cap
     state = {"ended": False, "steps": {"20": {"jobs": ["7", "8"], "reported": [],
                                               "merged": False, "given_up": False}}}
     states = {"7": "RUNNING", "8": "PENDING"}
-    query = states.get
+    query = lambda jobs: {job: states[job] for job in jobs}
 
     def poll():
         records = eval_jobs.merge_finished(out, state, query)
@@ -146,11 +146,12 @@ def test_a_failed_eval_is_reported_once_retried_once_then_given_up(tmp_path, cap
 def test_a_finished_eval_is_merged_once_and_unknown_states_wait(tmp_path, capsys):
     state = {"ended": False, "steps": {"20": {"jobs": ["7", "8"], "reported": [],
                                               "merged": False, "given_up": False}}}
-    assert eval_jobs.merge_finished(tmp_path, state, lambda job: None) == []  # Slurm silent
+    assert eval_jobs.merge_finished(tmp_path, state, lambda jobs: {}) == []  # Slurm silent
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "step-20.json").write_text(json.dumps(
         {"step": 20, "results": {"t": {"acc,none": 0.5, "acc_stderr,none": 0.1}}}))
-    failed = lambda job: "CANCELLED"  # the retry, cancelled when the first attempt succeeds
+    # the retry, cancelled when the first attempt succeeds
+    failed = lambda jobs: dict.fromkeys(jobs, "CANCELLED")
     assert eval_jobs.merge_finished(tmp_path, state, failed) == [{"step": 20,
                                                                    "downstream/t/acc": 0.5}]
     assert eval_jobs.merge_finished(tmp_path, state, failed) == []
@@ -180,3 +181,19 @@ def test_the_eval_job_gets_neither_the_training_job_s_slurm_nor_its_rank(monkeyp
     env = eval_jobs.eval_job_env()
     assert not {"SLURM_JOB_ID", "SLURM_NTASKS", "RANK", "WORLD_SIZE", "MASTER_PORT"} & set(env)
     assert env["SLURM_CONF"] == "/etc/slurm.conf" and env["KEEP_ME"] == "1"
+
+
+def test_job_states_in_one_squeue_call_and_a_forgotten_job_is_gone(tmp_path, monkeypatch):
+    """A stand-in squeue that knows jobs 7 and 8 and, like Slurm's, fails the whole call on an
+    id it has forgotten."""
+    tool = tmp_path / "squeue"
+    tool.write_text('#!/bin/bash\nids=${3#--jobs=}\n'
+                    'case ",$ids," in *,9,*) echo "slurm_load_jobs error: Invalid job id '
+                    'specified" >&2; exit 1;; esac\n'
+                    'for id in ${ids//,/ }; do [ $id = 7 ] && echo "7 RUNNING"; '
+                    '[ $id = 8 ] && echo "8 PENDING"; done; exit 0\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert eval_jobs.job_states(["7", "8"]) == {"7": "RUNNING", "8": "PENDING"}
+    assert eval_jobs.job_states(["7", "9"]) == {"7": "RUNNING", "9": "GONE"}
+    assert eval_jobs.job_states([]) == {}

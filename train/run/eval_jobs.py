@@ -43,7 +43,8 @@ PARTITION = re.compile(r"[A-Za-z0-9._,-]+")          # one name, or a comma-sepa
 TIME = re.compile(r"\d+|(?:\d+-)?\d+:\d{2}:\d{2}")   # minutes, HH:MM:SS or D-HH:MM:SS
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
-SLURM_TIMEOUT_S = 30
+SLURM_TIMEOUT_S = 30   # sbatch, once per saved checkpoint
+SQUEUE_TIMEOUT_S = 10  # squeue, at a logging step
 # A training rank's environment the eval job must not inherit: its Slurm job's variables (the
 # eval job gets its own) and torch.distributed's, which would make the harness's Accelerator
 # join a process group of one rank that never comes.
@@ -169,18 +170,25 @@ def submit(out: Path, step: int, section: EvalHarnessSection, data_dir: Path) ->
           f"{log_path(out, step, '<job>')}", file=sys.stderr)
 
 
-def job_state(job: str) -> str | None:
-    """A job's state from squeue; GONE once Slurm has forgotten it, None when Slurm does not
-    answer (ask again later)."""
+def job_states(jobs: list[str]) -> dict[str, str]:
+    """The jobs' states from one squeue call (a logging step waits for it): GONE for a job
+    Slurm has forgotten; none at all when Slurm does not answer (ask again later)."""
+    if not jobs:
+        return {}
     try:
-        res = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", job,
-                              "--format=%T"], capture_output=True, text=True,
-                             timeout=SLURM_TIMEOUT_S)
+        res = subprocess.run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(jobs)}",
+                              "--format=%i %T"], capture_output=True, text=True,
+                             timeout=SQUEUE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return {}
     if res.returncode:
-        return "GONE" if "Invalid job id" in res.stderr else None
-    return res.stdout.strip() or "GONE"
+        if "Invalid job id" not in res.stderr:
+            return {}
+        if len(jobs) > 1:  # one forgotten id fails the whole call: ask for each
+            return {k: v for job in jobs for k, v in job_states([job]).items()}
+        return {jobs[0]: "GONE"}
+    seen = dict(line.split(maxsplit=1) for line in res.stdout.splitlines() if line.strip())
+    return {job: seen.get(job, "GONE").strip() for job in jobs}
 
 
 def review(entry: dict, states: dict, out: Path, step: int) -> list[str]:
@@ -201,10 +209,10 @@ def review(entry: dict, states: dict, out: Path, step: int) -> list[str]:
     return messages
 
 
-def merge_finished(out: Path, state: dict, query=job_state) -> list[dict]:
+def merge_finished(out: Path, state: dict, query=job_states) -> list[dict]:
     """The metrics records of the evals finished since the last call (each step once); failed
-    jobs are reported."""
-    records = []
+    jobs are reported. query(job ids) -> {id: state}."""
+    records, waiting = [], []
     for key, entry in sorted(state["steps"].items(), key=lambda kv: int(kv[0])):
         if entry["merged"] or entry["given_up"]:
             continue
@@ -214,8 +222,11 @@ def merge_finished(out: Path, state: dict, query=job_state) -> list[dict]:
             records.append({"step": step,
                             **downstream_fields(json.loads(result.read_text())["results"])})
             entry["merged"] = True
-            continue
-        for message in review(entry, {job: query(job) for job in entry["jobs"]}, out, step):
+        else:
+            waiting.append((step, entry))
+    states = query([job for _, entry in waiting for job in entry["jobs"]])
+    for step, entry in waiting:
+        for message in review(entry, states, out, step):
             warn(message)
         if entry["given_up"]:
             shutil.rmtree(model_dir_of(out, step), ignore_errors=True)
