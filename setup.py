@@ -37,7 +37,11 @@ setup(
         " or platform_system == 'Darwin'"
         " or (platform_system == 'Windows' and platform_machine == 'AMD64')",
     ],
-    extras_require={"test": ["pytest>=8"],
+    extras_require={"test": ["pytest>=8", "wandb>=0.19", "mlflow>=3.0", "lm-eval>=0.4.5"],
+                    # report_to trackers (TensorBoard comes with its own extra) and eval_harness
+                    "wandb": ["wandb>=0.19"],
+                    "mlflow": ["mlflow>=3.0"],
+                    "eval": ["lm-eval>=0.4.5"],
                     # baselines the benchmarks compare against
                     "bench": ["accelerate>=1.1", "liger-kernel>=0.5"]},
 )

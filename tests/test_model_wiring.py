@@ -114,6 +114,21 @@ def test_tied_embeddings_stay_tied_and_export_is_a_plain_model():
     torch.testing.assert_close(plain, wired_sum / wired_tokens, atol=ATOL, rtol=RTOL)
 
 
+def test_an_export_in_the_middle_of_a_run_gives_the_run_its_wiring_back():
+    """eval_harness exports each checkpoint while training goes on (train/run/export.py)."""
+    wired = PackedModel(tiny_gpt2())
+    one_doc, _ = packed_batch([[16]], seq_len=16)
+    with torch.no_grad():
+        before = wired(**one_doc)
+    with wired.unwrapped_for_export() as exported:
+        assert type(exported.lm_head) is torch.nn.Linear
+        assert exported.config._attn_implementation == "sdpa"
+    assert isinstance(wired.hf_model.lm_head, FusedLossLinear)
+    with torch.no_grad():  # the packed forward works again, with the same numbers
+        after = wired(**one_doc)
+    assert [t.item() for t in after] == [t.item() for t in before]
+
+
 def test_unsupported_model_keeps_its_own_attention_with_a_warning(caplog):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

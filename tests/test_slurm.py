@@ -394,3 +394,44 @@ def test_walltime_without_a_warning_signal_saves_requeues_and_finishes_identical
     assert re.search(r"walltime: checkpoint saved at step \d+; requeued", log), log[-3000:]
     assert "SIGUSR1" not in log and "resumed from" in log
     assert losses(out / "run") == losses(reference)
+
+
+@NEEDS_SLURM
+@pytest.mark.slow
+def test_each_checkpoint_is_evaluated_by_its_own_job_and_merged_into_the_metrics(cluster, data,
+                                                                                 tmp_path):
+    """eval_harness where: slurm: the saves at steps 20, 40 and 60 each submit an eval job; the
+    training job goes on, and each step's results land in metrics.jsonl once: merged by the
+    training job (step 20: rank 0 sleeps 2.5 s a step, so the 40 steps after it leave its eval
+    job 100 s, about twice what it needs here), or by the eval job itself when it finishes after
+    the run's end (step 60)."""
+    out = tmp_path / "evals"
+    job = sbatch({**cluster, "TRAIN_FAULT_SLOW_RANK": "0:2.5"}, data, out,
+                 "eval_harness.tasks=[stdlib_next_line]",
+                 "eval_harness.where=slurm", "eval_harness.limit=20",
+                 "eval_harness.batch_size=4", "eval_harness.time=10")
+    assert wait(cluster, job) == "COMPLETED", (out / f"slurm-{job}.out").read_text()[-3000:]
+    run = out / "run"
+    state = json.loads((run / "evals" / "jobs.json").read_text())
+    assert sorted(map(int, state["steps"])) == [20, 40, 60]
+    for step, entry in state["steps"].items():  # the first attempts; each retry is cancelled
+        first = entry["jobs"][0]
+        assert wait(cluster, first) == "COMPLETED", \
+            (run / "evals" / f"step-{step}-{first}.out").read_text()[-3000:]
+    wait_for(lambda: json.loads((run / "evals" / "jobs.json").read_text())["steps"]["60"]
+             ["merged"], timeout=60, what="the last eval merged")
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    downstream = [r for r in records if "downstream/stdlib_next_line/acc" in r]
+    assert [r["step"] for r in downstream] == [20, 40, 60]  # each once
+    for record in downstream:
+        results = json.loads((run / "evals" / f"step-{record['step']}.json").read_text())
+        assert record["downstream/stdlib_next_line/acc"] == \
+            results["results"]["stdlib_next_line"]["acc,none"]
+        assert 0 <= record["downstream/stdlib_next_line/acc"] <= 1
+    assert not list((run / "evals").glob(".model-step-*"))  # each export removed after its eval
+    first = state["steps"]["20"]["jobs"][0]
+    assert "the run merges it" in (run / "evals" / f"step-20-{first}.out").read_text()
+    last = state["steps"]["60"]["jobs"][0]
+    assert "merged into metrics.jsonl" in (run / "evals" / f"step-60-{last}.out").read_text()
+    log = (out / f"slurm-{job}.out").read_text()
+    assert "is evaluated by job" in log and "warning: eval_harness" not in log

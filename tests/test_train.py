@@ -444,12 +444,13 @@ def test_a_partial_last_metrics_line_does_not_stop_resume_or_plot(tmp_path, caps
     """A writer killed mid-line leaves half a JSON record: resume trims it away with a warning,
     and train.plot draws the rest; a damaged line in the middle is named."""
     from train.errors import UsageError
-    from train.run.metrics import MetricsLog, plot_run
+    from train.run.figure import plot_runs
+    from train.run.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 5.0 - s / 10, "lr": 1e-3}) for s in range(1, 8)]
     path.write_text("\n".join(lines) + "\n" + '{"step": 8, "loss": 4.')
-    assert plot_run(tmp_path).stat().st_size > 1000
+    assert plot_runs([tmp_path]).stat().st_size > 1000
     log = MetricsLog(tmp_path, rank=0)
     log.start(resumed_at=5)
     assert [r["step"] for r in log.records()] == [1, 2, 3, 4, 5]

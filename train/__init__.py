@@ -48,6 +48,10 @@ train/run/  one rank of a job (`python -m train`)
     train.run.trainer       run_training(cfg): the loop
     train.run.eval_loop     the one eval loop, over every validation source
     train.run.metrics       metrics.jsonl, TensorBoard, the summary, the plot
+    train.run.trackers      report_to: W&B, MLflow, TensorBoard; one run across requeues
+    train.run.figure        one figure of one or several runs' metrics.jsonl
+    train.run.downstream    eval_harness: lm-eval on a checkpoint's export, inline
+    train.run.eval_jobs     eval_harness where: slurm: one eval job per checkpoint
     train.run.checkpoint    whole-or-absent checkpoints
     train.run.export        output_dir/final/: a Hugging Face model directory
     train.run.config_drift  what a resume may change in the config, refusing the rest
@@ -64,6 +68,7 @@ commands (thin command lines over the layers)
     train.prepare   python -m train.prepare
     train.evaluate  python -m train.evaluate: a model directory on a shard directory
     train.generate  python -m train.generate
+    train.eval_job  python -m train.eval_job: a Slurm eval job (eval_jobs submits it)
     train.plot      python -m train.plot
 launcher/  the login node: validate, then submit to Slurm (launcher -> train)
     launcher            the launcher package

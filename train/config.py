@@ -3,8 +3,8 @@ group exists.
 
 Top-level training hyperparameters use the names of transformers' `TrainingArguments`
 (learning_rate, per_device_train_batch_size, ...); `task` names the task and `resume` says where
-to continue from; the sections are `model`, `data`, `deepspeed`, `kernels`, `health`, `watchdog`
-and `stragglers` (tests/test_single_sources.py checks this list against `Config`). An unknown
+to continue from; the sections are `model`, `data`, `deepspeed`, `kernels`, `health`, `watchdog`,
+`stragglers` and `eval_harness` (tests/test_single_sources.py checks this list against `Config`). An unknown
 key is an error listing the valid ones; a name from older tutorials (warmup_ratio,
 evaluation_strategy) is accepted with a note naming the current one.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -104,6 +105,24 @@ class StragglerSection:
 
 
 @dataclass
+class EvalHarnessSection:
+    """Downstream evals of the saved checkpoints with lm-evaluation-harness, inline after the
+    save on rank 0 (train/run/downstream.py) or as Slurm jobs of their own
+    (train/run/eval_jobs.py); off while tasks is null."""
+    tasks: list[str] | None = None    # lm-eval task names, local task YAML paths, or
+                                      # stdlib_next_line (offline, from the validation split)
+    every: int | None = None          # null: each saved checkpoint; N: steps that are multiples
+    limit: int | None = None          # examples per task (null: all)
+    batch_size: int = 8
+    where: str = "inline"             # inline | slurm: a job of its own per checkpoint (inline
+                                      # when the run is not a Slurm job)
+    partition: str | None = None      # slurm: the eval jobs' partition (null: the default one)
+    gpus: int = 0                     # slurm: GPUs per eval job (0: on CPU)
+    time: int | str = "01:00:00"      # slurm: each eval job's limit, as the launcher's --time
+                                      # (minutes, HH:MM:SS or D-HH:MM:SS)
+
+
+@dataclass
 class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
@@ -136,7 +155,8 @@ class Config:
     save_steps: int = 500
     save_total_limit: int | None = 2
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
-    report_to: str = "none"           # none | tensorboard
+    report_to: str | list[str] = "none"  # none | all | tensorboard, wandb, mlflow: a list or
+                                      # "a,b" (TrainingArguments' form; train/run/trackers.py)
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
     requeue_without_progress: int = 3
@@ -147,6 +167,7 @@ class Config:
     health: HealthSection = field(default_factory=HealthSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     stragglers: StragglerSection = field(default_factory=StragglerSection)
+    eval_harness: EvalHarnessSection = field(default_factory=EvalHarnessSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,10 +183,10 @@ CHOICES = {
     "lr_scheduler_type": SCHEDULES,
     "eval_strategy": ("steps", "no"),
     "nonfinite": ("stop", "skip"),
-    "report_to": ("none", "tensorboard"),
     "data.verify": ("sample", "full", "none"),
     "kernels.attention": BACKENDS,
     "kernels.cross_entropy": BACKENDS,
+    "eval_harness.where": ("inline", "slurm"),
 }
 
 
@@ -360,7 +381,27 @@ def check(cfg: Config) -> None:
         raise UsageError(f"overwrite_output_dir: true starts the run afresh, but resume is "
                          f"{cfg.resume!r}; set resume: never with it, or drop overwrite_output_dir "
                          f"to continue from the checkpoints")
+    report_to_names(cfg.report_to)
     check_ranges(cfg)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # each also the name of the module it needs
+
+
+def report_to_names(value: str | list[str]) -> list[str]:
+    """report_to as TrainingArguments takes it (`none`, `all`, a name, a list, or names joined
+    by commas) -> the trackers to open; `all` is every one of TRACKERS that is installed."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    names = [n for n in names if n]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return [n for n in TRACKERS if importlib.util.find_spec(n) is not None]
+    for name in names:
+        if name not in TRACKERS:
+            raise UsageError(f"config key report_to names {name!r}; choose none, all, or any of "
+                             f"{', '.join(TRACKERS)} (a list, or joined by commas)")
+    return list(dict.fromkeys(names))
 
 
 def check_mixture(cfg: Config) -> None:
@@ -419,6 +460,10 @@ RANGES = {
     "stragglers.ratio": (lambda x: x > 1, "> 1 (the slowest rank over the median)"),
     "stragglers.windows": (lambda x: x >= 1, "at least 1 logging step"),
     "stragglers.warn_every": (lambda x: x >= 1, "at least 1 step"),
+    "eval_harness.every": (lambda x: x is None or x >= 1, "at least 1 step (or null: each save)"),
+    "eval_harness.limit": (lambda x: x is None or x >= 1, "at least 1 (or null: every example)"),
+    "eval_harness.batch_size": (lambda x: x >= 1, "at least 1"),
+    "eval_harness.gpus": (lambda x: x >= 0, ">= 0 (0: the eval jobs run on CPU)"),
 }
 
 

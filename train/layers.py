@@ -61,6 +61,10 @@ LAYERS = (
         "train.run.trainer": "run_training(cfg): the loop",
         "train.run.eval_loop": "the one eval loop, over every validation source",
         "train.run.metrics": "metrics.jsonl, TensorBoard, the summary, the plot",
+        "train.run.trackers": "report_to: W&B, MLflow, TensorBoard; one run across requeues",
+        "train.run.figure": "one figure of one or several runs' metrics.jsonl",
+        "train.run.downstream": "eval_harness: lm-eval on a checkpoint's export, inline",
+        "train.run.eval_jobs": "eval_harness where: slurm: one eval job per checkpoint",
         "train.run.checkpoint": "whole-or-absent checkpoints",
         "train.run.export": "output_dir/final/: a Hugging Face model directory",
         "train.run.config_drift": "what a resume may change in the config, refusing the rest",
@@ -78,6 +82,7 @@ LAYERS = (
         "train.prepare": "python -m train.prepare",
         "train.evaluate": "python -m train.evaluate: a model directory on a shard directory",
         "train.generate": "python -m train.generate",
+        "train.eval_job": "python -m train.eval_job: a Slurm eval job (eval_jobs submits it)",
         "train.plot": "python -m train.plot",
     }),
     ("launcher", "launcher/  the login node: validate, then submit to Slurm (launcher -> train)", {
@@ -90,7 +95,7 @@ LAYERS = (
 
 # Entry points: no library module imports one (the commands may import each other's parsers).
 COMMANDS = ("train.__main__", "train.prepare", "train.evaluate", "train.generate", "train.plot",
-            "launcher.__main__", "kernels.aot")
+            "train.eval_job", "launcher.__main__", "kernels.aot")
 
 # Prepare time runs on a login node, before any job, where torch may be absent: these modules,
 # and every module they import, import none of TORCH_PACKAGES.

@@ -20,6 +20,7 @@ a one-line warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,3 +379,15 @@ class PackedModel(nn.Module):
             _get(self.hf_model, self.family.head).__class__ = nn.Linear
             self.hf_model.config._attn_implementation = "sdpa"
         return self.hf_model
+
+    @contextlib.contextmanager
+    def unwrapped_for_export(self):
+        """unwrap_for_export for the time of an export: a checkpoint's export in the middle of a
+        run (eval_harness) gives the run its own head and attention back afterwards."""
+        head = _get(self.hf_model, self.family.head)
+        head_class, attention = head.__class__, self.hf_model.config._attn_implementation
+        try:
+            yield self.unwrap_for_export()
+        finally:
+            head.__class__ = head_class
+            self.hf_model.config._attn_implementation = attention

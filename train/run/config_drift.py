@@ -49,6 +49,7 @@ RULES = {
     "report_to": HARMLESS, "mfu_peak_tflops": HARMLESS, "data.verify": HARMLESS,
     "data.validation_split": HARMLESS, "kernels": HARMLESS, "health": HARMLESS,
     "watchdog": HARMLESS, "stragglers": HARMLESS, "requeue_without_progress": HARMLESS,
+    "eval_harness": HARMLESS,
 }
 UNSET = "(unset)"
 GLOBAL_BATCH = "global_batch"  # the key a batch change is reported (and accepted) under

@@ -39,11 +39,11 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
     if rank == 0:
         tmp = durable.fresh_dir(final_dir.with_name(f".{final_dir.name}.tmp"))
-        hf = model.unwrap_for_export()
         state = None
         if gathered is not None:
             state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
-        hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        with model.unwrapped_for_export() as hf:
+            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (data_dir / name).exists():
                 durable.copy_file(data_dir / name, tmp / name)

@@ -11,13 +11,14 @@ UsageError (or DataError) naming the key or file to fix.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.run import checkpoint, config_drift, distributed, run_dir
-from train.config import Config, DataSection, MixtureSource, deepspeed_config
+from train.config import Config, DataSection, MixtureSource, deepspeed_config, report_to_names
 from train.errors import DataError, UsageError, note, warn
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
@@ -80,6 +81,8 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(cfg)
+    check_trackers(cfg)
+    check_eval_harness(cfg)
     check_fresh_start(cfg)
     resume_from, damaged = find_resume(cfg)
     identity = training_data_identity(indexes) if indexes else None
@@ -226,6 +229,36 @@ def check_output_dir(cfg: Config) -> None:
         raise UsageError(f"output_dir {out} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"output_dir {out} is not writable")
+
+
+def check_trackers(cfg: Config) -> None:
+    """Each tracker report_to asks for is installed (found, not imported: rank 0 imports it)."""
+    for name in report_to_names(cfg.report_to):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"report_to asks for {name}, which is not installed; pip install "
+                             f"'slurm-lm[{name}]' (or {name}), or remove it from report_to")
+
+
+def check_eval_harness(cfg: Config) -> None:
+    """eval_harness: lm-eval installed, and the local task YAMLs it names present."""
+    tasks = cfg.eval_harness.tasks
+    if tasks is None:
+        return
+    if not tasks:
+        raise UsageError("eval_harness.tasks is empty; name lm-eval tasks, task YAML paths or "
+                         "stdlib_next_line, or remove the eval_harness section")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("eval_harness needs lm-evaluation-harness, which is not installed; "
+                         "pip install 'slurm-lm[eval]' (or lm-eval), or remove the eval_harness "
+                         "section")
+    for task in tasks:
+        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+            raise UsageError(f"eval_harness.tasks: {task} does not exist; give a local task "
+                             f"YAML's path or an lm-eval task name")
+    if cfg.eval_harness.where == "slurm":
+        from train.run.eval_jobs import check_section
+
+        check_section(cfg.eval_harness)
 
 
 def check_fresh_start(cfg: Config) -> None:

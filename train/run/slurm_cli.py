@@ -22,10 +22,11 @@ class SlurmCommandError(Exception):
         self.stderr = stderr
 
 
-def slurm_command(*command: str, timeout: float = TIMEOUT_S) -> str:
-    """The command's stdout, or SlurmCommandError (not installed, no answer, exit status)."""
+def slurm_command(*command: str, timeout: float = TIMEOUT_S, env: dict | None = None) -> str:
+    """The command's stdout, or SlurmCommandError (not installed, no answer, exit status).
+    env: the command's environment (sbatch passes it to the job), else this process's."""
     try:
-        res = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise SlurmCommandError(command, f"no answer from slurmctld in {timeout:g} s") from None
     except OSError as err:  # FileNotFoundError where Slurm is not installed

@@ -18,6 +18,7 @@ Throughout, a watchdog thread (train/run/watchdog.py) ends the job if a phase st
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import sys
@@ -28,10 +29,11 @@ from pathlib import Path
 import torch
 
 from train.run import checkpoint, distributed, health, preemption, run_dir, run_lock
-from train.config import Config
+from train.config import Config, report_to_names
 from train.run.engine import build_engine, pick_device, start_process_group
-from train.errors import DataError, UsageError
+from train.errors import DataError, UsageError, note
 from train.run.eval_loop import eval_metrics, eval_metrics_by_source
+from train.run.figure import plot_runs
 from train.run.faults import Faults
 from train.flops import Throughput
 from train.data.loader import IGNORE_INDEX, PackedLoader, as_torch
@@ -95,6 +97,7 @@ def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
             if job else None)
         held.callback(watchdog.close)
         run = RankRun(plan, env.rank, pick_device(env.local_rank), watchdog)
+        held.callback(run.metrics.close)  # a stop or a failure: flush the trackers briefly
         held.callback(end_process_group)
         try:
             start_process_group(run.device, env, Path(cfg.output_dir))
@@ -130,7 +133,8 @@ class RankRun:
         self.eval_loaders = None  # opened at the first eval: it scans the split's EOSes
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out, rank, tensorboard=cfg.report_to == "tensorboard")
+        self.metrics = MetricsLog(self.out, rank, report_to_names(cfg.report_to),
+                                  params=cfg.to_dict())
         # counted now, before DeepSpeed partitions the parameters (ZeRO-3 leaves empty shards)
         self.throughput = Throughput.of(self.hf_model, causal=self.task.name in ("clm", "sft"),
                                         device=device, bf16=cfg.bf16 or cfg.fp16,
@@ -225,6 +229,7 @@ class RankRun:
                                        now - started, rates)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False,
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                self.merge_evals()
                 pending.zero_()
                 work = [0, 0]
                 window_start, window_steps = now, 0
@@ -233,6 +238,7 @@ class RankRun:
                 self.metrics.log({"step": p.step, **self.run_eval()})
             if p.step % cfg.save_steps == 0 and p.step < plan.total_steps:
                 self.save(pending)
+                self.downstream_eval()
             self.faults.after_step(self.rank, p.step)
             reason = self.agree_to_stop(self.stop.local_reason(p.step))
             if reason and p.step < plan.total_steps:
@@ -245,7 +251,11 @@ class RankRun:
             self.watchdog.enter("eval", p.step)
             self.metrics.log({"step": p.step, **self.run_eval()})
         self.save(pending)
+        self.downstream_eval()
+        self.merge_evals(ended=True)
         self.export()
+        if self.metrics.active:  # the figure next to metrics.jsonl (train/run/figure.py)
+            plot_runs([self.out])
         self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
                             dict(zip(self.source_names(), p.real_tokens_seen)))
         return 0
@@ -433,6 +443,60 @@ class RankRun:
         return Progress(state["step"], real, state.get("skipped_steps", []),
                         state.get("pending_loss", 0.0), state.get("pending_tokens", 0.0),
                         int(state.get("trained_tokens_seen", 0)))
+
+    def downstream_eval(self):
+        """eval_harness on the checkpoint just saved, inline (train/run/downstream.py): its
+        numbers join metrics.jsonl and the trackers at its step."""
+        from train.run import downstream
+        from train.run.export import export_final
+
+        section, step = self.cfg.eval_harness, self.progress.step
+        if not downstream.due(section, step):
+            return
+        self.watchdog.enter("downstream eval", step)
+        data_dir = Path(self.sources[0].path)
+
+        def export(model_dir):
+            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier)
+
+        if self.eval_jobs:
+            from train.run import eval_jobs
+
+            model_dir = downstream.model_dir_of(self.out, step)
+            model_dir.parent.mkdir(parents=True, exist_ok=True)
+            export(model_dir)
+            if self.rank == 0:  # the job evaluates it; this one goes on at once
+                eval_jobs.submit(self.out, step, section, data_dir)
+            return
+        record = downstream.evaluate_checkpoint(export, self.out, step, section, data_dir,
+                                                self.rank, str(self.device))
+        self.barrier()  # the other ranks wait for rank 0's harness here
+        if record is not None:
+            self.metrics.log(record)
+
+    @functools.cached_property
+    def eval_jobs(self) -> bool:
+        """Are the downstream evals Slurm jobs of their own (train/run/eval_jobs.py)? Asked for
+        and possible: this is a Slurm job with sbatch at hand; inline otherwise (with a note)."""
+        from train.run import eval_jobs
+
+        section = self.cfg.eval_harness
+        if section.where != "slurm" or not section.tasks:
+            return False
+        if eval_jobs.under_slurm():
+            return True
+        if self.rank == 0:
+            note("eval_harness.where is slurm but this run is not a Slurm job with sbatch at "
+                 "hand (--cluster local, or no Slurm): the evals run inline")
+        return False
+
+    def merge_evals(self, ended: bool = False):
+        """Rank 0 logs the eval jobs' finished results (train/run/eval_jobs.py) at their steps."""
+        if self.rank == 0 and self.eval_jobs:
+            from train.run import eval_jobs
+
+            for record in eval_jobs.collect(self.out, ended):
+                self.metrics.log(record, late=True)
 
     def export(self):
         """output_dir/final/: a Hugging Face model directory with the shards' tokenizer."""

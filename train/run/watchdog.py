@@ -11,6 +11,7 @@ the current phase against its limit (the config's `watchdog` section):
   step              a training step with its logging                           step_s, else
                                                                    max(step_floor_s, step_factor x median)
   checkpoint save / export   no byte written for                               checkpoint_s
+  downstream eval   a checkpoint's eval_harness run (train/run/downstream.py)  checkpoint_s
 
 Which ranks did not arrive is told by a side channel that does not pass through the stuck
 collective: the thread rewrites output_dir/.watchdog/rank-N.json every HEARTBEAT_S (it runs while
@@ -123,6 +124,7 @@ class Watchdog:
                     else w.first_step_s)
         return {"start-up": w.startup_s, "checkpoint load": w.checkpoint_s,
                 "checkpoint save": w.checkpoint_s, "export": w.checkpoint_s,
+                "downstream eval": w.checkpoint_s,
                 "first step": w.first_step_s,
                 "step": w.step_s or adaptive, "eval": w.eval_s or adaptive}[phase]
 
