@@ -37,7 +37,11 @@ setup(
         " or platform_system == 'Darwin'"
         " or (platform_system == 'Windows' and platform_machine == 'AMD64')",
     ],
-    extras_require={"test": ["pytest>=8"],
+    extras_require={# the tests run all of it: seqeval checks train/ner_metrics.py, tensorboard
+                    # reads back what report_to: tensorboard wrote
+                    "test": ["pytest>=8", "seqeval>=1.2", "tensorboard>=2.14"],
+                    # report_to: tensorboard (torch.utils.tensorboard writes through it)
+                    "tensorboard": ["tensorboard>=2.14"],
                     # baselines the benchmarks compare against
                     "bench": ["accelerate>=1.1", "liger-kernel>=0.5"]},
 )

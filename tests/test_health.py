@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, free_port
-
-TINY = str(REPO / "configs" / "tiny-clm.yaml")
+from helpers import REPO, TINY, free_port
 
 
 def start_rank(rank: int, world: int, port: int, args: list[str], checkout: Path, **env):

@@ -75,6 +75,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
         raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's {max_pos} "
                          f"positions; lower data.seq_len")
     eval_sources = check_validation_split(cfg, indexes)
+    check_report_to(cfg)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(Path(cfg.output_dir))
     check_fresh_start(cfg)
@@ -206,6 +207,19 @@ def count_steps(cfg: Config, world: int, index: ShardIndex | None, task: Task | 
                           task.loader_options().get("whole_documents", False))
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     return max(1, math.ceil(cfg.num_train_epochs * samples / per_step))
+
+
+def check_report_to(cfg: Config) -> None:
+    """report_to: tensorboard writes through torch.utils.tensorboard, which needs the
+    tensorboard package (the `tensorboard` extra): refuse before the job, not at its first log."""
+    if cfg.report_to != "tensorboard":
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as err:
+        raise UsageError(f"report_to: tensorboard needs the tensorboard package, which does not "
+                         f"import here ({err}); pip install -e '.[tensorboard]', or set "
+                         f"report_to: none") from None
 
 
 def check_output_dir(out: Path) -> None:
