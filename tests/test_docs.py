@@ -3,11 +3,23 @@ configuration reference is generated from the Config dataclasses and up to date,
 link between README and docs/ leads somewhere."""
 from __future__ import annotations
 
+import importlib.util
 import re
 
-from helpers import REPO, run_cli
+import yaml
+
+from helpers import REPO
 
 README = REPO / "README.md"
+CONFIG_REFERENCE = REPO / "docs" / "config.md"
+
+
+def generator():
+    """docs/gen_config.py, imported from its file (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gen_config", REPO / "docs" / "gen_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def readme_command(number: int) -> str:
@@ -46,3 +58,38 @@ def test_every_relative_link_in_readme_and_docs_exists():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}"
+
+
+def test_the_config_reference_is_current_and_describes_every_key():
+    page, undocumented = generator().reference()
+    assert undocumented == [], (f"no description for {undocumented}: add a comment to the field "
+                                f"in train/config.py")
+    assert CONFIG_REFERENCE.read_text() == page, (
+        "docs/config.md is stale: python docs/gen_config.py > docs/config.md")
+
+
+def yaml_keys(node: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of a config file; the values of dict-typed keys (model.config, a DeepSpeed
+    JSON) are the key's own business."""
+    keys = set()
+    for key, value in node.items():
+        dotted = prefix + key
+        keys.add(dotted)
+        if isinstance(value, dict) and dotted not in ("model.config", "model.overrides",
+                                                      "deepspeed.config"):
+            keys |= yaml_keys(value, dotted + ".")
+    return keys
+
+
+def test_every_key_the_shipped_configs_use_is_in_the_reference():
+    text = CONFIG_REFERENCE.read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M))
+    sections = set(re.findall(r"^## `([^`]+)`", text, re.M))
+    used = set()
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        used |= yaml_keys(yaml.safe_load(path.read_text()))
+    assert used - documented - sections == set()
+    # the keys that README's tables never covered
+    assert {"logging_steps", "num_train_epochs", "per_device_eval_batch_size",
+            "data.validation_split", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+            "max_grad_norm", "eval_strategy"} <= documented
