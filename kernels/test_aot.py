@@ -16,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import require_triton
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path, terminal_notes):
     require_triton()  # else there is nothing to compile
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
