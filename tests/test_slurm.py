@@ -17,8 +17,7 @@ import pytest
 
 from helpers import REPO, TINY, losses, run_cli, skip_or_fail, wait_for
 
-# One test cluster serves the whole module: under pytest-xdist its tests stay on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow  # a test Slurm cluster and 2-node jobs
 COMMON = ["max_steps=60", "logging_steps=5", "eval_strategy=no", "save_steps=20",
           "per_device_train_batch_size=4"]
 
