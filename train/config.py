@@ -135,7 +135,7 @@ class Config:
     save_steps: int = 500             # a checkpoint every this many steps
     save_total_limit: int | None = 2  # checkpoints kept (the oldest deleted); null: all
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
-    report_to: str = "none"           # none | tensorboard
+    report_to: str = "none"           # also log to TensorBoard (the tensorboard extra), or not
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
     requeue_without_progress: int = 3
