@@ -7,7 +7,6 @@ import importlib
 import pytest
 import torch
 
-from helpers import require_triton
 from kernels.testing import assert_close_scaled
 from kernels.varlen_attention import reference_varlen_attention, varlen_attention
 
@@ -117,17 +116,17 @@ def _tile_sets(dtype):
                                id=f"D{head_dim}-{i}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))
 def test_every_gpu_tile_is_correct(head_dim, tiles):
     """Each tile the GPU autotuner may choose gives the reference's result (under the
     interpreter here: the same program, run tile by tile), causal, on the tile-edge lengths."""
-    require_triton()
     check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float32)))
 def test_every_fp32_gpu_tile_is_correct(head_dim, tiles):
-    require_triton()
     check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles)
 
 
