@@ -66,6 +66,7 @@ def broken_import_env(tmp_path: Path, module: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(shim), str(REPO),
                                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
+
 # Documents chosen to break a careless pipeline: CJK and emoji (multi-byte UTF-8), code with
 # tabs and CRLF, leading spaces, the literal text of the EOS token, and a one-character doc.
 TRICKY_DOCS = [
