@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from kernels.backend import triton_importable
+from helpers import require_triton
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path, terminal_notes):
-    missing = triton_importable()
-    if missing:
-        pytest.skip(f"Triton is missing, so there is nothing to compile: {missing}")
+    require_triton()  # else there is nothing to compile
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     table = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(table)], env=env,

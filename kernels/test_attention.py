@@ -120,19 +120,17 @@ def _tile_sets(dtype):
                     yield pytest.param(head_dim, tiles, id=f"sm{arch}-D{head_dim}-{i}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))
 def test_every_gpu_tile_is_correct(head_dim, tiles):
     """Each tile the GPU autotuner may choose gives the reference's result (under the
     interpreter here: the same program, run tile by tile), causal, on the tile-edge lengths."""
-    if DEVICE == "cpu" and va.backend.triton_importable():
-        pytest.skip(va.backend.triton_importable())
     check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float32)))
 def test_every_fp32_gpu_tile_is_correct(head_dim, tiles):
-    if DEVICE == "cpu" and va.backend.triton_importable():
-        pytest.skip(va.backend.triton_importable())
     check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles)
 
 

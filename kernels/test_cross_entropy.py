@@ -196,6 +196,7 @@ class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.triton  # fp16 runs the Triton kernel: under the interpreter, minutes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_loss_is_fp32_accurate_over_a_large_batch(dtype):
     """A summed loss over 10^4 tokens from 16-bit inputs is fp32: bf16 would round it by up to

@@ -1,13 +1,71 @@
-"""Helpers shared by the tests: tricky documents, real CLI processes, small corpora."""
+"""Helpers shared by the tests: tricky documents, real CLI processes, small corpora, and the one
+way to say that a prerequisite is missing. Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny-clm.yaml")  # the tiny GPT-2 most end-to-end tests train
+EOS = 0  # the EOS id of the token shards write_shard_dir makes
+CPU_RANKS = {"DS_ACCELERATOR": "cpu"}  # DeepSpeed on CPU ranks (gloo)
+# A packed batch through a wired model against the unpatched model one document at a time (the
+# wiring tests), fp32 on CPU. The two differ only in summation order (online softmax vs.
+# one-shot, chunked vs. materialized log-sum-exp, one backward vs. several): fp32 epsilon 1.2e-7
+# over a few hundred terms gives ~1e-6; observed <= 4e-7 on the loss.
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def in_ci() -> bool:
+    """CI sets CI=true (GitHub Actions, GitLab, .ci/run): there a missing prerequisite is a
+    broken install, not a laptop without a GPU or a Slurm."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(reason: str):
+    """A test cannot run here (an import or a probe failed): skip with the reason on a laptop
+    (`-ra` lists it), fail with it under CI, where a skip would leave a broken install green."""
+    if in_ci():
+        pytest.fail(f"CI=true, so a missing prerequisite fails rather than skips: {reason}",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, extra: str = "test"):
+    """The module, imported; else skip_or_fail naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - a broken install raises anything; say what
+        skip_or_fail(f"{name} does not import ({err!r}); pip install -e '.[{extra}]'")
+
+
+def require_triton():
+    """The Triton kernels need triton to import (natively on a GPU, or under TRITON_INTERPRET)."""
+    from kernels.backend import triton_importable
+
+    reason = triton_importable()
+    if reason:
+        skip_or_fail(reason)
+
+
+def broken_import_env(tmp_path: Path, module: str) -> dict:
+    """Environment for a subprocess in which `import MODULE` raises, as in a broken install: a
+    shim of that name first on PYTHONPATH."""
+    shim = tmp_path / f"broken-{module}"
+    shim.mkdir(exist_ok=True)
+    (shim / f"{module}.py").write_text(
+        f"raise ImportError('{module} is broken here on purpose (a test shim)')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(shim), str(REPO),
+                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
 
 # Documents chosen to break a careless pipeline: CJK and emoji (multi-byte UTF-8), code with
 # tabs and CRLF, leading spaces, the literal text of the EOS token, and a one-character doc.
@@ -34,6 +92,109 @@ def run_cli(*args, env=None, cwd=REPO, timeout=600):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def train_args(*args: str, nproc: int = 2) -> list[str]:
+    """The arguments after `python` that run `python -m train ARGS` on nproc CPU ranks under
+    torchrun (each on a free port), or as one plain process when nproc is 1."""
+    ranks = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+             f"--master_port={free_port()}"] if nproc > 1 else []
+    return [*ranks, "-m", "train", *args]
+
+
+def run_train(*args: str, nproc: int = 2, env: dict | None = None, timeout: int = 300):
+    """`python -m train ARGS` on nproc CPU ranks, to the end; a CompletedProcess."""
+    return run_cli(*train_args(*args, nproc=nproc), env={**CPU_RANKS, **(env or {})},
+                   timeout=timeout)
+
+
+def start_train(*args: str, log: Path, nproc: int = 2, env: dict | None = None):
+    """`python -m train ARGS` on nproc CPU ranks in the background, stdout and stderr to log;
+    the Popen carries `log` for wait_for's message."""
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *train_args(*args, nproc=nproc)], cwd=REPO,
+                                stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **CPU_RANKS, **(env or {})})
+    proc.log = log
+    return proc
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The records of OUT/metrics.jsonl ([] before the first)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(out: Path) -> dict[int, float]:
+    """{step: training loss} from OUT/metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "", proc=None, every: float = 0.5):
+    """Poll until predicate() holds; fail after timeout, or as soon as proc (a Popen from
+    start_train) has exited, with the tail of its log."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}: "
+                                 f"{Path(proc.log).read_text()[-3000:]}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def ranks(proc) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes, from their environment."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(proc.pid).children():
+        env = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0][5:])] = child.pid
+    return found
+
+
+def logged_step(out: Path) -> int:
+    """The last training step metrics.jsonl has a loss for (0 before the first)."""
+    return max((r["step"] for r in read_metrics(out) if "loss" in r), default=0)
+
+
+def signal_ranks_when(proc, predicate, what: str, sig) -> None:
+    """Once predicate() holds, send sig to every rank and wait for the run to end."""
+    try:
+        wait_for(predicate, 300, what, proc, every=0.2)
+        for pid in ranks(proc).values():
+            os.kill(pid, sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def write_shard_dir(root: Path, docs: list[list[int]], shard_tokens: int, vocab_size=1000) -> list[int]:
+    """A shard directory written by the real ShardWriter, EOS (0) after each document; returns
+    the token stream."""
+    import numpy as np
+
+    from train.data.shards import FORMAT_VERSION, ShardWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(root, "train", np.dtype(np.uint16), shard_tokens, [])
+    with_eos = [d + [EOS] for d in docs]
+    writer.add(np.array([t for d in with_eos for t in d]), np.array([len(d) for d in with_eos]))
+    records = writer.finish()
+    index = {"format": FORMAT_VERSION, "dtype": "uint16", "eos_id": EOS, "vocab_size": vocab_size,
+             "tokenizer_sha256": "test", "splits": {"train": {"shards": [r.__dict__ for r in records]}}}
+    (root / "index.json").write_text(json.dumps(index))
+    return [t for d in with_eos for t in d]
+
+
+def random_docs(rng, n, lengths=(1, 2, 5, 17, 60, 300)) -> list[list[int]]:
+    """n documents of token ids in [1, 1000) (0 is the EOS), of lengths drawn from `lengths`."""
+    return [list(rng.integers(1, 1000, size=int(rng.choice(lengths)))) for _ in range(n)]
 
 
 def many_docs(n: int, seed: int = 0) -> list[str]:

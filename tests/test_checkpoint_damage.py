@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import TINY, run_cli
 
-TINY = str(REPO / "configs" / "tiny-clm.yaml")
 ENV = {"DS_ACCELERATOR": "cpu"}
 SHORT = ["save_steps=2", "logging_steps=1", "eval_strategy=no", "per_device_train_batch_size=2",
          "save_total_limit=3"]

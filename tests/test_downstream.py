@@ -4,17 +4,14 @@ the run's figure (train/run/figure.py) drawn from that run's metrics."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import TINY, read_metrics, run_cli, run_train
 from train.config import EvalHarnessSection, load_config
 from train.errors import UsageError
 from train.run import downstream
 
-from test_train import TINY, metrics, train
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -80,10 +77,10 @@ def test_preflight_refuses_an_eval_harness_it_cannot_run(stdlib_data, tmp_path, 
 def test_two_ranks_evaluate_each_checkpoint_as_lm_eval_does_and_plot_it(stdlib_data, tmp_path):
     out = tmp_path / "run"
     limit = 16
-    res = train(stdlib_data, out, "max_steps=4", "per_device_train_batch_size=2",
-                "logging_steps=2", "eval_steps=2", "save_steps=2", "eval_max_batches=2",
-                "eval_harness.tasks=[stdlib_next_line]", "eval_harness.every=4",
-                f"eval_harness.limit={limit}", env=OFFLINE)
+    res = run_train(TINY, f"data.path={stdlib_data}", f"output_dir={out}", "max_steps=4",
+                    "per_device_train_batch_size=2", "logging_steps=2", "eval_steps=2",
+                    "save_steps=2", "eval_max_batches=2", "eval_harness.tasks=[stdlib_next_line]",
+                    "eval_harness.every=4", f"eval_harness.limit={limit}", env=OFFLINE)
     assert res.returncode == 0, res.stderr[-3000:]
     # saved at steps 2 and 4; evaluated at 4 only (every: 4); the temporary export is gone
     assert sorted(p.name for p in (out / "evals").iterdir()) == ["step-4.json", "tasks"]
@@ -101,7 +98,7 @@ def test_two_ranks_evaluate_each_checkpoint_as_lm_eval_does_and_plot_it(stdlib_d
     for metric in ("acc,none", "acc_norm,none"):
         assert ours[task][metric] == theirs[task][metric], metric  # same model, same requests
     assert ours[task]["sample_len"] == theirs[task]["sample_len"] == limit
-    record = [r for r in metrics(out) if any(k.startswith("downstream/") for k in r)]
+    record = [r for r in read_metrics(out) if any(k.startswith("downstream/") for k in r)]
     assert record == [{"step": 4, f"downstream/{task}/acc": ours[task]["acc,none"],
                        f"downstream/{task}/acc_norm": ours[task]["acc_norm,none"]}]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_model_wiring import ATOL, RTOL
+from helpers import ATOL, RTOL
 from train.model import FusedLossLinear, PackedModel
 
 VOCAB, PAD, NUM_LABELS = 97, 1, 5

@@ -8,63 +8,23 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, run_cli
-from test_train import TINY, metrics
+from helpers import (TINY, logged_step, ranks, read_metrics, run_cli, signal_ranks_when,
+                     start_train, wait_for)
 from train.run.checkpoint import latest
 
+pytestmark = pytest.mark.slow
 SHORT = ["per_device_train_batch_size=4", "logging_steps=5", "eval_max_batches=2"]
 
 
 def start(data: Path, out: Path, *overrides: str, env: dict | None = None):
-    """torchrun with 2 ranks in the background; stderr goes to out/../NAME.err."""
-    err = open(out.parent / f"{out.name}.err", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", "-m", "train", TINY, f"data.path={data}",
-         f"output_dir={out}", *SHORT, *overrides],
-        cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=err, text=True)
-    proc.err_path = err.name
-    return proc
-
-
-def ranks(proc) -> dict[int, int]:
-    """{rank: pid} of torchrun's worker processes, from their environment."""
-    import psutil
-
-    found = {}
-    for child in psutil.Process(proc.pid).children():
-        env = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
-        rank = [e for e in env if e.startswith(b"RANK=")]
-        if rank:
-            found[int(rank[0][5:])] = child.pid
-    return found
-
-
-def wait_for(predicate, proc, timeout=240, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {what}: "
-                                 f"{Path(proc.err_path).read_text()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def logged_step(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    steps = [r["step"] for r in map(json.loads, path.read_text().splitlines())
-             if "loss" in r] if path.exists() else []
-    return max(steps, default=0)
+    """torchrun with 2 ranks in the background; its output goes to out/../NAME.log."""
+    return start_train(TINY, f"data.path={data}", f"output_dir={out}", *SHORT, *overrides,
+                       log=out.parent / f"{out.name}.log", env=env)
 
 
 def in_phase(out: Path, phase: str) -> bool:
@@ -85,7 +45,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
                  # work is ~0.05-0.2 s here, so 0.1 s more makes 1.3-1.7x
                  "stragglers.ratio=1.2", env={"TRAIN_FAULT_SLOW_RANK": "1:0.1"})
     try:
-        wait_for(lambda: logged_step(out) >= 20, proc, what="step 20")
+        wait_for(lambda: logged_step(out) >= 20, 240, "step 20", proc, every=0.2)
         frozen = ranks(proc)[0]
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.time()
@@ -96,7 +56,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
             proc.kill()
         for pid in ranks(proc).values() if proc.poll() is None else ():
             os.kill(pid, signal.SIGKILL)
-    log = Path(proc.err_path).read_text()
+    log = proc.log.read_text()
     assert proc.returncode != 0
     assert ended < 70, ended  # the step timeout (10 s) + 60 s
     print(f"ended {ended:.0f} s after the SIGSTOP")
@@ -105,7 +65,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
     line = [ln for ln in log.splitlines() if "watchdog: step at step" in ln]  # maybe after tqdm's
     assert len(line) == 1, log[-5000:]
     assert "made no progress" in line[0] and "on rank 1" in line[0]
-    assert f"ranks that did not arrive: 0 (host " in line[0] and f"pid {frozen}: silent" in line[0]
+    assert "ranks that did not arrive: 0 (host " in line[0] and f"pid {frozen}: silent" in line[0]
     assert "Python stacks of rank 1" in log and "most recent call first" in log
     assert "train/run/trainer.py" in log  # the live rank's stack shows where it waits
     # no process left behind: the frozen rank was killed by torchrun
@@ -113,7 +73,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
         "Z" in Path(f"/proc/{frozen}/stat").read_text().split()[2]
 
     # the slow rank, in metrics.jsonl at every logging step and in one warning line
-    records = [r for r in metrics(out) if "loss" in r]
+    records = [r for r in read_metrics(out) if "loss" in r]
     for key in ("slowest_rank", "slowest_host", "slowest_rank_step_s", "median_rank_step_s",
                 "rank_spread"):
         assert key in records[0], key
@@ -125,18 +85,6 @@ def test_a_frozen_rank_is_named_and_the_job_ends_within_the_step_timeout(stdlib_
     warnings = [ln for ln in log.splitlines() if "is a straggler" in ln]
     assert len(warnings) == 1, warnings  # at most once per warn_every (1000) steps
     assert "warning: rank 1 on " in warnings[0]
-
-
-def signal_ranks_when(proc, predicate, what: str, sig) -> None:
-    """Once predicate() holds, send sig to every rank and wait for the run to end."""
-    try:
-        wait_for(predicate, proc, what=what)
-        for pid in ranks(proc).values():
-            os.kill(pid, sig)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data, tmp_path):
@@ -153,7 +101,7 @@ def test_sigterm_in_each_start_up_phase_and_mid_run_is_a_clean_stop(stdlib_data,
             signal_ranks_when(proc, lambda: in_phase(out, phase), phase, signal.SIGTERM)
         else:
             signal_ranks_when(proc, lambda: logged_step(out) >= 10, "step 10", signal.SIGTERM)
-        log = Path(proc.err_path).read_text()
+        log = Path(proc.log).read_text()
         assert proc.returncode == 0, log[-3000:]
         assert re.search(expected, log), log[-3000:]
         return log

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, run_cli
+from helpers import REPO, TINY, free_port, run_cli
 
-TINY = str(REPO / "configs" / "tiny-clm.yaml")
 ENV = {"DS_ACCELERATOR": "cpu"}
 
 
@@ -442,6 +441,16 @@ def test_a_corrupt_validation_shard_is_refused_like_a_train_shard(prepared, tmp_
 # Ctrl-C is a clean stop
 # ---------------------------------------------------------------------------------------------
 
+def start_long_run(data: Path, out: Path):
+    """A 2-rank run that would train for minutes, in the background, to be stopped."""
+    from helpers import start_train
+
+    return start_train(TINY, f"data.path={data}", f"output_dir={out}",
+                       "per_device_train_batch_size=4", "logging_steps=5", "eval_max_batches=2",
+                       "max_steps=2000", "eval_steps=1000", "save_steps=10000",
+                       log=out.parent / f"{out.name}.log")
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(stdlib_data, tmp_path):
     """SIGINT (what Ctrl-C sends every process of the terminal's group) to each rank mid-run: a
@@ -449,12 +458,12 @@ def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(stdlib_data, tmp_path):
     import re
     import signal
 
-    from test_hangs import logged_step, signal_ranks_when, start
+    from helpers import logged_step, signal_ranks_when
 
     out = tmp_path / "run"
-    proc = start(stdlib_data, out, "max_steps=2000", "eval_steps=1000", "save_steps=10000")
+    proc = start_long_run(stdlib_data, out)
     signal_ranks_when(proc, lambda: logged_step(out) >= 5, "step 5", signal.SIGINT)
-    log = Path(proc.err_path).read_text()
+    log = Path(proc.log).read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     step = int(re.search(r"SIGINT: checkpoint saved at step (\d+)", log).group(1))
@@ -508,12 +517,12 @@ def test_killing_torchrun_leaves_no_rank_behind(stdlib_data, tmp_path):
 
     import psutil
 
-    from test_hangs import logged_step, ranks, start, wait_for
+    from helpers import logged_step, ranks, wait_for
 
     out = tmp_path / "run"
-    proc = start(stdlib_data, out, "max_steps=2000", "eval_steps=1000", "save_steps=10000")
+    proc = start_long_run(stdlib_data, out)
     try:
-        wait_for(lambda: logged_step(out) >= 5, proc, what="step 5")
+        wait_for(lambda: logged_step(out) >= 5, 300, "step 5", proc)
         workers = [psutil.Process(pid) for pid in ranks(proc).values()]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -523,5 +532,5 @@ def test_killing_torchrun_leaves_no_rank_behind(stdlib_data, tmp_path):
         for p in psutil.Process(os.getpid()).children(recursive=True):
             if "train" in " ".join(p.cmdline()):
                 p.kill()
-    log = Path(proc.err_path).read_text()
+    log = Path(proc.log).read_text()
     assert "SIGTERM: checkpoint saved at step" in log, log[-3000:]

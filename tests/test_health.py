@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, free_port
+import pytest
 
-TINY = str(REPO / "configs" / "tiny-clm.yaml")
+from helpers import REPO, TINY, free_port
 
 
 def start_rank(rank: int, world: int, port: int, args: list[str], checkout: Path, **env):
@@ -23,6 +23,7 @@ def start_rank(rank: int, world: int, port: int, args: list[str], checkout: Path
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_missing_gpus_other_code_and_too_little_space_end_the_job_before_training(prepared, tmp_path):
     """Three broken things at once, each as it reaches a rank: rank 1 runs a copy of the project
     with one changed line (another checkout on another node); its node was promised a GPU by

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import TINY, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "launcher_sbatch.txt"
-TINY = str(REPO / "configs" / "tiny-clm.yaml")
 
 
 OK = [TINY, "data.path={data}", "output_dir={out}"]

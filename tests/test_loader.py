@@ -3,33 +3,13 @@ resume (also under another world size), and integrity checks."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import EOS, random_docs, write_shard_dir
 from train.errors import DataError
 from train.data.loader import IGNORE_INDEX, FeistelPermutation, PackedLoader
-from train.data.shards import FORMAT_VERSION, ShardWriter
-
-EOS = 0
-
-
-def write_shard_dir(root: Path, docs: list[list[int]], shard_tokens: int, vocab_size=1000) -> list[int]:
-    """A shard directory written by the real ShardWriter; returns the token stream."""
-    root.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(root, "train", np.dtype(np.uint16), shard_tokens, [])
-    with_eos = [d + [EOS] for d in docs]
-    writer.add(np.array([t for d in with_eos for t in d]), np.array([len(d) for d in with_eos]))
-    records = writer.finish()
-    index = {"format": FORMAT_VERSION, "dtype": "uint16", "eos_id": EOS, "vocab_size": vocab_size,
-             "tokenizer_sha256": "test", "splits": {"train": {"shards": [r.__dict__ for r in records]}}}
-    (root / "index.json").write_text(json.dumps(index))
-    return [t for d in with_eos for t in d]
-
-
-def random_docs(rng, n, lengths=(1, 2, 5, 17, 60, 300)) -> list[list[int]]:
-    return [list(rng.integers(1, 1000, size=int(rng.choice(lengths)))) for _ in range(n)]
 
 
 def reference_sample(stream: list[int], k: int, L: int, max_positions: int | None):

@@ -15,12 +15,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import TRICKY_DOCS, free_port, many_docs, run_cli, write_jsonl
-from test_loader import random_docs, write_shard_dir
+from helpers import (TINY, TRICKY_DOCS, many_docs, random_docs, read_metrics, run_cli,
+                     run_train, write_jsonl, write_shard_dir)
 from train.errors import DataError
 from train.data.mixture import MAX_PERIOD, MixtureLoader, MixtureSchedule
-
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-clm.yaml")
 
 
 def realized(schedule: MixtureSchedule, n: int) -> np.ndarray:
@@ -284,6 +282,7 @@ def test_the_processes_refuse_before_starting_or_queueing(stdlib_data, small_cor
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_train_on_a_mixture_with_per_source_eval_and_resume(stdlib_data, small_corpus,
                                                                      tmp_path):
     """The embedded corpus 1:1 with the small corpus (38 samples, so it starts a second epoch), 2 ranks, stopped after step 6 (checkpoint
@@ -297,18 +296,15 @@ def test_two_ranks_train_on_a_mixture_with_per_source_eval_and_resume(stdlib_dat
               "eval_max_batches=2", "save_steps=100", *mixture_args(
                   f"{{path: {stdlib_data}, weight: 1, name: stdlib}}",
                   f"{{path: {small_corpus}, weight: 1, max_epochs: 2, name: prose}}")]
-    env = {"DS_ACCELERATOR": "cpu"}
-    res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2",
-                  f"--master_port={free_port()}", "-m", "train", *common,
-                  "per_device_train_batch_size=4",
-                  env={**env, "TRAIN_EXIT_AFTER_STEPS": "6"}, timeout=300)
+    res = run_train(*common, "per_device_train_batch_size=4",
+                    env={"TRAIN_EXIT_AFTER_STEPS": "6"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "checkpoints" / "step-00000006").exists() and not (out / "final").exists()
-    res = run_cli("-m", "train", *common, "per_device_train_batch_size=8", env=env, timeout=300)
+    res = run_train(*common, "per_device_train_batch_size=8", nproc=1)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "saved by 2 ranks, now 1" in res.stderr
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]
     for r in evals:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import REPO, free_port, run_cli
+from helpers import REPO, read_metrics, run_cli, run_train
 
 CONFIG = str(REPO / "configs" / "tiny-mlm.yaml")
 
@@ -58,16 +58,16 @@ def exported_eval_loss(final, data, seq_len: int, seed: int) -> float:
 from train.data.loader import PackedLoader  # noqa: E402  (used by the helper above)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_masked_lm(mlm_corpus, tmp_path, stage):
     out = tmp_path / "run"
-    res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                  "-m", "train", CONFIG, f"data.path={mlm_corpus}", f"output_dir={out}",
-                  "max_steps=40", "logging_steps=5", "eval_steps=20", "save_steps=20",
-                  "per_device_train_batch_size=8", "data.seq_len=64", "eval_max_batches=null",
-                  f"deepspeed.zero_stage={stage}", env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    res = run_train(CONFIG, f"data.path={mlm_corpus}", f"output_dir={out}",
+                    "max_steps=40", "logging_steps=5", "eval_steps=20", "save_steps=20",
+                    "per_device_train_batch_size=8", "data.seq_len=64", "eval_max_batches=null",
+                    f"deepspeed.zero_stage={stage}")
     assert res.returncode == 0, res.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     # from ~6 nats (uniform over 400 ids) the tiny BERT learns the corpus' unigram statistics

@@ -1,4 +1,5 @@
-"""train.ner_metrics: hand-checked cases, and parity with the real seqeval when it is installed."""
+"""train.ner_metrics: hand-checked cases, and parity with the real seqeval (the test extra
+installs it; CI fails without it)."""
 from __future__ import annotations
 
 import random
@@ -6,6 +7,7 @@ import warnings
 
 import pytest
 
+from helpers import require_module
 from train.ner_metrics import EntityCounter, get_entities
 
 
@@ -134,7 +136,7 @@ def _random_corpus(rng: random.Random, vocab: list[str]):
 
 
 def test_parity_with_seqeval():
-    pytest.importorskip("seqeval")
+    require_module("seqeval")
     from seqeval import metrics
     from seqeval.metrics.sequence_labeling import get_entities as ref_get_entities
 

@@ -38,6 +38,7 @@ def slurm_task_env(rank: int, job_id: str, restart: str = "0") -> dict:
             "SLURM_RESTART_COUNT": restart, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_two_jobs_whose_ids_differ_by_20000_do_not_collide(tmp_path):
     # The port the old derivation gave job 4242 (and job 24242) is taken by another job.
     with socket.socket() as other_job:

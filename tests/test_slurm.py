@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import REPO, TINY, losses, run_cli, skip_or_fail, wait_for
 
-NEEDS_SLURM = pytest.mark.skipif(
-    shutil.which("slurmctld") is None or os.geteuid() != 0,
-    reason="needs root and Debian's slurm-wlm + munge (.ci/run installs them)")
+pytestmark = pytest.mark.slow  # a test Slurm cluster and 2-node jobs
 COMMON = ["max_steps=60", "logging_steps=5", "eval_strategy=no", "save_steps=20",
           "per_device_train_batch_size=4"]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        skip_or_fail("the Slurm tests need root and Debian's slurm-wlm + munge "
+                     "(.ci/run installs them)")
     state = tmp_path_factory.mktemp("slurm")
     start = subprocess.run([str(REPO / "slurm" / "testcluster.sh"), "start", str(state)],
                            capture_output=True, text=True, timeout=120)
@@ -38,12 +39,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stdlib-slurm")
-    res = run_cli("-m", "train.prepare", "--input", "python-stdlib", "--output", str(out),
-                  "--train-tokenizer", "2048", "--no-progress")
-    assert res.returncode == 0, res.stderr
-    return out
+def data(stdlib_data):
+    """The session's stdlib shards (tests/conftest.py), prepared once for the whole suite."""
+    return stdlib_data
 
 
 def slurm(env, *args, check=True) -> str:
@@ -63,7 +61,7 @@ def sbatch(env, data: Path, out: Path, *overrides, options=()) -> str:
     out.mkdir(parents=True, exist_ok=True)
     return slurm(env, "sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1",
                  f"--output={out}/slurm-%j.out", *options, str(REPO / "slurm" / "clm.sh"),
-                 str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                 TINY, f"data.path={data}",
                  f"output_dir={out / 'run'}", *COMMON, *overrides).strip().split(";")[0]
 
 
@@ -113,20 +111,6 @@ def wait(env, job: str, timeout=400, release_requeued=True) -> str:
     raise AssertionError(f"job {job} still {state} after {timeout}s")
 
 
-def wait_for(predicate, timeout=300, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def losses(run: Path) -> dict:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def reference(cluster, data, tmp_path_factory):
     """An uninterrupted 2-node job: what the preempted ones must reproduce."""
@@ -136,7 +120,6 @@ def reference(cluster, data, tmp_path_factory):
     return out / "run"
 
 
-@NEEDS_SLURM
 def test_sbatch_script_trains_on_two_nodes(reference):
     log = next(reference.parent.glob("slurm-*.out")).read_text()
     assert "node health: 2 host(s), 2 rank(s) ok" in log  # node1 and node2, before step 1
@@ -146,12 +129,11 @@ def test_sbatch_script_trains_on_two_nodes(reference):
     assert (reference / "final" / "model.safetensors").exists()
 
 
-@NEEDS_SLURM
 def test_launcher_submits_through_submitit_and_waits(cluster, data, tmp_path, reference):
     out = tmp_path / "launched"
     secret = "hf_NotARealTokenButSecret1234"  # the user's token, in the submitting environment
     res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--cluster", "slurm",
-                  "--wait", str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  "--wait", TINY, f"data.path={data}",
                   f"output_dir={out}", *COMMON, env={**cluster, "HF_TOKEN": secret}, timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert "submitted job" in res.stdout and "logs:" in res.stdout and "completed" in res.stdout
@@ -165,7 +147,6 @@ def test_launcher_submits_through_submitit_and_waits(cluster, data, tmp_path, re
     assert [f for f in written if secret.encode() in f.read_bytes()] == []
 
 
-@NEEDS_SLURM
 def test_warning_signal_checkpoints_requeues_and_finishes_identically(cluster, data, tmp_path, reference):
     out = tmp_path / "signalled"
     job = sbatch(cluster, data, out, "save_steps=1000")  # no periodic checkpoint to fall back on
@@ -180,7 +161,6 @@ def test_warning_signal_checkpoints_requeues_and_finishes_identically(cluster, d
     assert losses(out / "run") == losses(reference)
 
 
-@NEEDS_SLURM
 def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cluster, data, tmp_path, reference):
     out = tmp_path / "requeued"
     job = sbatch(cluster, data, out)
@@ -192,11 +172,10 @@ def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cluster, data, t
     assert losses(out / "run") == losses(reference)
 
 
-@NEEDS_SLURM
 def test_a_failing_rank_ends_the_job_promptly_with_its_error(cluster, data, tmp_path):
     started = time.time()
     res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
-                  str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  TINY, f"data.path={data}",
                   f"output_dir={tmp_path / 'fails'}", *COMMON,
                   env={**cluster, "TRAIN_FAULT_RAISE_AT": "1:5"}, timeout=400)
     assert res.returncode == 1
@@ -204,17 +183,15 @@ def test_a_failing_rank_ends_the_job_promptly_with_its_error(cluster, data, tmp_
     assert time.time() - started < 180  # not the 30-minute collective timeout
 
 
-@NEEDS_SLURM
 def test_sbatch_refusal_is_one_readable_line(cluster, data, tmp_path):
     res = run_cli("-m", "launcher", "--nodes", "2", "--partition", "nosuchpartition",
-                  str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+                  TINY, f"data.path={data}",
                   f"output_dir={tmp_path / 'refused'}", env=cluster)
     assert res.returncode == 2
     assert "sbatch refused the job:" in res.stderr and "Traceback" not in res.stderr
     assert "partition" in res.stderr.lower()
 
 
-@NEEDS_SLURM
 def test_mlm_sbatch_script_trains_bert_on_two_nodes(cluster, corpus_dir, tmp_path):
     data = tmp_path / "mlm-data"
     res = run_cli("-m", "train.prepare", "--task", "mlm", "--input", str(corpus_dir / "a.jsonl"),
@@ -234,7 +211,6 @@ def test_mlm_sbatch_script_trains_bert_on_two_nodes(cluster, corpus_dir, tmp_pat
     assert AutoModelForMaskedLM.from_pretrained(out / "run" / "final").config.model_type == "bert"
 
 
-@NEEDS_SLURM
 def test_node_local_output_dir_ends_the_job_before_training(cluster, data, tmp_path):
     """The classic silent failure: output_dir on a node-local disk. Each test node mounts its
     own directory at DIR/scratch (slurm/testcluster.sh); rank 1 on node2 does not find rank 0's
@@ -258,21 +234,19 @@ def test_node_local_output_dir_ends_the_job_before_training(cluster, data, tmp_p
     assert not metrics.exists() or "loss" not in metrics.read_text()
 
 
-@NEEDS_SLURM
 @pytest.mark.parametrize("flag,value,expected", [
     ("--nodes", "4", "--nodes 4: partition debug has 2 node(s); lower --nodes"),
     ("--time", "2-00:00:00", "partition debug allows at most 1-00:00:00 (MaxTime); lower --time"),
 ])
 def test_a_request_beyond_the_partition_is_refused_before_sbatch(cluster, data, tmp_path, flag,
                                                                  value, expected):
-    res = run_cli("-m", "launcher", flag, value, str(REPO / "configs" / "tiny-clm.yaml"),
+    res = run_cli("-m", "launcher", flag, value, TINY,
                   f"data.path={data}", f"output_dir={tmp_path / 'o'}", env=cluster)
     assert res.returncode == 2, res.stdout + res.stderr[-2000:]
     assert expected in res.stderr and "Traceback" not in res.stderr
     assert "submitted" not in res.stdout
 
 
-@NEEDS_SLURM
 def test_wait_reports_a_job_that_can_never_start_and_leaves_it_queued(cluster, data, tmp_path):
     """The request fits when submitted (the partition is down for maintenance: a reason that
     clears, so --wait waits), then the partition shrinks to 1 node: the 2-node job can never
@@ -283,7 +257,7 @@ def test_wait_reports_a_job_that_can_never_start_and_leaves_it_queued(cluster, d
     try:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
-             str(REPO / "configs" / "tiny-clm.yaml"), f"data.path={data}",
+             TINY, f"data.path={data}",
              f"output_dir={tmp_path / 'o'}", *COMMON], cwd=REPO, text=True,
             env={**os.environ, **cluster, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -306,13 +280,12 @@ def test_wait_reports_a_job_that_can_never_start_and_leaves_it_queued(cluster, d
         slurm(cluster, *part, "MaxNodes=UNLIMITED", "State=UP")
 
 
-@NEEDS_SLURM
 def test_a_failed_prepare_ends_the_chain_and_the_launcher_says_why(cluster, tmp_path):
     """--prepare with an input that does not exist: the prepare job fails in seconds, Slurm
     cancels the training job that depended on it, and --wait exits 1 with prepare's error."""
     res = run_cli("-m", "launcher", "--nodes", "2", "--tasks-per-node", "1", "--wait",
                   "--prepare", f"--input {tmp_path}/missing.jsonl --output {tmp_path}/data "
-                  "--train-tokenizer 300", str(REPO / "configs" / "tiny-clm.yaml"),
+                  "--train-tokenizer 300", TINY,
                   f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'o'}", env=cluster,
                   timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr[-3000:]
@@ -324,7 +297,6 @@ def test_a_failed_prepare_ends_the_chain_and_the_launcher_says_why(cluster, tmp_
              what="Slurm to cancel the dependent job (--kill-on-invalid-dep)")
 
 
-@NEEDS_SLURM
 def test_a_frozen_rank_ends_the_attempt_and_the_job_requeues_and_finishes_identically(
         cluster, data, tmp_path, reference):
     """SIGSTOP on rank 0 after the step-20 checkpoint: rank 1's watchdog names it, prints its
@@ -348,7 +320,6 @@ def test_a_frozen_rank_ends_the_attempt_and_the_job_requeues_and_finishes_identi
     assert rank_pids(job) == {}  # nothing of the job left on the nodes
 
 
-@NEEDS_SLURM
 def test_sigterm_in_start_up_requeues_and_a_repeat_without_progress_is_not_requeued(
         cluster, data, tmp_path):
     """SIGTERM (what scancel and preemption send) while the ranks start: a clean stop and a
@@ -379,7 +350,6 @@ def test_sigterm_in_start_up_requeues_and_a_repeat_without_progress_is_not_reque
         (out / "run" / "checkpoints").glob("step-*"))
 
 
-@NEEDS_SLURM
 def test_walltime_without_a_warning_signal_saves_requeues_and_finishes_identically(
         cluster, data, tmp_path, reference):
     """A 3-minute job whose warning signal would come only 10 s before the end: the trainer stops
@@ -396,8 +366,6 @@ def test_walltime_without_a_warning_signal_saves_requeues_and_finishes_identical
     assert losses(out / "run") == losses(reference)
 
 
-@NEEDS_SLURM
-@pytest.mark.slow
 def test_each_checkpoint_is_evaluated_by_its_own_job_and_merged_into_the_metrics(cluster, data,
                                                                                  tmp_path):
     """eval_harness where: slurm: the saves at steps 20, 40 and 60 each submit an eval job; the

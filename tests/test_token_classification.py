@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from helpers import REPO, run_cli, synthetic_ner, write_conll, write_jsonl
+from helpers import (REPO, read_metrics, run_cli, run_train, synthetic_ner, write_conll,
+                     write_jsonl)
 from train.data.loader import IGNORE_INDEX, PackedLoader
 from train.tasks import TokenClassification
 
@@ -133,15 +134,14 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
     assert not (out / "index.json").exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_reach_high_f1_and_the_export_works_in_the_pipeline(ner_data, tmp_path):
     out = tmp_path / "run"
-    res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2",
-                  f"--master_port={__import__('helpers').free_port()}", "-m", "train", CONFIG,
-                  f"data.path={ner_data}", f"output_dir={out}", "max_steps=60", "eval_steps=30",
-                  "logging_steps=10", "save_steps=30", "per_device_train_batch_size=8",
-                  "data.seq_len=64", env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    res = run_train(CONFIG, f"data.path={ner_data}", f"output_dir={out}", "max_steps=60",
+                    "eval_steps=30", "logging_steps=10", "save_steps=30",
+                    "per_device_train_batch_size=8", "data.seq_len=64")
     assert res.returncode == 0, res.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     evals = [r for r in records if "eval_loss" in r]
     for key in ("eval_precision", "eval_recall", "eval_f1", "eval_accuracy"):
         assert all(0.0 <= r[key] <= 1.0 for r in evals), key

@@ -15,8 +15,7 @@ from train.errors import UsageError
 from train.run import trackers
 from train.run.trackers import Trackers
 
-from helpers import run_cli
-from test_train import TINY, metrics, train
+from helpers import TINY, read_metrics, run_cli, run_train
 
 SECRET = "wandb_v1_NotARealKeyButSecret0123456789abcdef"  # a user's key, in the environment
 
@@ -187,16 +186,16 @@ def test_two_ranks_killed_and_resumed_log_one_run_per_tracker_equal_to_metrics(
     # rank 1 dies after step 6: the checkpoint is step 4. Rank 0's steps are slowed so that its
     # trackers (a few seconds to open) are likely to have been sent steps 5-6, which then run
     # twice; a tracker that had not caught up gets the kept records on resume.
-    killed = train(stdlib_data, out, *args, env={**env, "TRAIN_FAULT_RAISE_AT": "1:6",
-                                                 "TRAIN_FAULT_SLOW_RANK": "0:2"})
+    killed = run_train(TINY, f"data.path={stdlib_data}", f"output_dir={out}", *args,
+                       env={**env, "TRAIN_FAULT_RAISE_AT": "1:6", "TRAIN_FAULT_SLOW_RANK": "0:2"})
     assert killed.returncode != 0
     state = out / "trackers.json"
     sent_first = json.loads(state.read_text()) if state.exists() else {}
     print("sent before the kill:", sent_first)
-    res = train(stdlib_data, out, *args, env=env)
+    res = run_train(TINY, f"data.path={stdlib_data}", f"output_dir={out}", *args, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "report_to" not in res.stderr  # no tracker was dropped
-    expected = by_step(metrics(out))
+    expected = by_step(read_metrics(out))
     assert sorted(expected) == [0, 2, 4, 6, 8]
     ids = json.loads((out / "trackers.json").read_text())
 

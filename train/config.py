@@ -50,10 +50,11 @@ class MixtureSource:
 class DataSection:
     path: str | None = ""             # a shard directory from `python -m train.prepare`
     mixture: list | None = field(default=None, metadata={"items": MixtureSource})
-                                      # or several, with weights: [{path, weight}, ...]
-    seq_len: int = 1024
-    verify: str = "sample"            # sample | full | none: shard integrity check at start
-    validation_split: str = "validation"
+                                      # instead of path: several shard directories with
+                                      # weights, [{path, weight}, ...] (data.mixture[] below)
+    seq_len: int = 1024               # tokens per training window (packed documents)
+    verify: str = "sample"            # shard checksums at start: sampled, every byte, or none
+    validation_split: str = "validation"  # the split of the shard directory that eval reads
     mlm_probability: float = 0.15     # task: mlm, the share of tokens (or words) selected
     whole_word_masking: bool = False  # task: mlm, select whole words rather than tokens
     label_all_tokens: bool = False    # task: token-classification, label a word's continuation
@@ -62,14 +63,14 @@ class DataSection:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
+    zero_stage: int = 2               # DeepSpeed ZeRO stage, 0-3 (ignored with deepspeed.config)
     config: dict | str | None = None  # a full DeepSpeed JSON (dict or path); "auto" values resolved
 
 
 @dataclass
 class KernelsSection:
-    attention: str = "auto"           # auto | triton | torch
-    cross_entropy: str = "auto"
+    attention: str = "auto"           # varlen attention: auto is Triton on CUDA, else PyTorch
+    cross_entropy: str = "auto"       # the fused linear cross-entropy loss: the same choice
 
 
 @dataclass
@@ -84,12 +85,12 @@ class WatchdogSection:
     """How long each phase of a rank may go without progress before the job is ended (seconds;
     train/run/watchdog.py). A phase that reports progress (eval batches, bytes of a save) restarts
     its clock, so a long but progressing eval or save never trips it."""
-    enabled: bool = True
+    enabled: bool = True               # false: no watchdog thread
     startup_s: float = 1800.0          # process start to a built engine: model, data, rendezvous
     first_step_s: float = 1800.0       # the first step (compilation, allocator warm-up)
     step_s: float | None = None        # null: max(step_floor_s, step_factor x median step)
-    step_floor_s: float = 300.0
-    step_factor: float = 20.0
+    step_floor_s: float = 300.0        # the least a step may take when step_s is null
+    step_factor: float = 20.0          # times the median step, when step_s is null
     eval_s: float | None = None        # one eval batch; null: the step rule
     checkpoint_s: float = 1800.0       # a save, load or export without a byte written
 
@@ -99,9 +100,9 @@ class StragglerSection:
     """A rank whose own work per step (data and forward, timed before it waits for the others)
     is `ratio` x the median over ranks for `windows` logging steps in a row is named in one
     warning line, at most once per `warn_every` steps."""
-    ratio: float = 1.3
-    windows: int = 3
-    warn_every: int = 500
+    ratio: float = 1.3                # slowest rank's own step time / the median, > 1
+    windows: int = 3                  # logging steps in a row
+    warn_every: int = 500             # steps between two warnings about stragglers
 
 
 @dataclass
@@ -113,7 +114,7 @@ class EvalHarnessSection:
                                       # stdlib_next_line (offline, from the validation split)
     every: int | None = None          # null: each saved checkpoint; N: steps that are multiples
     limit: int | None = None          # examples per task (null: all)
-    batch_size: int = 8
+    batch_size: int = 8               # the harness's batch size (sequences per forward)
     where: str = "inline"             # inline | slurm: a job of its own per checkpoint (inline
                                       # when the run is not a Slurm job)
     partition: str | None = None      # slurm: the eval jobs' partition (null: the default one)
@@ -124,36 +125,36 @@ class EvalHarnessSection:
 
 @dataclass
 class Config:
-    task: str = "clm"
-    output_dir: str = "runs/default"
+    task: str = "clm"                 # what is trained: the model head, labels and metrics
+    output_dir: str = "runs/default"  # metrics.jsonl, checkpoints/ and final/ (shared by nodes)
     resume: str = "auto"              # auto (latest complete checkpoint, if any) | never | a path
     overwrite_output_dir: bool = False  # resume: never over existing checkpoints replaces them
     resume_accept_config_changes: list[str] | None = None  # keys allowed to differ on resume
                                       # although they change the math (train/run/config_drift.py)
     checkpoint_conversion_timeout_s: float = 1800.0  # the least the ranks wait for a checkpoint's
                                       # conversion to another world size (more for a big one)
-    learning_rate: float = 5e-5
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 3.0
+    learning_rate: float = 5e-5       # the peak, after warmup (AdamW)
+    per_device_train_batch_size: int = 8  # sequences of data.seq_len per rank per micro-batch
+    per_device_eval_batch_size: int = 8   # the same, for eval
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = -1               # optimizer steps; -1: num_train_epochs decides
+    num_train_epochs: float = 3.0     # passes over the training windows (when max_steps is -1)
     warmup_steps: float = 0           # >= 1: steps; < 1: a fraction of the run (transformers 5)
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    fp16: bool = False
-    seed: int = 42
-    logging_steps: int = 10
-    eval_strategy: str = "steps"      # steps | no
+    lr_scheduler_type: str = "linear"  # the decay after warmup, as transformers' schedules
+    weight_decay: float = 0.0         # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9           # AdamW's first-moment decay, in [0, 1)
+    adam_beta2: float = 0.999         # AdamW's second-moment decay, in [0, 1)
+    adam_epsilon: float = 1e-8        # AdamW's denominator term, > 0
+    max_grad_norm: float = 1.0        # clip the global gradient norm to this; 0: no clipping
+    bf16: bool = False                # bfloat16 mixed precision (DeepSpeed's bf16)
+    fp16: bool = False                # float16 mixed precision with loss scaling (DeepSpeed's)
+    seed: int = 42                    # model init, data order, masking and dropout
+    logging_steps: int = 10           # a metrics.jsonl record every this many steps
+    eval_strategy: str = "steps"      # evaluate every eval_steps (and at start and end), or never
     eval_steps: int | None = None     # default: logging_steps
-    eval_max_batches: int | None = None
-    save_steps: int = 500
-    save_total_limit: int | None = 2
+    eval_max_batches: int | None = None  # cap on eval batches per rank; null: the whole split
+    save_steps: int = 500             # a checkpoint every this many steps
+    save_total_limit: int | None = 2  # checkpoints kept (the oldest deleted); null: all
     nonfinite: str = "stop"           # stop | skip: a non-finite loss or gradient norm
     report_to: str | list[str] = "none"  # none | all | tensorboard, wandb, mlflow: a list or
                                       # "a,b" (TrainingArguments' form; train/run/trackers.py)

@@ -12,7 +12,7 @@ and resume under W' ranks with no sample lost or repeated (Megatron-LM, torchtit
 tie their loader state to the rank count). The epoch permutation is a keyed Feistel network:
 O(1) memory however many samples there are.
 
-A batch follows the packed-batch contract (README.md, "The packed loader"):
+A batch follows the packed-batch contract (docs/data.md, "The packed loader"):
   input_ids, labels, position_ids  [B, seq_len] int64; positions restart at each document
   cu_seqlens                       int32 [segments + 1] over the flattened batch
   max_seqlen                       int

@@ -1,6 +1,6 @@
 """The on-disk shard format: flat token files plus `index.json`.
 
-Layout of a prepared directory (README.md, "The shard directory"):
+Layout of a prepared directory (docs/data.md, "The shard directory"):
 
     index.json            written last; its presence means the directory is complete
     train-00000.bin       raw little-endian token ids (uint16 or uint32), an EOS after every doc
