@@ -138,6 +138,12 @@ class Config:
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
     requeue_without_progress: int = 3
+    # Activation checkpointing (the Trainer's names): each checkpointed decoder layer keeps only
+    # its input and recomputes the rest in the backward (docs/memory.md has the measured costs).
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | None = None  # to torch.utils.checkpoint.checkpoint;
+                                      # use_reentrant must stay false (the default here)
+    gradient_checkpointing_every_n_layers: int = 1  # 2: every other layer (memory back for speed)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -325,6 +331,18 @@ def check(cfg: Config) -> None:
                          f"{cfg.resume!r}; set resume: never with it, or drop overwrite_output_dir "
                          f"to continue from the checkpoints")
     check_ranges(cfg)
+    check_checkpointing(cfg)
+
+
+def check_checkpointing(cfg: Config) -> None:
+    """Non-reentrant checkpointing only: the reentrant kind drops the keyword inputs of a layer
+    (the packed batch's cu_seqlens and positions) from the recomputation's graph and replays
+    dropout only under its own RNG handling."""
+    kwargs = cfg.gradient_checkpointing_kwargs or {}
+    if kwargs.get("use_reentrant", False):
+        raise UsageError("gradient_checkpointing_kwargs.use_reentrant: true is not supported (the "
+                         "packed batch's side inputs reach the layers as keywords, which reentrant "
+                         "checkpointing does not recompute); drop the key or set it to false")
 
 
 def check_mixture(cfg: Config) -> None:
@@ -383,6 +401,8 @@ RANGES = {
     "stragglers.ratio": (lambda x: x > 1, "> 1 (the slowest rank over the median)"),
     "stragglers.windows": (lambda x: x >= 1, "at least 1 logging step"),
     "stragglers.warn_every": (lambda x: x >= 1, "at least 1 step"),
+    "gradient_checkpointing_every_n_layers": (lambda x: x >= 1,
+                                              "at least 1 (1: every layer, 2: every other one)"),
 }
 
 

@@ -169,6 +169,20 @@ def build_hf_model(model_section, hf_config, auto_class: str, model_kwargs: dict
     return auto_model.from_config(hf_config, dtype=torch.float32)
 
 
+def enable_activation_checkpointing(hf_model, every_n_layers: int = 1,
+                                    checkpoint_kwargs: dict | None = None) -> None:
+    """Checkpoint every `every_n_layers`-th decoder layer (transformers' per-layer flag), non-
+    reentrant: the layer's keyword inputs (cu_seq_lens_q, max_length_q, position_ids) are bound
+    into the recomputed call, and the RNG state (dropout) is replayed. Only while training with
+    gradients: eval and generation run the layers as they are."""
+    if not hf_model.supports_gradient_checkpointing:
+        raise UsageError(f"gradient_checkpointing: {type(hf_model).__name__} does not support "
+                         f"activation checkpointing; set gradient_checkpointing: false")
+    hf_model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={**(checkpoint_kwargs or {}), "use_reentrant": False},
+        every_n_layers=every_n_layers)
+
+
 def max_positions(hf_config, architecture: str) -> int | None:
     """How many positions the model's position table holds (RoBERTa's first ones are reserved)."""
     for attr in ("max_position_embeddings", "n_positions"):

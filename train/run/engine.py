@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.run.distributed import DistEnv, forget_rendezvous, rendezvous_store
-from train.model import PackedModel
+from train.model import PackedModel, enable_activation_checkpointing
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -71,6 +71,9 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
 
     from train.config import warmup_steps
 
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(hf_model, cfg.gradient_checkpointing_every_n_layers,
+                                        cfg.gradient_checkpointing_kwargs)
     model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy)
     optimizer = lr_scheduler = None
     if "optimizer" not in ds_config:
