@@ -74,6 +74,8 @@ class HealthSection:
     min_free_gb: float = 0.0          # free space to keep on output_dir's file system beyond
                                       # two checkpoints (the export, logs, a shared scratch's
                                       # other users); checked on every node at job start
+    gpu_memory_gb: float | None = None  # each GPU's memory, for the memory plan where the
+                                      # launcher cannot know it (a GPU rank reads its own)
 
 
 @dataclass
@@ -320,6 +322,8 @@ def check(cfg: Config) -> None:
         raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
     if cfg.health.min_free_gb < 0:
         raise UsageError(f"health.min_free_gb must be >= 0, got {cfg.health.min_free_gb}")
+    if cfg.health.gpu_memory_gb is not None and cfg.health.gpu_memory_gb <= 0:
+        raise UsageError(f"health.gpu_memory_gb must be > 0, got {cfg.health.gpu_memory_gb}")
     if cfg.warmup_steps < 0:
         raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

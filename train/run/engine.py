@@ -22,6 +22,14 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
 
 
+def device_memory(local_rank: int) -> int | None:
+    """The bytes of this rank's GPU, for the memory plan; None on CPU (nothing to check)."""
+    device = pick_device(local_rank)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def start_process_group(device: torch.device, env: DistEnv, rendezvous_dir: Path) -> None:
     """The process group, through the rendezvous train/run/distributed.py describes; DeepSpeed then
     adopts it (its init_distributed wraps a group that exists)."""
