@@ -32,14 +32,20 @@ def test_activations_by_hand():
     # GPT-2: 18 x hidden + 4 x intermediate values per token and layer = 136 values, 4 bytes
     full = activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
                             dtype_bytes=4, every_n_layers=None)
-    assert full == 3 * 5 * 4 * 136
-    # every layer checkpointed: 3 inputs of 4 values, plus one layer recomputed in the backward
+    outside = 5 * 4 * 4 * 4  # 4 x hidden values per token outside the layers
+    assert full == outside + 3 * 5 * 4 * 136
+    # every layer checkpointed: 3 inputs of 4 values
     every = activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
                              dtype_bytes=4, every_n_layers=1)
-    assert every == 3 * 5 * 4 * 4 + 5 * 4 * 136
-    # every 2nd: layers 0 and 2 keep their input, layer 1 all of it, plus the recomputed one
+    assert every == outside + 3 * 5 * 4 * 4
+    # every 2nd: layers 0 and 2 keep their input, layer 1 all of it
     assert activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
-                            dtype_bytes=4, every_n_layers=2) == 2 * 5 * 4 * 4 + 2 * 5 * 4 * 136
+                            dtype_bytes=4, every_n_layers=2) == outside + (2 * 5 * 4 * 4
+                                                                           + 5 * 4 * 136)
+    # the layer the backward recomputes is its own term
+    plan = memory_plan(SHAPE, stage=0, world=1, dtype_bytes=4, tokens=5, every_n_layers=1,
+                       ce_chunk_elements=8)
+    assert plan.terms["recompute"] == 5 * 4 * 136
 
 
 def test_plan_names_the_biggest_term_and_its_fix():

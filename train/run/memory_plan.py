@@ -13,6 +13,7 @@ device) and this module turns them into per-rank bytes, term by term:
   optimizer   Adam's two fp32 moments; ZeRO 1-3 shard them
   activations what the autograd graph keeps per layer for seq_len x micro-batch tokens, with and
               without checkpointing (constants measured: benchmarks/activation_memory.py)
+  recompute   with checkpointing, the one layer the backward recomputes at a time
   fused CE    one chunk of fp32 logits and their gradient (kernels/cross_entropy.py)
   temporaries an allowance: 10% of the above plus 1 GiB (CUDA context, allocator slack,
               communication buckets)
@@ -37,6 +38,8 @@ WARN_MARGIN = 0.10  # a plan within 10% of the device's memory is a warning
 # MLP (gate, up, act(gate), product: 4 at intermediate width); BERT-style encoders are GPT-2's
 # layer with post-norm.
 ACTIVATION_WIDTHS = {"gpt2": (18, 4), "llama": (14, 4), "encoder": (18, 4)}
+OUTSIDE_LAYERS = 4  # x hidden per token: embedding output, final norm's input and output, the
+                    # head's input rows (GPT-2 measured: 33.6 MB checkpointed vs 12 inputs 25 MB)
 FAMILY_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
              "Qwen2ForCausalLM": "llama", "Qwen3ForCausalLM": "llama",
              "Gemma2ForCausalLM": "llama"}
@@ -102,17 +105,26 @@ def model_state_bytes(shape: ModelShape, *, stage: int, world: int, dtype_bytes:
     return {"parameters": params, "gradients": grads, "master": master, "optimizer": optimizer}
 
 
+def layer_activation_bytes(architecture: str, *, hidden: int, intermediate: int, tokens: int,
+                           dtype_bytes: int) -> int:
+    """What one decoder layer saves for the backward."""
+    h, i = ACTIVATION_WIDTHS.get(FAMILY_OF.get(architecture, "encoder"), (18, 4))
+    return tokens * dtype_bytes * (h * hidden + i * intermediate)
+
+
 def activation_bytes(architecture: str, *, hidden: int, intermediate: int, layers: int,
                      tokens: int, dtype_bytes: int, every_n_layers: int | None) -> int:
-    """What the layers keep for the backward. Checkpointed layers keep their input only; the
-    backward then recomputes one layer at a time, which holds one layer's full set again."""
-    h, i = ACTIVATION_WIDTHS.get(FAMILY_OF.get(architecture, "encoder"), (18, 4))
-    per_layer = tokens * dtype_bytes * (h * hidden + i * intermediate)
+    """What the forward leaves for the backward: each layer's saved tensors, or only the input
+    of a checkpointed one, plus OUTSIDE_LAYERS values per token (embeddings, final norm, the
+    head's input)."""
+    per_layer = layer_activation_bytes(architecture, hidden=hidden, intermediate=intermediate,
+                                       tokens=tokens, dtype_bytes=dtype_bytes)
+    outside = tokens * dtype_bytes * OUTSIDE_LAYERS * hidden
     if every_n_layers is None:
-        return layers * per_layer
+        return outside + layers * per_layer
     checkpointed = -(-layers // every_n_layers)  # layers 0, k, 2k, ...
     kept_input = tokens * dtype_bytes * hidden
-    return checkpointed * kept_input + (layers - checkpointed) * per_layer + per_layer
+    return outside + checkpointed * kept_input + (layers - checkpointed) * per_layer
 
 
 def memory_plan(shape: ModelShape, *, stage: int, world: int, dtype_bytes: int, tokens: int,
@@ -123,6 +135,10 @@ def memory_plan(shape: ModelShape, *, stage: int, world: int, dtype_bytes: int, 
         shape.architecture, hidden=shape.hidden, intermediate=shape.intermediate,
         layers=shape.layers, tokens=tokens, dtype_bytes=dtype_bytes,
         every_n_layers=every_n_layers)
+    if every_n_layers is not None:  # the backward recomputes one checkpointed layer at a time
+        plan.terms["recompute"] = layer_activation_bytes(
+            shape.architecture, hidden=shape.hidden, intermediate=shape.intermediate,
+            tokens=tokens, dtype_bytes=dtype_bytes)
     # the chunk's fp32 logits and their gradient, never more than the whole [tokens, vocab]
     plan.terms["fused CE"] = 2 * 4 * min(ce_chunk_elements, tokens * shape.vocab)
     plan.terms["temporaries"] = int(TEMPORARY_FRACTION * plan.total) + TEMPORARY_FIXED
@@ -140,6 +156,7 @@ FIXES = {
     "master": "raise deepspeed.zero_stage, add ranks, or train LoRA adapters",
     "gradients": "raise deepspeed.zero_stage to 2 or 3",
     "parameters": "raise deepspeed.zero_stage to 3 (parameters shard over the ranks) or use bf16",
+    "recompute": "lower per_device_train_batch_size or data.seq_len",
     "fused CE": "use a device with more memory (the chunk is fixed: CHUNK_ELEMENTS in "
                 "kernels/cross_entropy.py)",
 }
