@@ -24,6 +24,8 @@ model and tasks
     flops       model FLOPs per step and MFU against the GPU's peak
 train/run/  one rank of a job (`python -m train`)
     preflight   preflight(cfg, world) -> Plan: every check before a job (the launcher's too)
+    memory_plan per-rank bytes from the config (pure): model states, activations, checked
+                against the GPU's memory by preflight
     health      node health at job start, every rank: devices, shared output_dir, free space,
                 the same code and versions (exit status 5)
     engine      process group, DeepSpeed engine, optimizer, LR schedule
