@@ -85,7 +85,9 @@ def validate(args):
     world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
     # with --prepare the data is made by the first job: what needs it is checked there
     plan = preflight(cfg, world, data_ready=not args.prepare)
-    return cfg, plan.ds_config, world
+    if plan.memory_verdict:  # within 10% of health.gpu_memory_gb: it may not survive a spike
+        print(f"warning: {plan.memory_verdict[1]}", file=sys.stderr)
+    return cfg, plan, world
 
 
 def main(argv=None) -> int:
@@ -105,7 +107,8 @@ def launch(args) -> int:
     if args.cluster == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "
                          "login node, or use --cluster local")
-    cfg, ds, world = validate(args)
+    cfg, plan, world = validate(args)
+    ds = plan.ds_config
     prepare_args = parse_prepare(args.prepare) if args.prepare else None
     config = str(Path(args.config).resolve())
     tasks = args.gpus_per_node or args.tasks_per_node or 1
@@ -126,6 +129,9 @@ def launch(args) -> int:
         print(json.dumps(ds, indent=1))
         if partition:
             print(f"# partition limits: {partition}")
+        print("\n".join(f"# {line}" for line in plan.memory.render(
+            int(cfg.health.gpu_memory_gb * 2**30) if cfg.health.gpu_memory_gb else None)
+            .splitlines()))
         print("# node health checks at job start (every rank, before the first step):")
         print("\n".join(f"#   {line}" for line in describe(cfg, args.gpus_per_node)))
         return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TRICKY_DOCS, many_docs, run_cli, write_jsonl
+from helpers import TRICKY_DOCS, many_docs, run_cli, synthetic_ner, write_conll, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +58,27 @@ def stdlib_data(tmp_path_factory) -> Path:
                   "--train-tokenizer", "2048", "--no-progress")
     assert res.returncode == 0, res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def mlm_corpus(tmp_path_factory, corpus_dir):
+    out = tmp_path_factory.mktemp("mlm-train")
+    res = run_cli("-m", "train.prepare", "--task", "mlm", "--input", str(corpus_dir / "a.jsonl"),
+                  "--input", str(corpus_dir / "b.jsonl"), "--output", str(out),
+                  "--train-tokenizer", "400", "--val-fraction", "0.05", "--workers", "1",
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def ner_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner")
+    write_conll(root / "train.conll", synthetic_ner(600, seed=0))
+    write_conll(root / "valid.conll", synthetic_ner(80, seed=1))
+    res = run_cli("-m", "train.prepare", "--task", "token-classification", "--input",
+                  str(root / "train.conll"), "--validation-input", str(root / "valid.conll"),
+                  "--output", str(root / "data"), "--train-tokenizer", "120", "--no-progress",
+                  "--workers", "1")  # small: longer names split into sub-tokens
+    assert res.returncode == 0, res.stderr
+    return root / "data"

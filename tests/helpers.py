@@ -256,3 +256,32 @@ def write_conll(path: Path, sentences) -> Path:
         lines += [f"{w} NN O {t}" for w, t in zip(words, tags)] + [""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+# Packed encoder batches (tests/test_encoder_wiring.py, tests/test_checkpointing.py)
+VOCAB, NUM_LABELS = 97, 5  # a tiny vocabulary (0 and 1 never drawn: pad ids) and label set
+
+
+def packed_encoder_batch(doc_lengths_per_row, classes: int, labelled: float):
+    """Random documents packed into rows; a random subset of positions carries a label."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    seq_len = sum(doc_lengths_per_row[0])
+    docs, labels_per_doc, cu = [], [], [0]
+    rows, labels, positions = [], [], []
+    for lengths in doc_lengths_per_row:
+        assert sum(lengths) == seq_len
+        for n in lengths:
+            doc = torch.randint(2, VOCAB, (n,), generator=g)  # never the pad id: RoBERTa's
+            lab = torch.randint(0, classes, (n,), generator=g)  # positions would skip it
+            lab[torch.rand(n, generator=g) >= labelled] = -100
+            docs.append(doc), labels_per_doc.append(lab)
+            cu.append(cu[-1] + n)
+        rows.append(torch.cat(docs[-len(lengths):]))
+        labels.append(torch.cat(labels_per_doc[-len(lengths):]))
+        positions.append(torch.cat([torch.arange(n) for n in lengths]))
+    batch = dict(input_ids=torch.stack(rows), labels=torch.stack(labels),
+                 position_ids=torch.stack(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                 max_seqlen=max(max(r) for r in doc_lengths_per_row))
+    return batch, docs, labels_per_doc

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ATOL, RTOL
+from helpers import ATOL, NUM_LABELS, RTOL, VOCAB, packed_encoder_batch
 from train.model import FusedLossLinear, PackedModel
 
-VOCAB, PAD, NUM_LABELS = 97, 1, 5
+PAD = 1
 SIZES = {
     "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -36,27 +36,7 @@ def tiny_encoder(model_type: str, task: str):
     return auto.from_config(config)
 
 
-def packed_encoder_batch(doc_lengths_per_row, classes: int, labelled: float):
-    """Random documents packed into rows; a random subset of positions carries a label."""
-    g = torch.Generator().manual_seed(2)
-    seq_len = sum(doc_lengths_per_row[0])
-    docs, labels_per_doc, cu = [], [], [0]
-    rows, labels, positions = [], [], []
-    for lengths in doc_lengths_per_row:
-        assert sum(lengths) == seq_len
-        for n in lengths:
-            doc = torch.randint(2, VOCAB, (n,), generator=g)  # never the pad id: RoBERTa's
-            lab = torch.randint(0, classes, (n,), generator=g)  # positions would skip it
-            lab[torch.rand(n, generator=g) >= labelled] = -100
-            docs.append(doc), labels_per_doc.append(lab)
-            cu.append(cu[-1] + n)
-        rows.append(torch.cat(docs[-len(lengths):]))
-        labels.append(torch.cat(labels_per_doc[-len(lengths):]))
-        positions.append(torch.cat([torch.arange(n) for n in lengths]))
-    batch = dict(input_ids=torch.stack(rows), labels=torch.stack(labels),
-                 position_ids=torch.stack(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-                 max_seqlen=max(max(r) for r in doc_lengths_per_row))
-    return batch, docs, labels_per_doc
+
 
 
 def per_document_reference(model, docs, labels):

@@ -12,17 +12,6 @@ from helpers import REPO, read_metrics, run_cli, run_train
 CONFIG = str(REPO / "configs" / "tiny-mlm.yaml")
 
 
-@pytest.fixture(scope="module")
-def mlm_corpus(tmp_path_factory, corpus_dir):
-    out = tmp_path_factory.mktemp("mlm-train")
-    res = run_cli("-m", "train.prepare", "--task", "mlm", "--input", str(corpus_dir / "a.jsonl"),
-                  "--input", str(corpus_dir / "b.jsonl"), "--output", str(out),
-                  "--train-tokenizer", "400", "--val-fraction", "0.05", "--workers", "1",
-                  "--no-progress")
-    assert res.returncode == 0, res.stderr
-    return out
-
-
 def exported_eval_loss(final, data, seq_len: int, seed: int) -> float:
     """The validation loss recomputed from the export with transformers' own forward, one
     document (attention segment) at a time, under the task's fixed eval masking."""

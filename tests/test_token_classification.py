@@ -19,18 +19,6 @@ def prepare(*args):
                    "--workers", "1", *args)
 
 
-@pytest.fixture(scope="module")
-def ner_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ner")
-    write_conll(root / "train.conll", synthetic_ner(600, seed=0))
-    write_conll(root / "valid.conll", synthetic_ner(80, seed=1))
-    res = prepare("--input", str(root / "train.conll"), "--validation-input",
-                  str(root / "valid.conll"), "--output", str(root / "data"),
-                  "--train-tokenizer", "120")  # small: longer names split into sub-tokens
-    assert res.returncode == 0, res.stderr
-    return root / "data"
-
-
 def config(label_all_tokens: bool):
     from train.config import Config
 

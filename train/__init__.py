@@ -44,6 +44,7 @@ train/run/  one rank of a job (`python -m train`)
     train.run               one rank of a job
     train.run.preflight     preflight(cfg, world) -> Plan: every check before a job
     train.run.health        node health at job start, every rank (exit status 5)
+    train.run.memory_plan   per-rank bytes of a run before it queues (no torch)
     train.run.engine        process group, DeepSpeed engine, optimizer, LR schedule
     train.run.trainer       run_training(cfg): the loop
     train.run.eval_loop     the one eval loop, over every validation source

@@ -78,6 +78,8 @@ class HealthSection:
     min_free_gb: float = 0.0          # free space to keep on output_dir's file system beyond
                                       # two checkpoints (the export, logs, a shared scratch's
                                       # other users); checked on every node at job start
+    gpu_memory_gb: float | None = None  # each GPU's memory, for the memory plan where the
+                                      # launcher cannot know it (a GPU rank reads its own)
 
 
 @dataclass
@@ -161,6 +163,12 @@ class Config:
     mfu_peak_tflops: float | None = None  # the device's dense peak for MFU; default: by GPU name
     # under Slurm, stop requeueing after this many requeues in a row with no new checkpoint
     requeue_without_progress: int = 3
+    # Activation checkpointing (the Trainer's names): each checkpointed decoder layer keeps only
+    # its input and recomputes the rest in the backward (docs/memory.md has the measured costs).
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | None = None  # to torch.utils.checkpoint.checkpoint;
+                                      # use_reentrant must stay false (the default here)
+    gradient_checkpointing_every_n_layers: int = 1  # 2: every other layer (memory back for speed)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -372,6 +380,8 @@ def check(cfg: Config) -> None:
         raise UsageError("model.config needs a model_type (gpt2, llama, ...)")
     if cfg.health.min_free_gb < 0:
         raise UsageError(f"health.min_free_gb must be >= 0, got {cfg.health.min_free_gb}")
+    if cfg.health.gpu_memory_gb is not None and cfg.health.gpu_memory_gb <= 0:
+        raise UsageError(f"health.gpu_memory_gb must be > 0, got {cfg.health.gpu_memory_gb}")
     if cfg.warmup_steps < 0:
         raise UsageError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
@@ -384,6 +394,18 @@ def check(cfg: Config) -> None:
                          f"to continue from the checkpoints")
     report_to_names(cfg.report_to)
     check_ranges(cfg)
+    check_checkpointing(cfg)
+
+
+def check_checkpointing(cfg: Config) -> None:
+    """Non-reentrant checkpointing only: the reentrant kind drops the keyword inputs of a layer
+    (the packed batch's cu_seqlens and positions) from the recomputation's graph and replays
+    dropout only under its own RNG handling."""
+    kwargs = cfg.gradient_checkpointing_kwargs or {}
+    if kwargs.get("use_reentrant", False):
+        raise UsageError("gradient_checkpointing_kwargs.use_reentrant: true is not supported (the "
+                         "packed batch's side inputs reach the layers as keywords, which reentrant "
+                         "checkpointing does not recompute); drop the key or set it to false")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # each also the name of the module it needs
@@ -465,6 +487,8 @@ RANGES = {
     "eval_harness.limit": (lambda x: x is None or x >= 1, "at least 1 (or null: every example)"),
     "eval_harness.batch_size": (lambda x: x >= 1, "at least 1"),
     "eval_harness.gpus": (lambda x: x >= 0, ">= 0 (0: the eval jobs run on CPU)"),
+    "gradient_checkpointing_every_n_layers": (lambda x: x >= 1,
+                                              "at least 1 (1: every layer, 2: every other one)"),
 }
 
 

@@ -170,6 +170,44 @@ def build_hf_model(model_section, hf_config, auto_class: str, model_kwargs: dict
     return auto_model.from_config(hf_config, dtype=torch.float32)
 
 
+def enable_activation_checkpointing(hf_model, every_n_layers: int = 1,
+                                    checkpoint_kwargs: dict | None = None) -> None:
+    """Checkpoint every `every_n_layers`-th decoder layer (transformers' per-layer flag), non-
+    reentrant: the layer's keyword inputs (cu_seq_lens_q, max_length_q, position_ids) are bound
+    into the recomputed call, and the RNG state (dropout) is replayed. Only while training with
+    gradients: eval and generation run the layers as they are."""
+    if not hf_model.supports_gradient_checkpointing:
+        raise UsageError(f"gradient_checkpointing: {type(hf_model).__name__} does not support "
+                         f"activation checkpointing; set gradient_checkpointing: false")
+    hf_model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={**(checkpoint_kwargs or {}), "use_reentrant": False},
+        every_n_layers=every_n_layers)
+
+
+def parameter_numels(hf_config, auto_class: str) -> tuple[list[int], dict[str, int]]:
+    """The model's parameter tensors' sizes (tied ones once) and its layer sizes, from its config
+    alone: the model is built on the meta device, which allocates nothing (an 8B model in
+    seconds)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, auto_class).from_config(hf_config)
+    numels = [p.numel() for p in model.parameters()]  # parameters() yields a tied weight once
+    c = hf_config
+    hidden = _first_attr(c, "hidden_size", "n_embd", "dim")
+    sizes = {"hidden": hidden, "layers": _first_attr(c, "num_hidden_layers", "n_layer", "n_layers"),
+             "intermediate": _first_attr(c, "intermediate_size", "n_inner", "hidden_dim")
+             or 4 * hidden, "vocab": c.vocab_size}
+    return numels, sizes
+
+
+def _first_attr(config, *names):
+    for name in names:
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def max_positions(hf_config, architecture: str) -> int | None:
     """How many positions the model's position table holds (RoBERTa's first ones are reserved)."""
     for attr in ("max_position_embeddings", "n_positions"):

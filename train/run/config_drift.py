@@ -4,7 +4,8 @@ Every checkpoint holds the resolved config it was trained with, its world size a
 of its training data (what index.json records: task, dtype, tokenizer hash, every train shard's
 sha256). On resume they are compared with the new run's, key by key, through RULES:
 
-  harmless   logging, eval and save cadence, output paths, timeouts, kernel backends: allowed
+  harmless   logging, eval and save cadence, output paths, timeouts, kernel backends,
+             activation checkpointing: allowed
   math       model, optimizer, schedule, seq_len, precision, seed, ...: refused
   batch      per_device_train_batch_size and gradient_accumulation_steps: only their product
              with the world size, the global batch, must stay (resume under another world size
@@ -50,6 +51,10 @@ RULES = {
     "data.validation_split": HARMLESS, "kernels": HARMLESS, "health": HARMLESS,
     "watchdog": HARMLESS, "stragglers": HARMLESS, "requeue_without_progress": HARMLESS,
     "eval_harness": HARMLESS,
+    # checkpointing recomputes the same forward (non-reentrant, RNG replayed): the same math,
+    # bit for bit (tests/test_checkpointing.py)
+    "gradient_checkpointing": HARMLESS, "gradient_checkpointing_kwargs": HARMLESS,
+    "gradient_checkpointing_every_n_layers": HARMLESS,
 }
 UNSET = "(unset)"
 GLOBAL_BATCH = "global_batch"  # the key a batch change is reported (and accepted) under

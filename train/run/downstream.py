@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.run.distributed import DistEnv, forget_rendezvous, rendezvous_store
-from train.model import PackedModel
+from train.model import PackedModel, enable_activation_checkpointing
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -20,6 +20,14 @@ def pick_device(local_rank: int) -> torch.device:
     # One visible GPU per task (submitit and srun --gpus-per-task narrow CUDA_VISIBLE_DEVICES):
     # it is cuda:0. Otherwise each local rank takes its own.
     return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
+
+
+def device_memory(local_rank: int) -> int | None:
+    """The bytes of this rank's GPU, for the memory plan; None on CPU (nothing to check)."""
+    device = pick_device(local_rank)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def start_process_group(device: torch.device, env: DistEnv, rendezvous_dir: Path) -> None:
@@ -71,6 +79,9 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
 
     from train.config import warmup_steps
 
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(hf_model, cfg.gradient_checkpointing_every_n_layers,
+                                        cfg.gradient_checkpointing_kwargs)
     model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy)
     optimizer = lr_scheduler = None
     if "optimizer" not in ds_config:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.run import checkpoint, config_drift, distributed, run_dir
+from train.run.memory_plan import MemoryPlan, ModelShape, memory_plan, verdict
 from train.config import Config, DataSection, MixtureSource, deepspeed_config, report_to_names
 from train.errors import DataError, UsageError, note, warn
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
 from train.model import (FAMILIES, architecture_of, max_positions, model_config,
-                         unsupported_attention_features)
+                         parameter_numels, unsupported_attention_features)
 from train.data.shards import ShardIndex, file_sha256
 from train.tasks import Task, check_shards_fit, make_task
 
@@ -51,11 +52,41 @@ class Plan:
     eval_sources: list         # the data sources (MixtureSource) with the validation split
     data_identity: dict | None  # what each checkpoint records of the data (config_drift)
     damaged: list[Path]         # complete checkpoints newer than resume_from that fail to verify
+    memory: MemoryPlan | None = None  # per-rank bytes (train/run/memory_plan.py)
+    memory_verdict: tuple[str, str] | None = None  # ("warning", line) when within 10% of it
 
 
-def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
+def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architecture: str,
+                ds: dict) -> MemoryPlan:
+    """The per-rank memory plan of this run, from the model's config (no weights)."""
+    from kernels.cross_entropy import CHUNK_ELEMENTS
+
+    numels, sizes = parameter_numels(hf_config, auto_class)
+    shape = ModelShape(trainable=tuple(numels), frozen=(), architecture=architecture, **sizes)
+    half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    return memory_plan(
+        shape, stage=ds["zero_optimization"]["stage"], world=world, dtype_bytes=2 if half else 4,
+        tokens=cfg.per_device_train_batch_size * cfg.data.seq_len,
+        every_n_layers=cfg.gradient_checkpointing_every_n_layers
+        if cfg.gradient_checkpointing else None, ce_chunk_elements=CHUNK_ELEMENTS["cuda"])
+
+
+def check_memory(memory: MemoryPlan, device_bytes: int | None) -> tuple[str, str] | None:
+    """Refuse a plan that cannot fit the device (UsageError); a tight one is returned as a
+    warning for the caller to print."""
+    if not device_bytes:
+        return None
+    found = verdict(memory, device_bytes)
+    if found and found[0] == "error":
+        raise UsageError(f"{found[1]} (plan per rank: {memory.one_line()})")
+    return found
+
+
+def preflight(cfg: Config, world: int, *, data_ready: bool = True,
+              device_bytes: int | None = None) -> Plan:
     """Check and derive; raises UsageError. data_ready=False (the launcher with --prepare, whose
-    first job makes the data) skips what needs the shards."""
+    first job makes the data) skips what needs the shards. device_bytes: one GPU's memory (a
+    GPU rank's own), else health.gpu_memory_gb; with neither the plan is printed, not checked."""
     indexes = load_indexes(cfg) if data_ready else []
     for each in indexes:
         each.check_tokenizer()
@@ -95,10 +126,15 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True) -> Plan:
     ds = deepspeed_config(cfg, world, hidden or DEFAULT_HIDDEN, total_steps)
     if resume_from is not None and checkpoint.saved_world_size(resume_from) != world:
         ds["checkpoint"] = {"load_universal": True}  # ZeRO state saved under another world size
+    memory = plan_memory(cfg, world, hf_config, auto_class, architecture, ds)
+    if device_bytes is None and cfg.health.gpu_memory_gb:
+        device_bytes = int(cfg.health.gpu_memory_gb * 2**30)
+    memory_verdict = check_memory(memory, device_bytes)
     return Plan(cfg, world, index, task, hf_config, architecture, max_pos, total_steps,
                 cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
                 * cfg.data.seq_len, ds,
-                bool(eval_sources), resume_from, eval_sources, identity, damaged)
+                bool(eval_sources), resume_from, eval_sources, identity, damaged, memory,
+                memory_verdict)
 
 
 def training_data_identity(indexes: list[ShardIndex]) -> dict:

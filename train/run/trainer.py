@@ -30,7 +30,7 @@ import torch
 
 from train.run import checkpoint, distributed, health, preemption, run_dir, run_lock
 from train.config import Config, report_to_names
-from train.run.engine import build_engine, pick_device, start_process_group
+from train.run.engine import build_engine, device_memory, pick_device, start_process_group
 from train.errors import DataError, UsageError, note
 from train.run.eval_loop import eval_metrics, eval_metrics_by_source
 from train.run.figure import plot_runs
@@ -67,7 +67,12 @@ class Progress:
 def run_training(cfg: Config) -> int:
     preemption.install_handlers()  # python -m train did it already, before the heavy imports
     env = distributed.from_environment()
-    plan = preflight(cfg, env.world_size)
+    gpu_bytes = device_memory(env.local_rank)
+    plan = preflight(cfg, env.world_size, device_bytes=gpu_bytes)
+    if env.rank == 0:
+        print(plan.memory.render(gpu_bytes), file=sys.stderr)
+        if plan.memory_verdict:
+            print(f"warning: {plan.memory_verdict[1]}", file=sys.stderr)
     env.export()  # after preflight: a refused run leaves its caller's environment as it was
     out = Path(cfg.output_dir)
     new_dir = env.rank == 0 and not out.exists()

@@ -1,0 +1,85 @@
+"""Run under torchrun (DS_ACCELERATOR=cpu): build the DeepSpeed engine of a tiny GPT-2 for each
+ZeRO stage and precision given, take one step, and print, as JSON on rank 0, every rank's bytes
+of live tensor storage that the engine added (weights, gradients, master copies, optimizer
+states and DeepSpeed's buffers: everything gc can reach, each storage once) beside the memory
+plan's model-state terms. Used by tests/test_memory_plan.py."""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+
+
+def live_storages() -> dict[int, int]:
+    found = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and obj.device.type == "cpu":
+            tensors = [obj, getattr(obj, "ds_tensor", None)]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def measure(stage: int, bf16: bool) -> dict:
+    import deepspeed
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train.config import Config
+    from train.run.engine import build_engine
+    from train.run.memory_plan import ModelShape, model_state_bytes
+
+    cfg = Config(bf16=bf16, learning_rate=1e-3)
+    cfg.deepspeed.zero_stage = stage
+    config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                        attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(config)
+    numels = [p.numel() for p in hf_model.parameters()]
+    world = torch.distributed.get_world_size()
+    from train.config import deepspeed_config
+    ds = deepspeed_config(cfg, world, 32, 10)
+    gc.collect()
+    before = live_storages()
+    engine, _, _ = build_engine(cfg, hf_model, ds, 10)
+    ids = torch.randint(0, 101, (1, 16))
+    batch = dict(input_ids=ids, labels=ids, position_ids=torch.arange(16)[None],
+                 cu_seqlens=torch.tensor([0, 16], dtype=torch.int32), max_seqlen=16)
+    loss_sum, count = engine(**batch)
+    engine.backward(loss_sum / count)
+    engine.step()
+    del loss_sum, count, batch, ids
+    gc.collect()
+    after = live_storages()
+    added = sum(n for ptr, n in after.items() if ptr not in before)
+    kept = sum(n for ptr, n in after.items() if ptr in before)
+    plan = model_state_bytes(ModelShape(tuple(numels), (), "GPT2LMHeadModel", 32, 128, 2, 101),
+                             stage=stage, world=world, dtype_bytes=2 if bf16 else 4)
+    result = {"stage": stage, "bf16": bf16, "measured": added + kept, "plan": plan,
+              "plan_total": sum(plan.values())}
+    engine.destroy()
+    del engine
+    gc.collect()
+    deepspeed.comm.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    from train.run.distributed import from_environment
+    from train.run.engine import start_process_group
+    from pathlib import Path
+    import tempfile
+
+    env = from_environment()
+    start_process_group(torch.device("cpu"), env, Path(tempfile.mkdtemp()))
+    out = []
+    for arg in sys.argv[1:]:
+        stage, precision = arg.split(":")
+        out.append(measure(int(stage), precision == "bf16"))
+    gathered = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, out)
+    if env.rank == 0:
+        print(json.dumps(gathered))

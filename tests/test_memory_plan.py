@@ -1,0 +1,104 @@
+"""The memory plan (train/run/memory_plan.py): its arithmetic by hand, its model-state terms
+against the bytes a real DeepSpeed engine holds, and the launcher's --dry-run printing it and
+refusing a run that cannot fit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import REPO, free_port, run_cli
+from train.run.memory_plan import ModelShape, activation_bytes, memory_plan, model_state_bytes
+
+SHAPE = ModelShape(trainable=(10, 7), frozen=(), architecture="GPT2LMHeadModel", hidden=4,
+                   intermediate=16, layers=3, vocab=11)
+
+
+def test_model_states_by_hand():
+    # 17 elements; over 4 ranks each tensor is split with its last shard padded: 3 + 2 = 5
+    assert model_state_bytes(SHAPE, stage=0, world=4, dtype_bytes=4) == {
+        "parameters": 68, "gradients": 68, "master": 0, "optimizer": 136}
+    assert model_state_bytes(SHAPE, stage=0, world=4, dtype_bytes=2) == {
+        "parameters": 34, "gradients": 34, "master": 68, "optimizer": 136}
+    assert model_state_bytes(SHAPE, stage=1, world=4, dtype_bytes=2) == {
+        "parameters": 34, "gradients": 34, "master": 20, "optimizer": 40}
+    assert model_state_bytes(SHAPE, stage=2, world=4, dtype_bytes=2) == {
+        "parameters": 34, "gradients": 10, "master": 20, "optimizer": 40}
+    assert model_state_bytes(SHAPE, stage=3, world=4, dtype_bytes=2) == {
+        "parameters": 10, "gradients": 10, "master": 20, "optimizer": 40}
+
+
+def test_activations_by_hand():
+    # GPT-2: 18 x hidden + 4 x intermediate values per token and layer = 136 values, 4 bytes
+    full = activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
+                            dtype_bytes=4, every_n_layers=None)
+    outside = 5 * 4 * 4 * 4  # 4 x hidden values per token outside the layers
+    assert full == outside + 3 * 5 * 4 * 136
+    # every layer checkpointed: 3 inputs of 4 values
+    every = activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
+                             dtype_bytes=4, every_n_layers=1)
+    assert every == outside + 3 * 5 * 4 * 4
+    # every 2nd: layers 0 and 2 keep their input, layer 1 all of it
+    assert activation_bytes("GPT2LMHeadModel", hidden=4, intermediate=16, layers=3, tokens=5,
+                            dtype_bytes=4, every_n_layers=2) == outside + (2 * 5 * 4 * 4
+                                                                           + 5 * 4 * 136)
+    # the layer the backward recomputes is its own term
+    plan = memory_plan(SHAPE, stage=0, world=1, dtype_bytes=4, tokens=5, every_n_layers=1,
+                       ce_chunk_elements=8)
+    assert plan.terms["recompute"] == 5 * 4 * 136
+
+
+def test_plan_names_the_biggest_term_and_its_fix():
+    from train.run.memory_plan import verdict
+
+    plan = memory_plan(SHAPE, stage=0, world=1, dtype_bytes=4, tokens=10**6, every_n_layers=None,
+                       ce_chunk_elements=8)
+    assert plan.biggest() == "activations"
+    kind, line = verdict(plan, plan.total // 2)
+    assert kind == "error" and "activations" in line and "gradient_checkpointing" in line
+    assert verdict(plan, int(plan.total * 1.05))[0] == "warning"
+    assert verdict(plan, plan.total * 2) is None
+
+
+@pytest.mark.slow
+def test_model_states_equal_the_live_bytes_of_the_engine():
+    """Each rank's live tensor storage after a step (gc, each storage once) is the plan's
+    parameters + master weights + optimizer states, for ZeRO 0-2, fp32 and bf16. DeepSpeed frees
+    the gradients at the step, so they are not in it; Adam's step counters (one 4-byte scalar
+    per parameter tensor or flat group) are, and the plan leaves them out."""
+    cases = [f"{stage}:{precision}" for stage in (0, 1, 2) for precision in ("fp32", "bf16")]
+    res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2",
+                  f"--master_port={free_port()}", str(REPO / "tests" / "engine_state_bytes.py"),
+                  *cases, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(ranks) == 2
+    for results in ranks:
+        for r in results:
+            persistent = r["plan"]["parameters"] + r["plan"]["master"] + r["plan"]["optimizer"]
+            step_counters = r["measured"] - persistent
+            assert 0 <= step_counters <= 4 * 28, r  # tiny GPT-2: 28 parameter tensors
+
+
+def dry_run(capsys, tmp_path, data, *overrides):
+    from launcher.__main__ import main
+
+    code = main(["--nodes", "2", "--gpus-per-node", "8", "--dry-run",
+                 str(REPO / "configs" / "llama-1b.yaml"), f"data.path={data}",
+                 f"output_dir={tmp_path / 'run'}", *overrides])
+    return code, capsys.readouterr()
+
+
+def test_launcher_dry_run_prints_the_plan_and_refuses_what_cannot_fit(capsys, tmp_path,
+                                                                      prepared):
+    code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=80")
+    assert code == 0, out.err
+    assert "# memory plan (per rank):" in out.out and "#   activations" in out.out
+    code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=16")
+    assert code == 2
+    [line] = [ln for ln in out.err.splitlines() if ln.startswith("error:")]
+    assert "biggest term is activations" in line and "gradient_checkpointing" in line, line
+    # checkpointing brings the same run under 16 GB
+    code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=16",
+                        "gradient_checkpointing=true")
+    assert code == 0, out.err
