@@ -3,6 +3,7 @@ overwrite_output_dir's set-aside, the output_dir lock's rules, the conversion ti
 config-drift table's coverage. The real runs are in tests/test_train.py."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,12 +64,13 @@ def test_the_export_is_fsynced_before_and_after_its_rename(tmp_path, fsynced):
     from train.run.export import export_final
 
     class Model:
-        def unwrap_for_export(self):
+        @contextlib.contextmanager
+        def unwrapped_for_export(self):
             class HF:
                 def save_pretrained(self, path, state_dict, safe_serialization):
                     Path(path).mkdir(exist_ok=True)  # as transformers' own does
                     (Path(path) / "model.safetensors").write_bytes(b"w")
-            return HF()
+            yield HF()
 
     data = tmp_path / "data"
     data.mkdir()

@@ -28,9 +28,9 @@ def test_stdout_of_a_command_that_succeeds(tool):
 
 
 @pytest.mark.parametrize("case,body,timeout,message", [
-    ("exit status, last stderr line, tool name dropped",
+    ("exit status, last stderr line, tool name and 'error:' dropped",
      'echo "squeue: error: first" >&2; echo "squeue: error: Invalid job id specified" >&2; exit 1',
-     30, "squeue -h -j 7: error: Invalid job id specified"),
+     30, "squeue -h -j 7: Invalid job id specified"),
     ("exit status and no stderr", "exit 3", 30, "squeue -h -j 7: exit status 3"),
     ("no answer in time", "exec /bin/sleep 5", 0.5,
      "squeue -h -j 7: no answer from slurmctld in 0.5 s"),

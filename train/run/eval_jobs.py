@@ -154,7 +154,8 @@ def submit(out: Path, step: int, section: EvalHarnessSection, data_dir: Path) ->
             jobs.append(sbatch(sbatch_command(script, out, step, jobs[0] if retry else None)))
     except (SlurmCommandError, OSError) as err:
         what = "its retry" if jobs else "no eval of that checkpoint"
-        warn(f"sbatch refused the eval job of step {step} ({err}); {what}, training goes on")
+        why = err.reason if isinstance(err, SlurmCommandError) else err
+        warn(f"sbatch refused the eval job of step {step} ({why}); {what}, training goes on")
         if not jobs:
             shutil.rmtree(model_dir_of(out, step), ignore_errors=True)
             return

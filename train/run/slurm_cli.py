@@ -19,6 +19,7 @@ class SlurmCommandError(Exception):
 
     def __init__(self, command: tuple[str, ...], reason: str, stderr: str = ""):
         super().__init__(f"{' '.join(command)}: {reason}")
+        self.reason = reason  # without the command, for a caller that names it itself
         self.stderr = stderr
 
 
@@ -33,5 +34,6 @@ def slurm_command(*command: str, timeout: float = TIMEOUT_S, env: dict | None = 
         raise SlurmCommandError(command, f"cannot run it ({err})") from None
     if res.returncode:
         lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
-        raise SlurmCommandError(command, lines[-1].removeprefix(f"{command[0]}: "), res.stderr)
+        reason = lines[-1].removeprefix(f"{command[0]}: ").removeprefix("error: ")
+        raise SlurmCommandError(command, reason, res.stderr)
     return res.stdout
