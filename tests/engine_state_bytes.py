@@ -70,6 +70,7 @@ def measure(stage: int, bf16: bool) -> dict:
 if __name__ == "__main__":
     from train.run.distributed import from_environment
     from train.run.engine import start_process_group
+    from train.run.trainer import end_process_group
     from pathlib import Path
     import tempfile
 
@@ -82,4 +83,7 @@ if __name__ == "__main__":
     gathered = [None] * env.world_size
     torch.distributed.all_gather_object(gathered, out)
     if env.rank == 0:
-        print(json.dumps(gathered))
+        print(json.dumps(gathered), flush=True)
+    # as the trainer does: a process group left to the interpreter's exit may abort a rank
+    # ("terminate called without an active exception") while gloo's threads are still joinable
+    end_process_group()
