@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -518,13 +519,19 @@ def train(data: Path, out: Path, *overrides: str, nproc: int = 2, env: dict | No
                    env={"DS_ACCELERATOR": "cpu", **(env or {})}, timeout=300)
 
 
+def steps_by_number(out: Path) -> dict[int, dict]:
+    """metrics.jsonl's training-step records by step (a resumed run's last record wins)."""
+    return {r["step"]: r for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in (r := json.loads(line))}
+
+
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if "loss" in (r := json.loads(line))}
 
 
 @pytest.mark.slow
-def test_two_rank_sft_resumes_exactly_exports_the_template_and_chats(qwen_shards, tmp_path):
+def test_two_rank_sft_resumes_exactly_also_on_one_rank_exports_the_template_and_chats(qwen_shards, tmp_path):
     out, convs = qwen_shards
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     res = train(out, straight, "save_steps=100")
@@ -537,9 +544,23 @@ def test_two_rank_sft_resumes_exactly_exports_the_template_and_chats(qwen_shards
 
     res = train(out, killed, "save_steps=4", env={"TRAIN_FAULT_CRASH_IN_SAVE_AT_STEP": "8"})
     assert res.returncode != 0
+    moved = tmp_path / "moved"  # the same stopped state, resumed below under 1 rank
+    shutil.copytree(killed, moved)
     res = train(out, killed, "save_steps=4")
     assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr[-3000:]
     assert losses(killed) == losses(straight)  # bit for bit
+
+    # Under 1 rank with the same global batch (2 x 2 -> 4 x 1), as tests/test_train.py resumes
+    # CLM: the same conversations in each step (trained_tokens_seen exactly), the losses equal
+    # to float rounding (another rank count sums gradients in another order), not bits.
+    res = train(out, moved, "save_steps=4", "per_device_train_batch_size=4", nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step-00000004" in res.stderr and "saved by 2 ranks, now 1" in res.stderr
+    want, got = steps_by_number(straight), steps_by_number(moved)
+    for step in (6, 8):
+        assert got[step]["trained_tokens_seen"] == want[step]["trained_tokens_seen"]
+        assert got[step]["real_tokens_seen"] == want[step]["real_tokens_seen"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-3)
 
     final = straight / "final"
     assert (final / chat.TEMPLATE_FILE).read_text() == (TEMPLATES / "qwen.jinja").read_text()

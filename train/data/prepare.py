@@ -764,8 +764,11 @@ def prepare_into(args, argv, out: Path, inputs, train_sources, val_sources) -> i
     sources.REPLACED.reset()
     docs = ((split, inputs.encode(doc) if split is not None else doc, n) for split, doc, n
             in split_documents(train_sources, val_sources, args.val_fraction, counts))
+    batches = batch_documents(docs, skip)
+    if args.task == "sft" and args.workers > 1:  # pickled flat to the worker processes
+        batches = ((meta, chat.ConversationBatch(convs)) for meta, convs in batches)
     tokens_done = tokenize_into(
-        writers, batch_documents(docs, skip), init, args.workers, inputs.tokenize,
+        writers, batches, init, args.workers, inputs.tokenize,
         make_progress(total_bytes, args.no_progress, inputs.progress_unit),
         initializer, getattr(inputs, "tally", None))
     records = [[w.finish() for w in stream_writers] for stream_writers in writers]
