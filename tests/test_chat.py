@@ -272,6 +272,30 @@ def test_too_long_conversations_are_dropped_or_truncated_and_counted(tokenizers)
     assert not trained(codes)[-1]
 
 
+@pytest.mark.parametrize("engine", ["hf", "tiktoken"])
+@pytest.mark.parametrize("too_long", ["drop", "truncate"])
+def test_a_batch_encodes_each_conversation_as_it_encodes_alone(tokenizers, engine, too_long):
+    """The worker encodes a whole batch at once (one mask, one set of codes): each
+    conversation's ids, codes and counts are those it gets alone, whatever its neighbours;
+    among them too long ones, ones a cut leaves nothing to train (dropped in place), control
+    token text (escaped) and non-ASCII text."""
+    convs = conversations("qwen", 40, seed=9, inject=0.2)
+    convs[3][-1]["content"] += " Zürich → 東京"
+    lengths = np.array([len(ids) for ids, _ in encode(tokenizers["qwen"], convs)[0]])
+    options = dict(max_length=int(np.percentile(lengths, 70)), too_long=too_long,
+                   engine=engine)
+    batch, counts = encode(tokenizers["qwen"], convs, **options)
+    alone = [encode(tokenizers["qwen"], [c], **options) for c in convs]
+    assert [ids.tolist() for ids, _ in batch] == [a[0][0][0].tolist() for a in alone]
+    assert [codes.tolist() for _, codes in batch] == [a[0][0][1].tolist() for a in alone]
+    total = {k: sum(a[1][k] for a in alone) for k in counts if not k.startswith("max_")}
+    assert {k: v for k, v in counts.items() if not k.startswith("max_")} == total
+    assert counts["max_conversation_tokens"] == max(a[1]["max_conversation_tokens"]
+                                                    for a in alone)
+    assert counts["escaped_special_strings"] > 0 and counts["conversations"] > 0
+    assert counts["dropped_too_long" if too_long == "drop" else "truncated"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats and bad input through the command line
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +555,8 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_two_rank_sft_resumes_exactly_also_on_one_rank_exports_the_template_and_chats(qwen_shards, tmp_path):
+def test_two_rank_sft_resumes_exactly_also_on_one_rank_exports_the_template_and_chats(
+        qwen_shards, tmp_path):
     out, convs = qwen_shards
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     res = train(out, straight, "save_steps=100")

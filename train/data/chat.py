@@ -802,15 +802,6 @@ def overlapping(offsets: np.ndarray, spans) -> np.ndarray:
     return result
 
 
-def mask_codes(assistant: np.ndarray) -> np.ndarray:
-    """The shift-aware codes of one conversation: token t is trained when t+1 is assistant."""
-    codes = np.zeros(len(assistant), dtype=np.int16)
-    codes[:-1] |= assistant[1:].astype(np.int16) * TRAINED
-    if len(codes):
-        codes[0] |= CONVERSATION_START
-    return codes
-
-
 def _special_token_strings(tokenizer_dir: Path) -> dict[str, str]:
     """{"bos_token": "<s>", "eos_token": ...}: what templates read as variables."""
     out = {}
@@ -846,7 +837,9 @@ COUNT_NAMES = ("conversations", "trained_tokens", "dropped_too_long", "truncated
 def encode_batch(conversations: list[Conversation]):
     """(tokens, tokens per conversation, mask codes, counts). A dropped conversation keeps its
     place with length 0, so that a resumed prepare counts input conversations exactly. The
-    whole batch at once: what mask_codes does to one conversation, done to all of them."""
+    codes of the whole batch at once, as of each conversation alone: token t is trained when
+    token t+1 is an assistant token of the same conversation (so never a conversation's last
+    token), and a conversation's first token carries CONVERSATION_START."""
     options = _encoder.options
     counts = dict.fromkeys(COUNT_NAMES, 0)
     ids, assistant, lengths, escaped = _encoder.encode_flat(conversations)
