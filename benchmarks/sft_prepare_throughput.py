@@ -1,7 +1,7 @@
 """`train.prepare --task sft` against the pipeline a user writes today: load_dataset("json") ->
 map(apply_chat_template(..., return_assistant_tokens_mask=True), num_proc=N).
 
-    python -m benchmarks.sft_prepare_throughput [--workers 2] [--copies 8]
+    python -m benchmarks.sft_prepare_throughput [--workers 2] [--copies 16] [--repeat 3]
     flock /tmp/heavy.lock python -m benchmarks.sft_prepare_throughput   # on a shared machine
 
 Both read the same JSON lines (the embedded python-stdlib-chat corpus, `--copies` times), with
@@ -132,7 +132,7 @@ OURS, THEIRS = "train.prepare --task sft", "datasets.map + apply_chat_template"
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--copies", type=int, default=8, help="the smaller scale; the larger is 2x")
+    ap.add_argument("--copies", type=int, default=16, help="the smaller scale; the larger is 2x")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; the least CPU is kept")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
