@@ -280,10 +280,16 @@ def check_trackers(cfg: Config) -> None:
 
 
 def check_peft_installed(cfg: Config) -> None:
-    """The peft section needs the peft library (found, not imported here)."""
-    if cfg.peft.method and importlib.util.find_spec("peft") is None:
-        raise UsageError("peft.method is set but the peft library is not installed; pip install "
-                         "'slurm-lm[lora]' (or peft), or remove the peft section")
+    """The peft section needs the peft library, importable (check_lora builds the adapters on
+    the meta device with it)."""
+    if not cfg.peft.method:
+        return
+    try:
+        importlib.import_module("peft")
+    except Exception as err:  # noqa: BLE001 - a broken install raises anything; say what
+        raise UsageError(f"peft.method is set but the peft library does not import ({err}); pip "
+                         f"install 'slurm-lm[lora]' (or peft), or remove the peft section"
+                         ) from None
 
 
 def check_eval_harness(cfg: Config) -> None:
