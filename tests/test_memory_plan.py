@@ -8,6 +8,7 @@ import json
 import pytest
 
 from helpers import REPO, free_port, run_cli
+from train.config import load_config
 from train.run.memory_plan import ModelShape, activation_bytes, memory_plan, model_state_bytes
 
 SHAPE = ModelShape(trainable=(10, 7), frozen=(), architecture="GPT2LMHeadModel", hidden=4,
@@ -121,3 +122,51 @@ def test_launcher_dry_run_prints_the_plan_and_refuses_what_cannot_fit(capsys, tm
     code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=16",
                         "gradient_checkpointing=true")
     assert code == 0, out.err
+
+
+def test_lora_terms_by_hand():
+    # LoRA: the frozen base (100 elements) is counted once, in the training dtype, and sharded
+    # by ZeRO-3 alone; gradients, master weights and moments exist for the adapters only
+    lora = ModelShape(trainable=(10, 7), frozen=(60, 40), architecture="GPT2LMHeadModel",
+                      hidden=4, intermediate=16, layers=3, vocab=11)
+    assert model_state_bytes(lora, stage=2, world=4, dtype_bytes=2) == {
+        "parameters": 234, "gradients": 10, "master": 20, "optimizer": 40}
+    assert model_state_bytes(lora, stage=3, world=4, dtype_bytes=2) == {
+        "parameters": 60, "gradients": 10, "master": 20, "optimizer": 40}  # (5 + 15 + 10) x 2
+
+
+# Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def test_llama_8b_lora_config_dry_runs_with_a_plan_of_adapter_states(capsys, tmp_path, prepared):
+    """configs/llama-8b-lora.yaml, from a local directory holding only config.json (the plan
+    needs no weights): the launcher's --dry-run accepts it on 2 x 8 GPUs of 80 GB, and the plan
+    gives gradients, master weights and moments to the adapters alone."""
+    from transformers import LlamaConfig
+
+    from launcher.__main__ import main
+    from train.run.preflight import preflight
+
+    model_dir = tmp_path / "llama-3-8b"
+    LlamaConfig(**LLAMA3_8B).save_pretrained(model_dir)
+    config = str(REPO / "configs" / "llama-8b-lora.yaml")
+    overrides = [f"model.name_or_path={model_dir}", f"data.path={prepared}",
+                 f"output_dir={tmp_path / 'run'}", "health.gpu_memory_gb=80"]
+    code = main(["--nodes", "2", "--gpus-per-node", "8", "--dry-run", config, *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "# memory plan (per rank):" in out.out
+    lora = preflight(load_config(config, overrides), 16).memory.terms
+    full = preflight(load_config(config, [*overrides, "peft.method=null"]), 16).memory.terms
+    # r 16 on the 7 projections of 32 layers: r x (in + out) each, 41,943,040 in all
+    adapters = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert adapters == 41_943_040
+    assert lora["optimizer"] == pytest.approx(8 * adapters / 16, rel=1e-3)  # two fp32 moments
+    assert lora["master"] == pytest.approx(4 * adapters / 16, rel=1e-3)
+    assert lora["gradients"] == pytest.approx(2 * adapters / 16, rel=1e-3)  # bf16
+    base = 8_030_261_248  # Llama-3-8B's parameters
+    assert full["optimizer"] == pytest.approx(8 * base / 16, rel=1e-3)
+    assert lora["parameters"] == pytest.approx(2 * (base + adapters) / 16, rel=1e-3)
