@@ -54,12 +54,14 @@ def tiny_peft(kind: str, section_overrides: dict):
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=2,
-                                         n_positions=32, bos_token_id=0, eos_token_id=0)
+                                         n_positions=32, bos_token_id=0, eos_token_id=0,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2,
                                          num_attention_heads=2, intermediate_size=32,
-                                         num_labels=5, max_position_embeddings=32)
+                                         num_labels=5, max_position_embeddings=32,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = transformers.BertForTokenClassification(config)
     section = PeftSection(method="lora", r=4, alpha=8, **section_overrides)
     peft_model = apply_lora(model, section)
@@ -104,6 +106,37 @@ def test_export_self_check_passes_an_honest_export_and_refuses_a_wrong_one(tmp_p
     check_lora_export(tmp_path, reference)
     with pytest.raises(ExportCheckError, match="merged model .* gives other logits"):
         check_lora_export(tmp_path, reference + 1e-3)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_packed_lora_model_trains_the_adapters_alone_and_equals_its_merge(kind):
+    """PackedModel over a PeftModel: the fused loss of a packed batch equals that of the same
+    model merged (so the head peft runs, modules_to_save's trained copy, is the one wired), and
+    the backward reaches the adapters and the saved head only."""
+    import copy
+
+    from helpers import ATOL, NUM_LABELS, RTOL, packed_encoder_batch
+    from train.model import PackedModel
+
+    peft_model = tiny_peft(kind.split("-")[0], CASES[kind]).train()
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    batch, _, _ = packed_encoder_batch([[5, 3, 8], [2, 14]], NUM_LABELS if kind == "bert-ner"
+                                       else 61, labelled=0.9)
+    batch["input_ids"] = 2 + batch["input_ids"] % 59  # within the tiny models' 61 ids
+    wired = PackedModel(peft_model, "torch", "torch")
+    loss, count = wired(**batch)
+    with torch.no_grad():
+        expected, expected_count = PackedModel(merged, "torch", "torch")(**batch)
+    assert count == expected_count
+    torch.testing.assert_close(loss.detach(), expected, atol=ATOL, rtol=RTOL)
+    loss.backward()
+    trained = {n for n, p in wired.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in wired.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or ".modules_to_save." in n for n in trained), trained
+    with wired.unwrapped_for_export() as exported:  # plain heads for the export, then back
+        assert all(type(m) is torch.nn.Linear for m in wired._head_linears())
+        assert exported is peft_model
+    assert all(type(m).__name__ == "FusedLossLinear" for m in wired._head_linears())
 
 
 # --- the real command line ------------------------------------------------------------------

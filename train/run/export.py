@@ -60,7 +60,7 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
     gathered = None
     if engine.zero_optimization_stage() == 3:
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
-    lora = is_peft(model.hf_model)
+    lora = is_peft(getattr(model, "hf_model", None))
     reference = None
     if lora:  # the training model's logits for the self-check (collective under ZeRO-3)
         with model.unwrapped_for_export() as hf:
