@@ -1,14 +1,17 @@
 """LoRA through peft (the config's peft section).
 
-In process: the section's bad values are refused naming the key; the export's merge (W + s B A,
+In process: the section's bad values are refused naming the key (QLoRA's refusal among them:
+the same check runs at config load in every command); the export's merge (W + s B A,
 modules_to_save in place) equals peft's own merge_and_unload, for GPT-2's Conv1D layers and a
-BERT token classifier; the export's self-check passes an honest export and fails loudly on a
-wrong one. Through the real CLI: a target that matches nothing, a token classifier without its
-head in modules_to_save and a peft that does not import exit 2 with one line naming the key
-(QLoRA's refusal is checked in process: the same check, at config load). A real 2-rank run (torchrun, DeepSpeed ZeRO-3 on CPU) of configs/
-tiny-lora.yaml trains, resumes bit for bit (with activation checkpointing turned on), and exports an adapter (no empty tensors) and a
-merged model that pipeline() loads. (tests/test_memory_plan.py checks the engine's state: only
-the adapters are trained and in the optimizer, under ZeRO 0-3.)
+BERT token classifier; a packed LoRA model's fused loss equals its merge's, and only adapters
+and the saved head get gradients; the export's self-check passes an honest export and fails
+loudly on a wrong one. Through the real CLI: a target that matches nothing, a token classifier
+without its head in modules_to_save and a peft that does not import exit 2 with one line naming
+the key, and without a peft section nothing imports peft. A real 2-rank run (torchrun,
+DeepSpeed ZeRO-3 on CPU) of configs/tiny-lora.yaml trains, resumes bit for bit (with activation
+checkpointing turned on), and exports an adapter (no empty tensors) and a merged model that
+pipeline() loads. (tests/test_memory_plan.py checks the engine's state: under ZeRO-2 and 3 only
+the adapters train and have Adam moments, and under ZeRO-2 the bytes equal the plan's.)
 """
 from __future__ import annotations
 
