@@ -48,6 +48,16 @@ def test_qlora_says_what_it_needs():
         load_config(LORA, ["peft.method=qlora"])
 
 
+def test_preflight_refuses_a_target_that_is_no_layer(prepared, tmp_path):
+    from train.run.preflight import preflight
+
+    cfg = load_config(LORA, [f"data.path={prepared}", f"output_dir={tmp_path / 'r'}",
+                             "peft.target_modules=[c_fc, attn]"])  # attn: GPT2Attention
+    with pytest.raises(UsageError, match=r"peft.target_modules \['attn', 'c_fc'\]: a module "
+                                         r"they name is no layer peft adapts .* c_attn, c_fc"):
+        preflight(cfg, 2)
+
+
 def tiny_peft(kind: str, section_overrides: dict):
     import transformers
 

@@ -145,12 +145,19 @@ def check_lora(section, hf_config, auto_class: str, architecture: str) -> None:
     with torch.device("meta"):
         model = getattr(transformers, auto_class).from_config(hf_config)
     names = [name for name, _ in model.named_modules() if name]
+    layers = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}))
     for target in config.target_modules:
         if not any(matches(name, target) for name in names):
-            layers = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
             raise UsageError(f"peft.target_modules: {target!r} matches no module of "
-                             f"{architecture}; its linear layers are {', '.join(layers)}")
+                             f"{architecture}; its linear layers are {layers}")
+    try:  # what else peft refuses (a target that is no layer it can adapt), in one line
+        with torch.device("meta"):
+            apply_lora(model, section)
+    except ValueError:
+        raise UsageError(f"peft.target_modules {sorted(config.target_modules)}: a module they "
+                         f"name is no layer peft adapts (a Linear, Conv1D or Embedding); name "
+                         f"linear layers: {layers}") from None
     family = FAMILIES.get(architecture)
     if auto_class == "AutoModelForTokenClassification" and family is not None:
         saved = section.modules_to_save or []
