@@ -40,13 +40,15 @@ setup(
     extras_require={# the tests run all of it: seqeval checks train/ner_metrics.py, the trackers
                     # are read back with their own libraries, lm-eval checks eval_harness
                     "test": ["pytest>=8", "seqeval>=1.2", "tensorboard>=2.14", "wandb>=0.19",
-                             "mlflow>=3.0", "lm-eval>=0.4.5"],
+                             "mlflow>=3.0", "lm-eval>=0.4.5", "peft>=0.17"],
                     # report_to trackers (tensorboard: torch.utils.tensorboard writes through it)
                     "tensorboard": ["tensorboard>=2.14"],
                     "wandb": ["wandb>=0.19"],
                     "mlflow": ["mlflow>=3.0"],
                     # eval_harness: downstream evals of each checkpoint
                     "eval": ["lm-eval>=0.4.5"],
+                    # the peft section: LoRA adapters
+                    "lora": ["peft>=0.17"],
                     # baselines the benchmarks compare against
                     "bench": ["accelerate>=1.1", "liger-kernel>=0.5"]},
 )

@@ -1,8 +1,10 @@
 """Run under torchrun (DS_ACCELERATOR=cpu): build the DeepSpeed engine of a tiny GPT-2 for each
-ZeRO stage and precision given, take one step, and print, as JSON on rank 0, every rank's bytes
+ZeRO stage and precision given (`STAGE:PRECISION` or `STAGE:PRECISION:lora`, LoRA adapters through
+peft on its attention and MLP), take one step, and print, as JSON on rank 0, every rank's bytes
 of live tensor storage that the engine added (weights, gradients, master copies, optimizer
 states and DeepSpeed's buffers: everything gc can reach, each storage once) beside the memory
-plan's model-state terms. Used by tests/test_memory_plan.py."""
+plan's model-state terms; with LoRA also the trainable parameter count peft reports, the count
+the engine's module trains and the elements of Adam's first moments this rank holds. Used by tests/test_memory_plan.py."""
 from __future__ import annotations
 
 import gc
@@ -24,7 +26,7 @@ def live_storages() -> dict[int, int]:
     return found
 
 
-def measure(stage: int, bf16: bool) -> dict:
+def measure(stage: int, bf16: bool, lora: bool = False) -> dict:
     import deepspeed
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -34,11 +36,15 @@ def measure(stage: int, bf16: bool) -> dict:
 
     cfg = Config(bf16=bf16, learning_rate=1e-3)
     cfg.deepspeed.zero_stage = stage
+    if lora:
+        cfg.peft.method, cfg.peft.r, cfg.peft.target_modules = "lora", 4, ["c_attn", "c_fc"]
     config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=32,
                         attn_pdrop=0.0)
     torch.manual_seed(0)
     hf_model = GPT2LMHeadModel(config)
-    numels = [p.numel() for p in hf_model.parameters()]
+    from train.model import parameter_numels
+
+    trainable, frozen, _ = parameter_numels(config, "AutoModelForCausalLM", cfg.peft)
     world = torch.distributed.get_world_size()
     from train.config import deepspeed_config
     ds = deepspeed_config(cfg, world, 32, 10)
@@ -56,10 +62,20 @@ def measure(stage: int, bf16: bool) -> dict:
     after = live_storages()
     added = sum(n for ptr, n in after.items() if ptr not in before)
     kept = sum(n for ptr, n in after.items() if ptr in before)
-    plan = model_state_bytes(ModelShape(tuple(numels), (), "GPT2LMHeadModel", 32, 128, 2, 101),
+    plan = model_state_bytes(ModelShape(tuple(trainable), tuple(frozen), "GPT2LMHeadModel", 32,
+                                        128, 2, 101),
                              stage=stage, world=world, dtype_bytes=2 if bf16 else 4)
-    result = {"stage": stage, "bf16": bf16, "measured": added + kept, "plan": plan,
-              "plan_total": sum(plan.values())}
+    result = {"stage": stage, "bf16": bf16, "lora": lora, "measured": added + kept, "plan": plan,
+              "plan_total": sum(plan.values()), "param_tensors": len(trainable) + len(frozen)}
+    if lora:
+        module = engine.module.hf_model
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        result.update(
+            peft_trainable=module.get_nb_trainable_parameters()[0],
+            plan_trainable=sum(trainable),
+            module_trainable=sum(getattr(p, "ds_numel", p.numel())
+                                 for p in module.parameters() if p.requires_grad),
+            moments=sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s))
     engine.destroy()
     del engine
     gc.collect()
@@ -78,8 +94,8 @@ if __name__ == "__main__":
     start_process_group(torch.device("cpu"), env, Path(tempfile.mkdtemp()))
     out = []
     for arg in sys.argv[1:]:
-        stage, precision = arg.split(":")
-        out.append(measure(int(stage), precision == "bf16"))
+        stage, precision, *lora = arg.split(":")
+        out.append(measure(int(stage), precision == "bf16", lora == ["lora"]))
     gathered = [None] * env.world_size
     torch.distributed.all_gather_object(gathered, out)
     if env.rank == 0:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from helpers import REPO, free_port, run_cli
+from train.config import load_config
 from train.run.memory_plan import ModelShape, activation_bytes, memory_plan, model_state_bytes
 
 SHAPE = ModelShape(trainable=(10, 7), frozen=(), architecture="GPT2LMHeadModel", hidden=4,
@@ -63,10 +64,17 @@ def test_plan_names_the_biggest_term_and_its_fix():
 @pytest.mark.slow
 def test_model_states_equal_the_live_bytes_of_the_engine():
     """Each rank's live tensor storage after a step (gc, each storage once) is the plan's
-    parameters + master weights + optimizer states, for ZeRO 0-2, fp32 and bf16. DeepSpeed frees
-    the gradients at the step, so they are not in it; Adam's step counters (one 4-byte scalar
-    per parameter tensor or flat group) are, and the plan leaves them out."""
+    parameters + master weights + optimizer states, for ZeRO 0-2, fp32 and bf16, and with LoRA
+    (peft adapters; the base frozen, counted once in the training dtype). DeepSpeed frees the
+    gradients at the step, so they are not in it; Adam's step counters (one 4-byte scalar per
+    parameter tensor or flat group) are, and the plan leaves them out.
+
+    With LoRA, also under ZeRO-3: the engine trains exactly the parameters peft reports as
+    trainable (get_nb_trainable_parameters), and Adam's moments over the ranks cover those and
+    nothing of the frozen base. (ZeRO-3's bytes are not compared: it allocates its reduce bucket,
+    5e8 elements by default, up front, which the plan counts among the temporaries.)"""
     cases = [f"{stage}:{precision}" for stage in (0, 1, 2) for precision in ("fp32", "bf16")]
+    cases += ["2:bf16:lora", "3:fp32:lora"]
     res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2",
                   f"--master_port={free_port()}", str(REPO / "tests" / "engine_state_bytes.py"),
                   *cases, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
@@ -75,9 +83,21 @@ def test_model_states_equal_the_live_bytes_of_the_engine():
     assert len(ranks) == 2
     for results in ranks:
         for r in results:
+            if r["lora"]:
+                assert r["peft_trainable"] == r["plan_trainable"] == r["module_trainable"], r
+            if r["stage"] == 3:
+                continue
             persistent = r["plan"]["parameters"] + r["plan"]["master"] + r["plan"]["optimizer"]
             step_counters = r["measured"] - persistent
-            assert 0 <= step_counters <= 4 * 28, r  # tiny GPT-2: 28 parameter tensors
+            assert 0 <= step_counters <= 4 * r["param_tensors"], r
+    lora = [[r for r in results if r["lora"]] for results in ranks]
+    for cases_of_rank0, cases_of_rank1 in zip(*lora):
+        # each rank's partition of the adapters (ZeRO 1-3), or all of them (ZeRO-0); DeepSpeed
+        # pads the flat partitions to a multiple of the ranks
+        moments = cases_of_rank0["moments"] + cases_of_rank1["moments"]
+        trainable = cases_of_rank0["peft_trainable"]
+        expected = 2 * trainable if cases_of_rank0["stage"] == 0 else trainable
+        assert expected <= moments <= expected + 2 * 2 * 2, (cases_of_rank0, cases_of_rank1)
 
 
 def dry_run(capsys, tmp_path, data, *overrides):
@@ -102,3 +122,51 @@ def test_launcher_dry_run_prints_the_plan_and_refuses_what_cannot_fit(capsys, tm
     code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=16",
                         "gradient_checkpointing=true")
     assert code == 0, out.err
+
+
+def test_lora_terms_by_hand():
+    # LoRA: the frozen base (100 elements) is counted once, in the training dtype, and sharded
+    # by ZeRO-3 alone; gradients, master weights and moments exist for the adapters only
+    lora = ModelShape(trainable=(10, 7), frozen=(60, 40), architecture="GPT2LMHeadModel",
+                      hidden=4, intermediate=16, layers=3, vocab=11)
+    assert model_state_bytes(lora, stage=2, world=4, dtype_bytes=2) == {
+        "parameters": 234, "gradients": 10, "master": 20, "optimizer": 40}
+    assert model_state_bytes(lora, stage=3, world=4, dtype_bytes=2) == {
+        "parameters": 60, "gradients": 10, "master": 20, "optimizer": 40}  # (5 + 15 + 10) x 2
+
+
+# Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def test_llama_8b_lora_config_dry_runs_with_a_plan_of_adapter_states(capsys, tmp_path, prepared):
+    """configs/llama-8b-lora.yaml, from a local directory holding only config.json (the plan
+    needs no weights): the launcher's --dry-run accepts it on 2 x 8 GPUs of 80 GB, and the plan
+    gives gradients, master weights and moments to the adapters alone."""
+    from transformers import LlamaConfig
+
+    from launcher.__main__ import main
+    from train.run.preflight import preflight
+
+    model_dir = tmp_path / "llama-3-8b"
+    LlamaConfig(**LLAMA3_8B).save_pretrained(model_dir)
+    config = str(REPO / "configs" / "llama-8b-lora.yaml")
+    overrides = [f"model.name_or_path={model_dir}", f"data.path={prepared}",
+                 f"output_dir={tmp_path / 'run'}", "health.gpu_memory_gb=80"]
+    code = main(["--nodes", "2", "--gpus-per-node", "8", "--dry-run", config, *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "# memory plan (per rank):" in out.out
+    lora = preflight(load_config(config, overrides), 16).memory.terms
+    full = preflight(load_config(config, [*overrides, "peft.method=null"]), 16).memory.terms
+    # r 16 on the 7 projections of 32 layers: r x (in + out) each, 41,943,040 in all
+    adapters = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert adapters == 41_943_040
+    assert lora["optimizer"] == pytest.approx(8 * adapters / 16, rel=1e-3)  # two fp32 moments
+    assert lora["master"] == pytest.approx(4 * adapters / 16, rel=1e-3)
+    assert lora["gradients"] == pytest.approx(2 * adapters / 16, rel=1e-3)  # bf16
+    base = 8_030_261_248  # Llama-3-8B's parameters
+    assert full["optimizer"] == pytest.approx(8 * base / 16, rel=1e-3)
+    assert lora["parameters"] == pytest.approx(2 * (base + adapters) / 16, rel=1e-3)

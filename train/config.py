@@ -4,9 +4,9 @@ group exists.
 Top-level training hyperparameters use the names of transformers' `TrainingArguments`
 (learning_rate, per_device_train_batch_size, ...); `task` names the task and `resume` says where
 to continue from; the sections are `model`, `data`, `deepspeed`, `kernels`, `health`, `watchdog`,
-`stragglers` and `eval_harness` (tests/test_single_sources.py checks this list against `Config`). An unknown
-key is an error listing the valid ones; a name from older tutorials (warmup_ratio,
-evaluation_strategy) is accepted with a note naming the current one.
+`stragglers`, `eval_harness` and `peft` (tests/test_single_sources.py checks this list against
+`Config`). An unknown key is an error listing the valid ones; a name from older tutorials
+(warmup_ratio, evaluation_strategy) is accepted with a note naming the current one.
 """
 from __future__ import annotations
 
@@ -125,6 +125,24 @@ class EvalHarnessSection:
                                       # (minutes, HH:MM:SS or D-HH:MM:SS)
 
 
+PEFT_METHODS = ("lora", "qlora")
+
+
+@dataclass
+class PeftSection:
+    """LoRA adapters through the peft library (train/model.py applies them): the base model is
+    frozen and only the adapters (and modules_to_save) train; off while method is null."""
+    method: str | None = None         # lora (qlora, a 4-bit base, is refused: see docs/memory.md)
+    r: int = 8                        # the adapters' rank, > 0
+    alpha: float = 16.0               # LoRA's alpha: the update is scaled by alpha / r, > 0
+    dropout: float = 0.0              # dropout on the adapters' input, in [0, 1)
+    target_modules: list[str] | None = None  # module names (or name suffixes) that get adapters;
+                                      # null: the family's default (train/model.py LORA_TARGETS)
+    modules_to_save: list[str] | None = None  # modules trained in full and saved with the
+                                      # adapter: a task head (token-classification: classifier)
+    load_in_4bit: bool = False        # a 4-bit base (QLoRA): needs a GPU and bitsandbytes
+
+
 @dataclass
 class Config:
     task: str = "clm"                 # what is trained: the model head, labels and metrics
@@ -177,6 +195,7 @@ class Config:
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     stragglers: StragglerSection = field(default_factory=StragglerSection)
     eval_harness: EvalHarnessSection = field(default_factory=EvalHarnessSection)
+    peft: PeftSection = field(default_factory=PeftSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -395,6 +414,32 @@ def check(cfg: Config) -> None:
     report_to_names(cfg.report_to)
     check_ranges(cfg)
     check_checkpointing(cfg)
+    check_peft(cfg)
+
+
+def check_peft(cfg: Config) -> None:
+    """The peft section's own values (what needs the model, its module names and head, is
+    preflight's: train/run/preflight.py check_lora)."""
+    section = cfg.peft
+    if section.method is not None and section.method not in PEFT_METHODS:
+        raise UsageError(f"config key peft.method is {section.method!r}; choose lora (or leave "
+                         f"it null for full fine-tuning)")
+    if section.method == "qlora" or section.load_in_4bit:
+        key = "peft.method: qlora" if section.method == "qlora" else "peft.load_in_4bit"
+        raise UsageError(f"{key}: a 4-bit base (QLoRA) needs a GPU and bitsandbytes, and this "
+                         f"trainer does not implement it; use peft.method: lora (bf16: true "
+                         f"halves the frozen base)")
+    if section.method is None:
+        return
+    if section.r <= 0:
+        raise UsageError(f"config key peft.r must be > 0, got {section.r}")
+    if section.alpha <= 0:
+        raise UsageError(f"config key peft.alpha must be > 0, got {section.alpha}")
+    if not 0.0 <= section.dropout < 1.0:
+        raise UsageError(f"config key peft.dropout must be in [0, 1), got {section.dropout}")
+    if section.target_modules is not None and not section.target_modules:
+        raise UsageError("peft.target_modules is empty; name modules (q_proj, c_attn, ...) or "
+                         "leave it null for the model family's default")
 
 
 def check_checkpointing(cfg: Config) -> None:

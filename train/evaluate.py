@@ -22,7 +22,9 @@ from train.errors import DataError, UsageError, exits_cleanly_on_usage_error
 
 
 def task_of(model_dir: str) -> str:
-    config = Path(model_dir) / "config.json"
+    from train.run.export import base_of, is_adapter_dir
+
+    config = Path(base_of(model_dir) if is_adapter_dir(model_dir) else model_dir) / "config.json"
     if not config.exists():
         raise UsageError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     architecture = (json.loads(config.read_text()).get("architectures") or [""])[0]
@@ -67,20 +69,18 @@ def evaluate_export(model_dir: str, data_dir: str, split: str = "validation",
                     max_batches: int | None = None, **overrides) -> dict:
     """The run's eval (train/run/eval_loop.py) of an exported model on a shard directory, in the run's
     own windows (data.seq_len of its train_config.json) unless seq_len is given."""
-    import transformers
-
     from train.run.eval_loop import eval_sums
     from train.data.loader import PackedLoader, as_torch
     from train.model import PackedModel, max_positions
     from train.data.shards import ShardIndex, file_sha256
     from train.tasks import make_task
 
-    from train.run.export import check_model_dir
+    from train.run.export import check_model_dir, load_export
 
-    check_model_dir(model_dir, tokenizer=False)  # config and weights, named before loading
+    check_model_dir(model_dir, tokenizer=False)  # config and weights (or an adapter and its base)
     cfg = run_config(model_dir, **{"data.seq_len": seq_len, **overrides})
     task = make_task(cfg, ShardIndex.load(data_dir))
-    model = getattr(transformers, task.auto_class).from_pretrained(model_dir).eval()
+    model = load_export(model_dir, task.auto_class)
     tokenizer_json = Path(model_dir) / "tokenizer.json"
     loader = PackedLoader(data_dir, split, seq_len=cfg.data.seq_len, micro_batch_size=batch_size,
                           shuffle=False, **task.loader_options(),

@@ -57,15 +57,13 @@ def check_args(args) -> None:
 
 
 def load(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from train.run.export import check_model_dir
+    from train.run.export import check_model_dir, load_export
 
-    check_model_dir(model_dir)
+    check_model_dir(model_dir)  # a model directory, or a LoRA run's adapter directory
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
-    return model, tokenizer
+    return load_export(model_dir, "AutoModelForCausalLM"), tokenizer
 
 
 def chat_messages(args) -> list[dict]:

@@ -17,6 +17,11 @@ Nothing in transformers is edited. Two mechanisms it provides do the routing:
 What differs between model families is one row of FAMILIES. A model not in the table keeps its
 own attention and loss (transformers detects packed documents from position_ids for SDPA), with
 a one-line warning.
+
+LoRA (the config's peft section) goes through the peft library: `apply_lora` wraps the model in
+a PeftModel before PackedModel wires it, and PackedModel then routes the model inside (peft
+injects its layers in place, so the family's table row still finds the head; a head in
+modules_to_save is wrapped, and both its copies get the fused loss).
 """
 from __future__ import annotations
 
@@ -83,6 +88,83 @@ FAMILIES = {
     **{name: Family(head="classifier", pre_head=_dropout, position_offset=_roberta_positions)
        for name in ("RobertaForTokenClassification", "XLMRobertaForTokenClassification")},
 }
+
+
+# model_type -> the modules LoRA adapts when peft.target_modules is null: every projection of
+# attention and MLP for the decoders (as QLoRA's paper found best), attention's for encoders.
+LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D layers: peft's fan_in_fan_out
+    **{name: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+       for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2")},
+    **{name: ("query", "key", "value") for name in ("bert", "roberta", "xlm-roberta")},
+    "distilbert": ("q_lin", "k_lin", "v_lin"),
+}
+CONV1D_FAMILIES = ("gpt2",)  # weights stored [in, out]: peft's fan_in_fan_out
+
+
+def lora_config(section, hf_config):
+    """peft's LoraConfig for the peft section. No task_type: peft would add a task head to
+    modules_to_save on its own, and that is the user's choice to state."""
+    from peft import LoraConfig
+
+    targets = section.target_modules or LORA_TARGETS.get(hf_config.model_type)
+    if not targets:
+        raise UsageError(f"peft.target_modules: no default for model_type "
+                         f"{hf_config.model_type!r}; name the modules to adapt (e.g. q_proj, "
+                         f"v_proj)")
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=list(targets),
+                      modules_to_save=list(section.modules_to_save or []) or None,
+                      fan_in_fan_out=hf_config.model_type in CONV1D_FAMILIES)
+
+
+def apply_lora(hf_model, section):
+    """The model as a PeftModel: the base frozen (requires_grad False), the adapters and
+    modules_to_save trainable."""
+    from peft import get_peft_model
+
+    return get_peft_model(hf_model, lora_config(section, hf_model.config))
+
+
+def is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def matches(name: str, key: str) -> bool:
+    """peft's rule for a target_modules or modules_to_save entry: the whole name, or its tail."""
+    return name == key or name.endswith("." + key)
+
+
+def check_lora(section, hf_config, auto_class: str, architecture: str) -> None:
+    """What preflight can refuse of a peft section before any weights exist: a target that
+    matches no module of the model, and a task head that would stay frozen at its random
+    initialization (token classification: the classifier must be in modules_to_save)."""
+    import transformers
+
+    config = lora_config(section, hf_config)
+    with torch.device("meta"):
+        model = getattr(transformers, auto_class).from_config(hf_config)
+    names = [name for name, _ in model.named_modules() if name]
+    layers = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}))
+    for target in config.target_modules:
+        if not any(matches(name, target) for name in names):
+            raise UsageError(f"peft.target_modules: {target!r} matches no module of "
+                             f"{architecture}; its linear layers are {layers}")
+    try:  # what else peft refuses (a target that is no layer it can adapt), in one line
+        with torch.device("meta"):
+            apply_lora(model, section)
+    except ValueError:
+        raise UsageError(f"peft.target_modules {sorted(config.target_modules)}: a module they "
+                         f"name is no layer peft adapts (a Linear, Conv1D or Embedding); name "
+                         f"linear layers: {layers}") from None
+    family = FAMILIES.get(architecture)
+    if auto_class == "AutoModelForTokenClassification" and family is not None:
+        saved = section.modules_to_save or []
+        if not any(matches(family.head, key) for key in saved):
+            raise UsageError(f"peft.modules_to_save must name the task's head {family.head!r} "
+                             f"(a new classifier that LoRA would leave at its random "
+                             f"initialization): modules_to_save: [{family.head}]")
 
 
 def position_offset(hf_model) -> int:
@@ -184,21 +266,27 @@ def enable_activation_checkpointing(hf_model, every_n_layers: int = 1,
         every_n_layers=every_n_layers)
 
 
-def parameter_numels(hf_config, auto_class: str) -> tuple[list[int], dict[str, int]]:
-    """The model's parameter tensors' sizes (tied ones once) and its layer sizes, from its config
-    alone: the model is built on the meta device, which allocates nothing (an 8B model in
-    seconds)."""
+def parameter_numels(hf_config, auto_class: str, peft_section=None
+                     ) -> tuple[list[int], list[int], dict[str, int]]:
+    """The model's trainable and frozen parameter tensors' sizes (tied ones once) and its layer
+    sizes, from its config alone: the model is built on the meta device, which allocates nothing
+    (an 8B model in seconds). With a peft section the adapters are added the way training adds
+    them, and the base is frozen."""
     import transformers
 
     with torch.device("meta"):
         model = getattr(transformers, auto_class).from_config(hf_config)
-    numels = [p.numel() for p in model.parameters()]  # parameters() yields a tied weight once
+        if peft_section is not None and peft_section.method:
+            model = apply_lora(model, peft_section)
+    params = list(model.parameters())  # parameters() yields a tied weight once
+    numels = [p.numel() for p in params if p.requires_grad]
+    frozen = [p.numel() for p in params if not p.requires_grad]
     c = hf_config
     hidden = _first_attr(c, "hidden_size", "n_embd", "dim")
     sizes = {"hidden": hidden, "layers": _first_attr(c, "num_hidden_layers", "n_layer", "n_layers"),
              "intermediate": _first_attr(c, "intermediate_size", "n_inner", "hidden_dim")
              or 4 * hidden, "vocab": c.vocab_size}
-    return numels, sizes
+    return numels, frozen, sizes
 
 
 def _first_attr(config, *names):
@@ -338,10 +426,11 @@ class PackedModel(nn.Module):
 
     def __init__(self, hf_model: nn.Module, attention: str = "auto", cross_entropy: str = "auto"):
         super().__init__()
-        self.hf_model = hf_model
-        architecture = type(hf_model).__name__
+        self.hf_model = hf_model  # a PeftModel under LoRA: its parameter names are the state's
+        base = self.base
+        architecture = type(base).__name__
         self.family = FAMILIES.get(architecture)
-        self.position_offset = position_offset(hf_model)
+        self.position_offset = position_offset(base)
         # decoders would build a KV cache no one reads; encoders take no such argument
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -350,20 +439,34 @@ class PackedModel(nn.Module):
             log.warning("%s has no kernel wiring (supported: %s); it keeps its own attention and "
                         "loss", architecture, ", ".join(sorted(FAMILIES)))
             return
-        unsupported = unsupported_attention_features(hf_model.config, training=False)
-        head_dim = attention_head_dim(hf_model.config)
+        unsupported = unsupported_attention_features(base.config, training=False)
+        head_dim = attention_head_dim(base.config)
         if attention != "torch" and torch.cuda.is_available() and head_dim > MAX_HEAD_DIM:
             unsupported.append(f"head dim {head_dim} in the Triton kernel (at most "
                                f"{MAX_HEAD_DIM}; set kernels.attention: torch)")
         if unsupported:
             raise UnsupportedAttention(f"{architecture}: the varlen attention kernels do not "
                                        f"implement {'; '.join(unsupported)}")
-        hf_model.config._attn_implementation = register_attention(attention)
-        head = _get(hf_model, self.family.head)
-        head.__class__ = FusedLossLinear
-        head.ce_backend = cross_entropy
-        if self.family.softcap_attr:
-            head.softcap = getattr(hf_model.config, self.family.softcap_attr, None)
+        base.config._attn_implementation = register_attention(attention)
+        for head in self._head_linears():
+            head.__class__ = FusedLossLinear
+            head.ce_backend = cross_entropy
+            if self.family.softcap_attr:
+                head.softcap = getattr(base.config, self.family.softcap_attr, None)
+
+    @property
+    def base(self) -> nn.Module:
+        """The Hugging Face model itself: inside the PeftModel under LoRA (peft's layers are
+        injected into it in place)."""
+        return self.hf_model.get_base_model() if is_peft(self.hf_model) else self.hf_model
+
+    def _head_linears(self) -> list[nn.Module]:
+        """The head's linear layer; both copies of a head in peft's modules_to_save (the frozen
+        original and the trained one, of which peft runs one)."""
+        head = _get(self.base, self.family.head)
+        if hasattr(head, "modules_to_save"):
+            return [head.original_module, *head.modules_to_save.values()]
+        return [head]
 
     @property
     def wired(self) -> bool:
@@ -376,7 +479,8 @@ class PackedModel(nn.Module):
         position_ids = position_ids + self.position_offset if self.position_offset else position_ids
         if not self.wired:
             return self._unwired_forward(input_ids, labels, position_ids, return_predictions)
-        hidden = self.hf_model.base_model(
+        base = self.base
+        hidden = base.base_model(
             input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
             cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen,
             **self._no_cache).last_hidden_state
@@ -392,8 +496,8 @@ class PackedModel(nn.Module):
         if return_predictions or 2 * num_labelled < len(targets):
             hidden, targets = hidden[keep], targets[keep]
         if self.family.pre_head:
-            hidden = self.family.pre_head(self.hf_model, hidden)
-        head = _get(self.hf_model, self.family.head)
+            hidden = self.family.pre_head(base, hidden)
+        head = _get(base, self.family.head)
         if return_predictions:  # [labelled, classes] logits: small for a token classifier
             logits = head(hidden).float()
             loss_sum = F.cross_entropy(logits, targets, reduction="sum")
@@ -401,8 +505,8 @@ class PackedModel(nn.Module):
         return head(hidden, targets)
 
     def _unwired_forward(self, input_ids, labels, position_ids, return_predictions):
-        logits = self.hf_model(input_ids=input_ids, position_ids=position_ids,
-                               **self._no_cache).logits
+        logits = self.base(input_ids=input_ids, position_ids=position_ids,
+                           **self._no_cache).logits
         labels = labels.reshape(-1)
         logits = logits.reshape(-1, logits.shape[-1]).float()
         loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -412,20 +516,24 @@ class PackedModel(nn.Module):
         return loss_sum, keep.sum()
 
     def unwrap_for_export(self) -> nn.Module:
-        """The plain Hugging Face model: nn.Linear head, SDPA attention (what loads anywhere)."""
+        """The plain Hugging Face model: nn.Linear head, SDPA attention (what loads anywhere);
+        the PeftModel around it under LoRA."""
         if self.wired:
-            _get(self.hf_model, self.family.head).__class__ = nn.Linear
-            self.hf_model.config._attn_implementation = "sdpa"
+            for head in self._head_linears():
+                head.__class__ = nn.Linear
+            self.base.config._attn_implementation = "sdpa"
         return self.hf_model
 
     @contextlib.contextmanager
     def unwrapped_for_export(self):
         """unwrap_for_export for the time of an export: a checkpoint's export in the middle of a
         run (eval_harness) gives the run its own head and attention back afterwards."""
-        head = _get(self.hf_model, self.family.head)
-        head_class, attention = head.__class__, self.hf_model.config._attn_implementation
+        heads = self._head_linears() if self.wired else []
+        classes = [head.__class__ for head in heads]
+        attention = self.base.config._attn_implementation
         try:
             yield self.unwrap_for_export()
         finally:
-            head.__class__ = head_class
-            self.hf_model.config._attn_implementation = attention
+            for head, head_class in zip(heads, classes):
+                head.__class__ = head_class
+            self.base.config._attn_implementation = attention

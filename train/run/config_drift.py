@@ -34,6 +34,7 @@ RULES = {
     "lr_scheduler_type": MATH, "weight_decay": MATH, "adam_beta1": MATH, "adam_beta2": MATH,
     "adam_epsilon": MATH, "max_grad_norm": MATH, "bf16": MATH, "fp16": MATH,
     "model": MATH, "deepspeed": MATH,
+    "peft": MATH,  # LoRA's adapters are other parameters: a change would not load, or not mean it
     "data.seq_len": MATH, "data.mlm_probability": MATH, "data.whole_word_masking": MATH,
     "data.label_all_tokens": MATH,
     "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": BATCH,

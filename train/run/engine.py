@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.run.distributed import DistEnv, forget_rendezvous, rendezvous_store
-from train.model import PackedModel, enable_activation_checkpointing
+from train.model import PackedModel, apply_lora, enable_activation_checkpointing
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -54,8 +54,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops an empty group (LoRA's adapters are all matrices), and the LR schedule
+    # must see the groups it does
+    return [g for g in groups if g["params"]]
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -82,6 +85,8 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(hf_model, cfg.gradient_checkpointing_every_n_layers,
                                         cfg.gradient_checkpointing_kwargs)
+    if cfg.peft.method:  # LoRA: the base frozen; param_groups then hands only adapters on
+        hf_model = apply_lora(hf_model, cfg.peft)
     model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy)
     optimizer = lr_scheduler = None
     if "optimizer" not in ds_config:
@@ -92,5 +97,6 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
                 cfg.lr_scheduler_type, warmup_steps(cfg, total_steps), total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        model_parameters=None if optimizer else model.parameters(), config=ds_config)
+        model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad],
+        config=ds_config)
     return engine, model, scheduler

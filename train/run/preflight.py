@@ -23,7 +23,7 @@ from train.config import Config, DataSection, MixtureSource, deepspeed_config, r
 from train.errors import DataError, UsageError, note, warn
 from train.data.loader import num_windows
 from train.data.mixture import MAX_PERIOD, MixtureSchedule
-from train.model import (FAMILIES, architecture_of, max_positions, model_config,
+from train.model import (FAMILIES, architecture_of, check_lora, max_positions, model_config,
                          parameter_numels, unsupported_attention_features)
 from train.data.shards import ShardIndex, file_sha256
 from train.tasks import Task, check_shards_fit, make_task
@@ -61,8 +61,9 @@ def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architectur
     """The per-rank memory plan of this run, from the model's config (no weights)."""
     from kernels.cross_entropy import CHUNK_ELEMENTS
 
-    numels, sizes = parameter_numels(hf_config, auto_class)
-    shape = ModelShape(trainable=tuple(numels), frozen=(), architecture=architecture, **sizes)
+    numels, frozen, sizes = parameter_numels(hf_config, auto_class, cfg.peft)
+    shape = ModelShape(trainable=tuple(numels), frozen=tuple(frozen), architecture=architecture,
+                       **sizes)
     half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
     return memory_plan(
         shape, stage=ds["zero_optimization"]["stage"], world=world, dtype_bytes=2 if half else 4,
@@ -109,6 +110,9 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True,
     if max_pos and cfg.data.seq_len > max_pos:
         raise UsageError(f"data.seq_len {cfg.data.seq_len} exceeds the model's {max_pos} "
                          f"positions; lower data.seq_len")
+    check_peft_installed(cfg)
+    if cfg.peft.method:
+        check_lora(cfg.peft, hf_config, auto_class, architecture)
     eval_sources = check_validation_split(cfg, indexes)
     total_steps = count_steps(cfg, world, index, task)
     check_output_dir(cfg)
@@ -273,6 +277,19 @@ def check_trackers(cfg: Config) -> None:
         if importlib.util.find_spec(name) is None:
             raise UsageError(f"report_to asks for {name}, which is not installed; pip install "
                              f"'slurm-lm[{name}]' (or {name}), or remove it from report_to")
+
+
+def check_peft_installed(cfg: Config) -> None:
+    """The peft section needs the peft library, importable (check_lora builds the adapters on
+    the meta device with it)."""
+    if not cfg.peft.method:
+        return
+    try:
+        importlib.import_module("peft")
+    except Exception as err:  # noqa: BLE001 - a broken install raises anything; say what
+        raise UsageError(f"peft.method is set but the peft library does not import ({err}); pip "
+                         f"install 'slurm-lm[lora]' (or peft), or remove the peft section"
+                         ) from None
 
 
 def check_eval_harness(cfg: Config) -> None:
