@@ -22,7 +22,7 @@ from pathlib import Path
 from train import durable
 from train.data.chat import SAMPLE_FILE
 from train.data.shards import TOKENIZER_FILES
-from train.errors import UsageError, warn
+from train.errors import StorageError, UsageError, warn
 
 PARITY_FILE = "chat_parity.json"
 PREFIX = "hf_model."
@@ -33,28 +33,69 @@ TRAIN_CONFIG = "train_config.json"
 
 
 def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barrier,
-                 config: dict | None = None) -> None:
+                 config: dict | None = None, agree=None) -> None:
+    """Collective. agree(code) max-reduces an int over the ranks (trainer's RankRun.agree): a
+    full or read-only file system under rank 0's write is one StorageError on every rank, the
+    temporary directory removed and an earlier export left as it was."""
     gathered = None
     if engine.zero_optimization_stage() == 3:
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
+    failure = None
     if rank == 0:
-        tmp = durable.fresh_dir(final_dir.with_name(f".{final_dir.name}.tmp"))
-        state = None
-        if gathered is not None:
-            state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
-        with model.unwrapped_for_export() as hf:
-            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (data_dir / name).exists():
-                durable.copy_file(data_dir / name, tmp / name)
-        if config is not None:
-            durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
-        if (data_dir / SAMPLE_FILE).exists():
-            check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
-        durable.seal_tree(tmp)
-        durable.remove_tree(final_dir)
-        durable.commit_rename(tmp, final_dir)
-    barrier()
+        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+        try:
+            write_export(model, tmp, final_dir, data_dir, gathered, config)
+        except Exception as err:  # agreed on below, then raised on every rank
+            failure = err
+            try:
+                durable.remove_tree(tmp)  # nothing partial that looks like a model directory
+            except OSError:
+                pass
+    needed = None
+    if failure is not None:
+        needed = sum(t.numel() * t.element_size() for t in model_tensors(model, gathered))
+    storage = failure is not None and durable.is_storage_failure(failure, final_dir.parent,
+                                                                 needed)
+    local = 2 if storage else 1 if failure is not None else 0
+    code = agree(local) if agree is not None else (barrier(), local)[1]
+    if not code:
+        return
+    then = (f"{final_dir} is the earlier export, as it was" if (final_dir / "config.json").exists()
+            else f"no {final_dir} was written") + "; the last checkpoint is complete"
+    if storage:
+        raise StorageError(durable.storage_message("export", failure, final_dir.parent, needed,
+                                                   then)) from None
+    if failure is not None:
+        raise failure
+    message = f"export failed on rank 0 (its error line says why); {then}"
+    raise StorageError(message) if code == 2 else RuntimeError(message)
+
+
+def model_tensors(model, gathered):
+    if gathered is not None:
+        return list(gathered.values())
+    with model.unwrapped_for_export() as hf:
+        return list(hf.state_dict().values())
+
+
+def write_export(model, tmp: Path, final_dir: Path, data_dir: Path, gathered, config) -> None:
+    """Rank 0: the model directory under tmp, sealed, then renamed to final_dir."""
+    durable.fresh_dir(tmp)
+    state = None
+    if gathered is not None:
+        state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
+    with model.unwrapped_for_export() as hf:
+        hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (data_dir / name).exists():
+            durable.copy_file(data_dir / name, tmp / name)
+    if config is not None:
+        durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
+    if (data_dir / SAMPLE_FILE).exists():
+        check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
+    durable.seal_tree(tmp)
+    durable.remove_tree(final_dir)
+    durable.commit_rename(tmp, final_dir)
 
 
 def check_chat_parity(model_dir: Path, sample: list[dict]) -> None:

@@ -372,6 +372,22 @@ class RankRun:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    def agree(self, code: int) -> int:
+        """The largest of the ranks' codes (0: all is well): where a barrier would stand, every
+        rank learns whether any failed (train/run/checkpoint.py's save, the export)."""
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return code
+        flag = torch.tensor(float(code), device=self.device)
+        return int(self.all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
+
+    def checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes on disk, all ranks together (train/run/health.py)."""
+        ds = self.plan.ds_config
+        half = any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.hf_model.parameters())
+        return health.checkpoint_bytes(params, stage, half)
+
     def all_reduce(self, tensor, op=None):
         if torch.distributed.is_initialized() and self.world > 1:
             torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
@@ -418,7 +434,8 @@ class RankRun:
                  "trained_tokens_seen": p.trained_tokens_seen}
         checkpoint.save(self.engine, self.out, p.step, state, self.rank, self.barrier,
                         keep=self.cfg.save_total_limit,
-                        crash_before_commit=self.faults.crash_in_save(p.step))
+                        crash_before_commit=self.faults.crash_in_save(p.step),
+                        agree=self.agree, needed=self.checkpoint_bytes())
 
     def load(self, path: Path) -> Progress:
         state = checkpoint.load_state(path)
@@ -462,7 +479,8 @@ class RankRun:
         data_dir = Path(self.sources[0].path)
 
         def export(model_dir):
-            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier)
+            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier,
+                         agree=self.agree)
 
         if self.eval_jobs:
             from train.run import eval_jobs
@@ -509,7 +527,7 @@ class RankRun:
         self.watchdog.enter("export", self.progress.step,
                             probe=lambda: tree_bytes(self.out / "final"))
         export_final(self.engine, self.model, self.out / "final", Path(self.sources[0].path),
-                     self.rank, self.barrier, config=self.cfg.to_dict())
+                     self.rank, self.barrier, config=self.cfg.to_dict(), agree=self.agree)
 
     def progress_bar(self):
         from tqdm import tqdm
