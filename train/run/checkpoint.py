@@ -184,7 +184,9 @@ def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
                 "no checkpoint was saved yet")
         what = f"checkpoint save at step {step}"
         if failure and durable.is_storage_failure(failure[0], r, needed):
-            raise StorageError(durable.storage_message(what, failure[0], r, needed, then)) from None
+            message = durable.storage_message(what, failure[0], r, needed, then)
+            failure.clear()  # its frames may hold the failed file open: let it close now
+            raise StorageError(message) from None
         if failure:
             raise failure[0]
         message = f"{what} failed on another rank (its error line says why); {then}"

@@ -63,8 +63,9 @@ def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barr
     then = (f"{final_dir} is the earlier export, as it was" if (final_dir / "config.json").exists()
             else f"no {final_dir} was written") + "; the last checkpoint is complete"
     if storage:
-        raise StorageError(durable.storage_message("export", failure, final_dir.parent, needed,
-                                                   then)) from None
+        message = durable.storage_message("export", failure, final_dir.parent, needed, then)
+        failure = None  # its frames may hold the failed file open: let it close now
+        raise StorageError(message) from None
     if failure is not None:
         raise failure
     message = f"export failed on rank 0 (its error line says why); {then}"
