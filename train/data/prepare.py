@@ -599,6 +599,17 @@ def open_writers(out: Path, streams, shard_tokens: int, written: WrittenFiles
     return writers, skip
 
 
+def _start_worker(initializer, *init) -> None:
+    """A tokenizer worker: killed with prepare (even by SIGKILL, never an orphan), then set up."""
+    import multiprocessing
+    import signal
+
+    from train import lifetime
+
+    lifetime.die_with_parent(signal.SIGKILL, multiprocessing.parent_process().pid)
+    initializer(*init)
+
+
 def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progress,
                   initializer=_init_tokenizer, tally=None) -> int:
     """Phase 4: tokenize the batches (in a process pool, or here with one worker) and append
@@ -613,7 +624,7 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
         pool = ThreadPoolExecutor(workers)
     else:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                   initializer=initializer, initargs=init)
+                                   initializer=_start_worker, initargs=(initializer, *init))
     tokens_done, started = 0, time.time()
     try:
         for (splits, nbytes), (tokens, lengths, *rest) in tokenize_in_order(
