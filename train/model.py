@@ -190,8 +190,13 @@ def parameter_numels(hf_config, auto_class: str) -> tuple[list[int], dict[str, i
     seconds)."""
     import transformers
 
-    with torch.device("meta"):
-        model = getattr(transformers, auto_class).from_config(hf_config)
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, auto_class).from_config(hf_config)
+    except (ValueError, TypeError, AssertionError) as err:  # sizes the model cannot be built with
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"model.config: transformers cannot build a {hf_config.model_type} "
+                         f"model with these sizes ({first}); fix model.config") from None
     numels = [p.numel() for p in model.parameters()]  # parameters() yields a tied weight once
     c = hf_config
     hidden = _first_attr(c, "hidden_size", "n_embd", "dim")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -41,6 +42,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from train import durable
 from train.data import chat, ner_data, sources
 from train.data.ner_sources import SentenceSource
 from train.errors import UsageError, note, warn  # on stderr: stdout is for the summary line
@@ -711,6 +713,7 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UsageError(f"--output {out} is an existing file, not a directory: give a new or "
                          f"empty directory")
     created = not out.exists()
+    before = set() if created else set(os.listdir(out))
     try:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -720,8 +723,14 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
                 raise
             raise UsageError(disk_error(err, out)) from None
     except UsageError:
-        if created:  # a refused prepare leaves nothing behind; all of it is its own
+        # a refused prepare leaves nothing behind: a directory it made goes whole; in one that
+        # was there, the names it added (a resumable partial prepare's own files stay)
+        if created:
             shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for name in set(os.listdir(out)) - before:
+                with contextlib.suppress(OSError):
+                    durable.remove_tree(out / name)
         raise
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from train import durable
 from train.run import checkpoint, distributed, health, preemption, run_dir, run_lock
 from train.config import Config, report_to_names
 from train.run.engine import build_engine, device_memory, pick_device, start_process_group
@@ -43,7 +45,7 @@ from train.model import build_hf_model
 from train.run.preemption import StopReason, StopRequest
 from train.run.preflight import Plan, data_sources, preflight
 from train.run.stragglers import Stragglers, WorkTimer
-from train.run.watchdog import Watchdog, tree_bytes
+from train.run.watchdog import DIR as WATCHDOG_DIR, Watchdog, tree_bytes
 
 
 class NonFiniteError(RuntimeError):
@@ -88,10 +90,16 @@ def run_training(cfg: Config) -> int:
 def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
     """The run after preflight: output_dir held, the watchdog on, the process group up."""
     with contextlib.ExitStack() as held:  # undone in reverse: process group, watchdog, lock
+        out = Path(cfg.output_dir)
         if env.rank == 0:  # rank 0 holds output_dir; only then does it clear what a run left
+            before = set(os.listdir(out)) if out.is_dir() else set()
             run_dir.mark(cfg.output_dir)  # preflight found it new, empty or a run directory
             holder = run_lock.acquire(cfg.output_dir)
             held.callback(run_lock.release, cfg.output_dir, holder)
+            # after the watchdog's close, before the lock goes: a refused start leaves nothing
+            held.push(lambda kind, err, tb: leave_nothing_behind(out, before, err))
+        else:
+            held.push(lambda kind, err, tb: leave_nothing_behind(out, None, err))
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
             checkpoint.set_damaged_aside(plan.damaged)
         job = preemption.slurm_job_id()
@@ -112,6 +120,25 @@ def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
         health.check_nodes(plan, env.rank, run.device, run.hf_model)
         stopped = run.start()
         return run.loop() if stopped is None else stopped
+
+
+def leave_nothing_behind(out: Path, before: set[str] | None, err) -> None:
+    """A start refused with a UsageError (a corrupt shard, a tokenizer that does not match...)
+    before any checkpoint or export: rank 0 removes the names it added to output_dir (the
+    marker, metrics.jsonl...; `before` is what was there), every rank the watchdog's directory
+    once it is empty (the last rank out removes it). A directory this run made goes whole
+    (run_training)."""
+    if not isinstance(err, UsageError) or not out.is_dir():
+        return
+    if checkpoint.latest(out) is not None or (out / "final").exists():
+        before = None  # a run's results: keep them, and what the run wrote beside them
+    for name in sorted(set(os.listdir(out)) - before) if before is not None else []:
+        if name not in (WATCHDOG_DIR, run_lock.LOCK_NAME):  # the lock goes with its release
+            durable.remove_tree(out / name)
+    try:
+        os.rmdir(out / WATCHDOG_DIR)  # only when empty: another rank's heartbeat is its own
+    except OSError:
+        pass
 
 
 def end_process_group():
