@@ -46,23 +46,31 @@ def started(pid: int) -> str | None:
 
 def stop_with(pid: int, sig: int = signal.SIGTERM, every_s: float = 1.0) -> None:
     """A daemon thread that sends sig to this process once process pid has ended."""
+    def stop():
+        print(f"note: process {pid}, which started this one, has ended: stopping",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), sig)
+
     first = started(pid)
     if first is None:
-        os.kill(os.getpid(), sig)
+        stop()
         return
 
     def watch():
         while started(pid) == first:
             time.sleep(every_s)
-        print(f"note: process {pid}, which started this one, has ended: stopping",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), sig)
+        stop()
 
     threading.Thread(target=watch, name="stop-with", daemon=True).start()
 
 
+_watched: set[int] = set()
+
+
 def stop_with_the_environment() -> None:
-    """stop_with the pid that STOP_WITH_ENV names, if it names one (set by the launcher)."""
+    """stop_with the pid that STOP_WITH_ENV names, if it names one (set by the launcher); once
+    per process."""
     pid = os.environ.get(STOP_WITH_ENV)
-    if pid and pid.isdigit():
+    if pid and pid.isdigit() and int(pid) not in _watched:
+        _watched.add(int(pid))
         stop_with(int(pid))

@@ -57,19 +57,13 @@ def install_handlers() -> None:
     stop_with_the_launcher()
 
 
-_watching = False
-
-
 def stop_with_the_launcher() -> None:
     """Under torchrun: a rank whose torchrun dies (kill -9 of the top process) gets SIGTERM, a
     clean stop, rather than train on as an orphan (Linux). A task of `python -m launcher
     --cluster local --wait` does the same when the launcher is gone (train/lifetime.py)."""
-    global _watching
     if "TORCHELASTIC_RUN_ID" in os.environ:
         lifetime.die_with_parent(signal.SIGTERM)
-    if not _watching:
-        _watching = True
-        lifetime.stop_with_the_environment()
+    lifetime.stop_with_the_environment()
 
 
 def signalled() -> str | None:
