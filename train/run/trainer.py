@@ -98,10 +98,10 @@ def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
             held.callback(run_lock.release, cfg.output_dir, holder)
             # after the watchdog's close, before the lock goes: a refused start leaves nothing
             held.push(lambda kind, err, tb: leave_nothing_behind(out, before, err))
-        else:
-            held.push(lambda kind, err, tb: leave_nothing_behind(out, None, err))
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
             checkpoint.set_damaged_aside(plan.damaged)
+        else:
+            held.push(lambda kind, err, tb: leave_nothing_behind(out, None, err))
         job = preemption.slurm_job_id()
         watchdog = Watchdog(
             Path(cfg.output_dir), env.rank, env.world_size, cfg.watchdog,
