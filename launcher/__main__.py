@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -139,6 +140,12 @@ def launch(args) -> int:
         note(f"partition limits {partition}")
     import submitit
 
+    if args.cluster == "local" and args.wait:
+        # the job's tasks stop (with a checkpoint) when this process is gone, however it ends:
+        # killing the launcher leaves no rank training on (train/lifetime.py). Without --wait
+        # the local job runs on by itself, as a Slurm job would.
+        from train import lifetime
+        os.environ[lifetime.STOP_WITH_ENV] = str(os.getpid())
     prep_job = None
     if args.prepare:
         prep_res = Resources(args.cluster, 1, 1, None, minutes(args.time), args.partition,
@@ -177,6 +184,11 @@ def launch(args) -> int:
     except submitit.core.utils.UncompletedJobError as err:
         print(f"job {job.job_id} did not complete: {str(err).splitlines()[0]}", file=sys.stderr)
         return JOB_FAILED_EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C while following the job: no traceback
+        then = ("its tasks stop with a checkpoint as this process ends" if not slurm else
+                f"it goes on in the queue (scancel {job.job_id} stops it)")
+        print(f"launcher: interrupted; job {job.job_id}: {then}", file=sys.stderr)
+        return 130
     print(f"job {job.job_id} completed; model in {Path(cfg.output_dir) / 'final'}")
     return 0
 

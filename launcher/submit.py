@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from train.errors import UsageError
@@ -24,6 +25,18 @@ class TrainJob:
     overrides: list[str]
 
     def __call__(self) -> int:
+        from train import lifetime
+        from train.run import preemption
+
+        launcher = os.environ.get(lifetime.STOP_WITH_ENV)
+        if launcher and lifetime.started(int(launcher)) is None:
+            # `--cluster local --wait` whose launcher was killed while this task started
+            print(f"note: the launcher (process {launcher}) has ended: not starting",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        # ours in place of submitit's handlers (which bypass SIGTERM): a stop signal, or the
+        # launcher's end (train/lifetime.py), is a clean stop from here on
+        preemption.install_handlers()
         import torch
 
         if not torch.cuda.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -285,3 +286,32 @@ def packed_encoder_batch(doc_lengths_per_row, classes: int, labelled: float):
                  position_ids=torch.stack(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
                  max_seqlen=max(max(r) for r in doc_lengths_per_row))
     return batch, docs, labels_per_doc
+
+
+def mount_tmpfs(path: Path, size: str):
+    """A tmpfs of `size` (mount's syntax: 32m) mounted at path (made if absent), for tests of a
+    full or read-only file system; skips with the reason where mounting is not permitted (the
+    CI runs the tests as root). Returns a function that unmounts it."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the CI runs the tests as root)")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    return lambda: subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
+def fill(path: Path, leave: int) -> Path:
+    """A file in the file system at path that leaves about `leave` bytes free."""
+    filler = Path(path) / "filler"
+    room = shutil.disk_usage(path).free - leave
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(room, 0))  # tmpfs allocates what is written, zeros included
+    return filler

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.errors import (HEALTH_EXIT_CODE, NONFINITE_EXIT_CODE, USAGE_EXIT_CODE,
-                          UsageError)
+from train.errors import (HEALTH_EXIT_CODE, NONFINITE_EXIT_CODE, STORAGE_EXIT_CODE,
+                          USAGE_EXIT_CODE, StorageError, UsageError)
 
 
 def main(argv=None) -> int:
@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
+    except StorageError as err:  # a full or read-only disk under a save: every rank says so
+        print(f"error: {err}", file=sys.stderr)
+        return STORAGE_EXIT_CODE
     except NodeHealthError as err:  # a broken node, before the first step
         print(f"error: {err}", file=sys.stderr)
         return HEALTH_EXIT_CODE

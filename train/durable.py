@@ -161,3 +161,53 @@ def commit_rename(src: Path, dst: Path) -> None:
     """Rename a finished, fsynced directory into place and make the rename itself durable."""
     os.rename(src, dst)
     fsync_path(dst.parent)
+
+
+# A write that failed for want of room or of a writable file system: errors the user fixes on
+# the machine (free space, remount), reported in one line, never a traceback.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def read_only(path: Path) -> bool:
+    """Is path (or its nearest existing parent) on a file system mounted read-only?"""
+    path = existing_parent(path)
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def is_storage_failure(err: BaseException, where: Path, needed: int | None) -> bool:
+    """Was this failure a full or read-only file system? An OSError says so by its errno,
+    safetensors by the OS's words in its message; torch's zip writer says only "file write
+    failed" (a RuntimeError), so then the file system is asked: it is read-only, or holds less
+    than what the write needed."""
+    if isinstance(err, OSError):
+        return err.errno in STORAGE_ERRNOS
+    if any(os.strerror(code) in str(err) for code in STORAGE_ERRNOS):
+        return True
+    return read_only(where) or (needed is not None and free_bytes(where) < needed)
+
+
+def storage_message(what: str, err: BaseException, where: Path, needed: int | None,
+                    then: str) -> str:
+    """One line: what failed, on which path, the bytes needed and free, and what to do."""
+    path = getattr(err, "filename", None) or where
+    free = free_bytes(where)
+    need = f"needs about {needed / 1e6:.1f} MB, " if needed else ""
+    if (isinstance(err, OSError) and err.errno == errno.EROFS) or read_only(where):
+        return (f"{what}: {path} is on a read-only file system ({need}{free / 1e6:.1f} MB free "
+                f"there); remount it read-write or choose another output_dir; {then}")
+    return (f"{what}: no space left on device writing {path} ({need}{free / 1e6:.1f} MB free on "
+            f"{existing_parent(where)}); free space and rerun the same command; {then}")

@@ -18,6 +18,7 @@ USAGE_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3
 NOT_REQUEUED_EXIT_CODE = 4
 HEALTH_EXIT_CODE = 5
+STORAGE_EXIT_CODE = 74  # EX_IOERR of sysexits.h: a full or read-only file system
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL of sysexits.h: a hang, worth a requeue
 EXIT_STATUSES = {
     DONE_EXIT_CODE: "done, or stopped and requeued",
@@ -28,6 +29,8 @@ EXIT_STATUSES = {
     NOT_REQUEUED_EXIT_CODE: "stopped but not requeued (scontrol requeue failed, or "
                             "requeue_without_progress)",
     HEALTH_EXIT_CODE: "a node failed its health check, before training",
+    STORAGE_EXIT_CODE: "a checkpoint save or the export found the disk full or the file "
+                       "system read-only; the previous checkpoint is still the latest",
     WATCHDOG_EXIT_CODE: "the watchdog ended a hung run",
 }
 # Not a status a user meets: the tests' fault injection (train/run/faults.py) kills rank 0 with it.
@@ -50,6 +53,12 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """A prepared shard directory that is missing, corrupt or does not fit the model."""
+
+
+class StorageError(Exception):
+    """A checkpoint save or an export that found the disk full or the file system read-only:
+    one line naming the path, the bytes needed and the bytes free; exit status 74. Every rank of
+    the run raises it (the save agrees on failure collectively), none hangs."""
 
 
 def exits_cleanly_on_usage_error(main):

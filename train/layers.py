@@ -29,6 +29,7 @@ LAYERS = (
         "train.task_names": "the task names: clm, mlm, token-classification, sft",
         "train.config": "the YAML config: dataclasses, overrides, validation",
         "train.durable": "files written whole: temporary name, fsync, rename",
+        "train.lifetime": "child processes that end with their parent: no orphans",
     }),
     ("prepare", "train/data/  prepare time: no torch; python -m train.prepare, before any job", {
         "train.data": "raw text to packed batches",

@@ -274,9 +274,15 @@ def parameter_numels(hf_config, auto_class: str, peft_section=None
     them, and the base is frozen."""
     import transformers
 
-    with torch.device("meta"):
-        model = getattr(transformers, auto_class).from_config(hf_config)
-        if peft_section is not None and peft_section.method:
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, auto_class).from_config(hf_config)
+    except (ValueError, TypeError, AssertionError) as err:  # sizes the model cannot be built with
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"model.config: transformers cannot build a {hf_config.model_type} "
+                         f"model with these sizes ({first}); fix model.config") from None
+    if peft_section is not None and peft_section.method:
+        with torch.device("meta"):
             model = apply_lora(model, peft_section)
     params = list(model.parameters())  # parameters() yields a tied weight once
     numels = [p.numel() for p in params if p.requires_grad]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -41,6 +42,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from train import durable
 from train.data import chat, ner_data, sources
 from train.data.ner_sources import SentenceSource
 from train.errors import UsageError, note, warn  # on stderr: stdout is for the summary line
@@ -599,6 +601,17 @@ def open_writers(out: Path, streams, shard_tokens: int, written: WrittenFiles
     return writers, skip
 
 
+def _start_worker(initializer, *init) -> None:
+    """A tokenizer worker: killed with prepare (even by SIGKILL, never an orphan), then set up."""
+    import multiprocessing
+    import signal
+
+    from train import lifetime
+
+    lifetime.die_with_parent(signal.SIGKILL, multiprocessing.parent_process().pid)
+    initializer(*init)
+
+
 def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progress,
                   initializer=_init_tokenizer, tally=None) -> int:
     """Phase 4: tokenize the batches (in a process pool, or here with one worker) and append
@@ -613,7 +626,7 @@ def tokenize_into(writers, batches, init: tuple, workers: int, tokenize, progres
         pool = ThreadPoolExecutor(workers)
     else:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                   initializer=initializer, initargs=init)
+                                   initializer=_start_worker, initargs=(initializer, *init))
     tokens_done, started = 0, time.time()
     try:
         for (splits, nbytes), (tokens, lengths, *rest) in tokenize_in_order(
@@ -700,6 +713,7 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UsageError(f"--output {out} is an existing file, not a directory: give a new or "
                          f"empty directory")
     created = not out.exists()
+    before = set() if created else set(os.listdir(out))
     try:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -709,8 +723,14 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> int:
                 raise
             raise UsageError(disk_error(err, out)) from None
     except UsageError:
-        if created:  # a refused prepare leaves nothing behind; all of it is its own
+        # a refused prepare leaves nothing behind: a directory it made goes whole; in one that
+        # was there, the names it added (a resumable partial prepare's own files stay)
+        if created:
             shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for name in set(os.listdir(out)) - before:
+                with contextlib.suppress(OSError):
+                    durable.remove_tree(out / name)
         raise
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from train import durable
-from train.errors import FAULT_EXIT_CODE, note, warn
+from train.errors import FAULT_EXIT_CODE, StorageError, note, warn
 from train.data.shards import file_sha256
 
 STATE = "trainer_state.json"
@@ -132,30 +132,92 @@ def load_rng(path: Path, rank: int) -> bool:
     return True
 
 
+FAILED, FULL_OR_READ_ONLY = 1, 2  # agree()'s codes, max-reduced: a storage failure wins
+
+
 def save(engine, output_dir, step: int, trainer_state: dict, rank: int, barrier,
-         keep: int | None = None, crash_before_commit: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the complete checkpoint's path."""
+         keep: int | None = None, crash_before_commit: bool = False, agree=None,
+         needed: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the complete checkpoint's path.
+
+    A failure on any rank (a full disk, a read-only file system) is agreed on by all of them:
+    agree(code) max-reduces an int over the ranks where a barrier would stand, so no rank waits
+    in a collective the failed one never reaches. Then the partial directory goes, the previous
+    checkpoint stays the latest, and every rank raises (StorageError for a full or read-only file
+    system: one line with the path, the bytes `needed` and the bytes free). DeepSpeed's
+    save_checkpoint ends in a barrier after its writes: a rank whose write failed inside it
+    enters that barrier itself before agreeing."""
+    if agree is None:  # one rank (the unit tests): a barrier, and only this rank's failure
+        def agree(code: int) -> int:
+            barrier()
+            return code
     r = root(output_dir)
     final = r / name(step)
     partial = r / f"{PARTIAL}{name(step)}"
+    failure: list[BaseException] = []
+
+    def attempt(fn, *args):
+        if failure:
+            return
+        try:
+            fn(*args)
+        except Exception as err:  # agreed on below, then raised on every rank
+            failure.append(err)
+
+    def agreed() -> None:
+        local = 0
+        if failure:
+            storage = durable.is_storage_failure(failure[0], r, needed)
+            local = FULL_OR_READ_ONLY if storage else FAILED
+        code = agree(local)
+        if code:
+            fail(code)
+
+    def fail(code: int) -> None:
+        if rank == 0:
+            try:
+                durable.remove_tree(partial)  # frees the space; on a read-only fs it stays
+            except OSError:
+                pass
+        kept = latest(output_dir)
+        then = (f"{kept} is still the latest checkpoint" if kept else
+                "no checkpoint was saved yet")
+        what = f"checkpoint save at step {step}"
+        if failure and durable.is_storage_failure(failure[0], r, needed):
+            message = durable.storage_message(what, failure[0], r, needed, then)
+            failure.clear()  # its frames may hold the failed file open: let it close now
+            raise StorageError(message) from None
+        if failure:
+            raise failure[0]
+        message = f"{what} failed on another rank (its error line says why); {then}"
+        raise StorageError(message) if code == FULL_OR_READ_ONLY else RuntimeError(message)
+
     if rank == 0:
-        r.mkdir(parents=True, exist_ok=True)
-        durable.fresh_dir(partial)  # whatever a killed save left there goes first
-    barrier()
-    engine.save_checkpoint(str(r), tag=partial.name, save_latest=False)
-    save_rng(partial, rank)
-    barrier()
+        attempt(lambda: (r.mkdir(parents=True, exist_ok=True), durable.fresh_dir(partial)))
+    agreed()
+    try:
+        engine.save_checkpoint(str(r), tag=partial.name, save_latest=False)
+    except Exception as err:
+        failure.append(err)
+        barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
+    attempt(save_rng, partial, rank)
+    agreed()
     if rank == 0:
         if crash_before_commit:  # fault injection for the tests: a kill mid-save
             os._exit(FAULT_EXIT_CODE)
-        durable.write_json(partial / STATE, trainer_state, indent=1)
-        write_manifest(partial)
-        # Every rank's files were closed before the barrier; one page cache on one node (and
-        # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
-        durable.seal_tree(partial)
-        # the same step saved again (a resumed run): replace it whole
-        durable.remove_tree(final)
-        durable.commit_rename(partial, final)
+
+        def commit():
+            durable.write_json(partial / STATE, trainer_state, indent=1)
+            write_manifest(partial)
+            # Every rank's files were closed before the barrier; one page cache on one node (and
+            # close-to-open on NFS) makes rank 0's fsync of the whole tree cover them.
+            durable.seal_tree(partial)
+            # the same step saved again (a resumed run): replace it whole
+            durable.remove_tree(final)
+            durable.commit_rename(partial, final)
+        attempt(commit)
+    agreed()
+    if rank == 0:
         print(f"checkpoint {final} saved", file=sys.stderr, flush=True)
         drop_set_aside(output_dir)  # the previous run's, now that this run has one of its own
         if keep:

@@ -31,7 +31,7 @@ from pathlib import Path
 from train import durable
 from train.data.chat import SAMPLE_FILE
 from train.data.shards import TOKENIZER_FILES
-from train.errors import UsageError, warn
+from train.errors import StorageError, UsageError, warn
 
 PARITY_FILE = "chat_parity.json"
 PREFIX = "hf_model."
@@ -58,44 +58,90 @@ class ExportCheckError(RuntimeError):
 
 
 def export_final(engine, model, final_dir: Path, data_dir: Path, rank: int, barrier,
-                 config: dict | None = None) -> None:
+                 config: dict | None = None, agree=None) -> None:
+    """Collective. agree(code) max-reduces an int over the ranks (trainer's RankRun.agree): a
+    full or read-only file system under rank 0's write is one StorageError on every rank, the
+    temporary directory removed and an earlier export left as it was."""
     from train.model import is_peft
 
     gathered = None
     if engine.zero_optimization_stage() == 3:
         gathered = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
-    lora = is_peft(getattr(model, "hf_model", None))
     reference = None
-    if lora:  # the training model's logits for the self-check (collective under ZeRO-3)
+    if is_peft(getattr(model, "hf_model", None)):
+        # the training model's logits for the self-check (collective under ZeRO-3)
         with model.unwrapped_for_export() as hf:
             reference = reference_logits(hf.get_base_model())
+    failure = None
     if rank == 0:
-        tmp = durable.fresh_dir(final_dir.with_name(f".{final_dir.name}.tmp"))
-        state = None
-        if gathered is not None:
-            state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
-        with model.unwrapped_for_export() as hf:
-            if lora:
-                save_lora(hf, state, tmp, final_dir)
-            else:
-                hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (data_dir / name).exists():
-                durable.copy_file(data_dir / name, tmp / name)
-                if lora:
-                    durable.copy_file(data_dir / name, tmp / ADAPTER_DIR / name)
-        if config is not None:
-            durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
-            if lora:
-                durable.write_json(tmp / ADAPTER_DIR / TRAIN_CONFIG, config, indent=1)
+        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+        try:
+            write_export(model, tmp, final_dir, data_dir, gathered, config, reference)
+        except Exception as err:  # agreed on below, then raised on every rank
+            failure = err
+            try:
+                durable.remove_tree(tmp)  # nothing partial that looks like a model directory
+            except OSError:
+                pass
+    needed = None
+    if failure is not None:
+        needed = sum(t.numel() * t.element_size() for t in model_tensors(model, gathered))
+    storage = failure is not None and durable.is_storage_failure(failure, final_dir.parent,
+                                                                 needed)
+    local = 2 if storage else 1 if failure is not None else 0
+    code = agree(local) if agree is not None else (barrier(), local)[1]
+    if not code:
+        return
+    then = (f"{final_dir} is the earlier export, as it was" if (final_dir / "config.json").exists()
+            else f"no {final_dir} was written") + "; the last checkpoint is complete"
+    if storage:
+        message = durable.storage_message("export", failure, final_dir.parent, needed, then)
+        failure = None  # its frames may hold the failed file open: let it close now
+        raise StorageError(message) from None
+    if failure is not None:
+        raise failure
+    message = f"export failed on rank 0 (its error line says why); {then}"
+    raise StorageError(message) if code == 2 else RuntimeError(message)
+
+
+def model_tensors(model, gathered):
+    if gathered is not None:
+        return list(gathered.values())
+    with model.unwrapped_for_export() as hf:
+        return list(hf.state_dict().values())
+
+
+def write_export(model, tmp: Path, final_dir: Path, data_dir: Path, gathered, config,
+                 reference=None) -> None:
+    """Rank 0: the model directory under tmp, sealed, then renamed to final_dir. reference: the
+    training model's logits when it is a LoRA model (the merged model and the adapter are both
+    written and checked against them)."""
+    lora = reference is not None
+    durable.fresh_dir(tmp)
+    state = None
+    if gathered is not None:
+        state = {k[len(PREFIX):]: v for k, v in gathered.items() if k.startswith(PREFIX)}
+    with model.unwrapped_for_export() as hf:
         if lora:
-            check_lora_export(tmp, reference)
-        if (data_dir / SAMPLE_FILE).exists():
-            check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
-        durable.seal_tree(tmp)
-        durable.remove_tree(final_dir)
-        durable.commit_rename(tmp, final_dir)
-    barrier()
+            save_lora(hf, state, tmp, final_dir)
+        else:
+            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (data_dir / name).exists():
+            durable.copy_file(data_dir / name, tmp / name)
+            if lora:
+                durable.copy_file(data_dir / name, tmp / ADAPTER_DIR / name)
+    if config is not None:
+        durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
+        if lora:
+            durable.write_json(tmp / ADAPTER_DIR / TRAIN_CONFIG, config, indent=1)
+    if lora:
+        check_lora_export(tmp, reference)
+    if (data_dir / SAMPLE_FILE).exists():
+        check_chat_parity(tmp, json.loads((data_dir / SAMPLE_FILE).read_text()))
+    durable.seal_tree(tmp)
+    durable.remove_tree(final_dir)
+    durable.commit_rename(tmp, final_dir)
 
 
 def check_chat_parity(model_dir: Path, sample: list[dict]) -> None:

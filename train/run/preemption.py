@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from train import durable
+from train import durable, lifetime
 from train.errors import NOT_REQUEUED_EXIT_CODE
 from train.run.slurm_cli import SlurmCommandError, slurm_command
 
@@ -57,20 +57,13 @@ def install_handlers() -> None:
     stop_with_the_launcher()
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def stop_with_the_launcher() -> None:
     """Under torchrun: a rank whose torchrun dies (kill -9 of the top process) gets SIGTERM, a
-    clean stop, rather than train on as an orphan. Linux only; elsewhere nothing changes."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+    clean stop, rather than train on as an orphan (Linux). A task of `python -m launcher
+    --cluster local --wait` does the same when the launcher is gone (train/lifetime.py)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        lifetime.die_with_parent(signal.SIGTERM)
+    lifetime.stop_with_the_environment()
 
 
 def signalled() -> str | None:

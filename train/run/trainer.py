@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from train import durable
 from train.run import checkpoint, distributed, health, preemption, run_dir, run_lock
 from train.config import Config, report_to_names
 from train.run.engine import build_engine, device_memory, pick_device, start_process_group
@@ -43,7 +45,7 @@ from train.model import build_hf_model
 from train.run.preemption import StopReason, StopRequest
 from train.run.preflight import Plan, data_sources, preflight
 from train.run.stragglers import Stragglers, WorkTimer
-from train.run.watchdog import Watchdog, tree_bytes
+from train.run.watchdog import DIR as WATCHDOG_DIR, Watchdog, tree_bytes
 
 
 class NonFiniteError(RuntimeError):
@@ -88,12 +90,18 @@ def run_training(cfg: Config) -> int:
 def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
     """The run after preflight: output_dir held, the watchdog on, the process group up."""
     with contextlib.ExitStack() as held:  # undone in reverse: process group, watchdog, lock
+        out = Path(cfg.output_dir)
         if env.rank == 0:  # rank 0 holds output_dir; only then does it clear what a run left
+            before = set(os.listdir(out)) if out.is_dir() else set()
             run_dir.mark(cfg.output_dir)  # preflight found it new, empty or a run directory
             holder = run_lock.acquire(cfg.output_dir)
             held.callback(run_lock.release, cfg.output_dir, holder)
+            # after the watchdog's close, before the lock goes: a refused start leaves nothing
+            held.push(lambda kind, err, tb: leave_nothing_behind(out, before, err))
             checkpoint.take_over(cfg.output_dir, set_aside=cfg.overwrite_output_dir)
             checkpoint.set_damaged_aside(plan.damaged)
+        else:
+            held.push(lambda kind, err, tb: leave_nothing_behind(out, None, err))
         job = preemption.slurm_job_id()
         watchdog = Watchdog(
             Path(cfg.output_dir), env.rank, env.world_size, cfg.watchdog,
@@ -112,6 +120,25 @@ def run_rank(cfg: Config, plan: Plan, env: distributed.DistEnv) -> int:
         health.check_nodes(plan, env.rank, run.device, run.hf_model)
         stopped = run.start()
         return run.loop() if stopped is None else stopped
+
+
+def leave_nothing_behind(out: Path, before: set[str] | None, err) -> None:
+    """A start refused with a UsageError (a corrupt shard, a tokenizer that does not match...)
+    before any checkpoint or export: rank 0 removes the names it added to output_dir (the
+    marker, metrics.jsonl...; `before` is what was there), every rank the watchdog's directory
+    once it is empty (the last rank out removes it). A directory this run made goes whole
+    (run_training)."""
+    if not isinstance(err, UsageError) or not out.is_dir():
+        return
+    if checkpoint.latest(out) is not None or (out / "final").exists():
+        before = None  # a run's results: keep them, and what the run wrote beside them
+    for name in sorted(set(os.listdir(out)) - before) if before is not None else []:
+        if name not in (WATCHDOG_DIR, run_lock.LOCK_NAME):  # the lock goes with its release
+            durable.remove_tree(out / name)
+    try:
+        os.rmdir(out / WATCHDOG_DIR)  # only when empty: another rank's heartbeat is its own
+    except OSError:
+        pass
 
 
 def end_process_group():
@@ -372,6 +399,22 @@ class RankRun:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    def agree(self, code: int) -> int:
+        """The largest of the ranks' codes (0: all is well): where a barrier would stand, every
+        rank learns whether any failed (train/run/checkpoint.py's save, the export)."""
+        if not (torch.distributed.is_initialized() and self.world > 1):
+            return code
+        flag = torch.tensor(float(code), device=self.device)
+        return int(self.all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
+
+    def checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes on disk, all ranks together (train/run/health.py)."""
+        ds = self.plan.ds_config
+        half = any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.hf_model.parameters())
+        return health.checkpoint_bytes(params, stage, half)
+
     def all_reduce(self, tensor, op=None):
         if torch.distributed.is_initialized() and self.world > 1:
             torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
@@ -418,7 +461,8 @@ class RankRun:
                  "trained_tokens_seen": p.trained_tokens_seen}
         checkpoint.save(self.engine, self.out, p.step, state, self.rank, self.barrier,
                         keep=self.cfg.save_total_limit,
-                        crash_before_commit=self.faults.crash_in_save(p.step))
+                        crash_before_commit=self.faults.crash_in_save(p.step),
+                        agree=self.agree, needed=self.checkpoint_bytes())
 
     def load(self, path: Path) -> Progress:
         state = checkpoint.load_state(path)
@@ -462,7 +506,8 @@ class RankRun:
         data_dir = Path(self.sources[0].path)
 
         def export(model_dir):
-            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier)
+            export_final(self.engine, self.model, model_dir, data_dir, self.rank, self.barrier,
+                         agree=self.agree)
 
         if self.eval_jobs:
             from train.run import eval_jobs
@@ -509,7 +554,7 @@ class RankRun:
         self.watchdog.enter("export", self.progress.step,
                             probe=lambda: tree_bytes(self.out / "final"))
         export_final(self.engine, self.model, self.out / "final", Path(self.sources[0].path),
-                     self.rank, self.barrier, config=self.cfg.to_dict())
+                     self.rank, self.barrier, config=self.cfg.to_dict(), agree=self.agree)
 
     def progress_bar(self):
         from tqdm import tqdm
