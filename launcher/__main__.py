@@ -85,10 +85,27 @@ def validate(args):
     refuse_if_held(cfg.output_dir)  # a live run on this output_dir: submitting would only fail
     world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
     # with --prepare the data is made by the first job: what needs it is checked there
-    plan = preflight(cfg, world, data_ready=not args.prepare)
-    if plan.memory_verdict:  # within 10% of health.gpu_memory_gb: it may not survive a spike
+    memory = partition_gpu_memory(args, cfg)
+    plan = preflight(cfg, world, data_ready=not args.prepare,
+                     device_bytes=int(memory[0] * 2**30) if memory else None)
+    if memory:
+        print(f"# device memory: {memory[0]:g} GiB per GPU, from {memory[1]}", file=sys.stderr)
+    if plan.memory_verdict:  # within 10% of the device's memory: it may not survive a spike
         print(f"warning: {plan.memory_verdict[1]}", file=sys.stderr)
     return cfg, plan, world
+
+
+def partition_gpu_memory(args, cfg) -> tuple[float, str] | None:
+    """One GPU's memory from the partition's GPU type, for the memory plan; None where the user
+    gave health.gpu_memory_gb, the job has no GPUs, or the partition cannot be read here."""
+    from launcher.partition import LimitsUnknown, device_memory, read_partition
+
+    if args.cluster != "slurm" or not args.gpus_per_node or cfg.health.gpu_memory_gb:
+        return None
+    try:
+        return device_memory(read_partition(args.partition))
+    except LimitsUnknown:
+        return None  # check_request says why in the dry run; sbatch has the last word
 
 
 def main(argv=None) -> int:
@@ -130,9 +147,8 @@ def launch(args) -> int:
         print(json.dumps(ds, indent=1))
         if partition:
             print(f"# partition limits: {partition}")
-        print("\n".join(f"# {line}" for line in plan.memory.render(
-            int(cfg.health.gpu_memory_gb * 2**30) if cfg.health.gpu_memory_gb else None)
-            .splitlines()))
+        print("\n".join(f"# {line}" for line in
+                        plan.memory.render(plan.device_bytes).splitlines()))
         print("# node health checks at job start (every rank, before the first step):")
         print("\n".join(f"#   {line}" for line in describe(cfg, args.gpus_per_node)))
         return 0

@@ -45,6 +45,7 @@ class Partition:
     max_nodes: int | None        # None: unlimited
     max_minutes: int | None      # None: unlimited
     nodes_by_gpus: dict[int, int]  # GPUs per node -> how many of the partition's nodes have that
+    gpu_types: tuple[str, ...] = ()  # the GRES type of each sinfo line with GPUs ('' untyped)
 
 
 def check_request(partition: str | None, nodes: int, minutes: int,
@@ -98,17 +99,63 @@ def read_partition(name: str | None) -> Partition:
         raise LimitsUnknown(f"no partition {name!r}" if name else "no default partition")
     name = fields["PartitionName"]
     nodes_by_gpus: dict[int, int] = {}
+    types: list[str] = []
     for line in _run("sinfo", "--noheader", "--partition", name, "--format", "%D %G"):
         count, gres = line.split(maxsplit=1)
         gpus = gpu_count(gres)
         nodes_by_gpus[gpus] = nodes_by_gpus.get(gpus, 0) + int(count)
+        types += gpu_type_names(gres)
     return Partition(name, int(fields.get("TotalNodes", 0)), _limit(fields.get("MaxNodes")),
-                     _minutes(fields.get("MaxTime")), nodes_by_gpus)
+                     _minutes(fields.get("MaxTime")), nodes_by_gpus, tuple(types))
 
 
 def gpu_count(gres: str) -> int:
     """GPUs per node in sinfo's %G: 'gpu:8', 'gpu:a100:4(S:0-1),gpu:v100:2', '(null)'."""
     return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def gpu_type_names(gres: str) -> list[str]:
+    """The type of each GPU entry in sinfo's %G ('' for an untyped 'gpu:8')."""
+    return [m.lower() for m in re.findall(r"(?:^|,)gpu(?::([^:,(]+))?:\d+", gres)]
+
+
+# One GPU's memory in GiB as the device reports it (torch.cuda.get_device_properties(i)
+# .total_memory / 2**30, a little under the GB it is sold with), by the model in a GRES type
+# name. Sites name types freely ('a100', 'a100_80gb', 'h100-sxm5', 'nvidia_h200'), so each
+# pattern finds the model anywhere in the name, and a size written in it ('_80gb', '-32g') picks
+# the variant; a name without one takes the model's smallest variant: a plan checked against too
+# little memory is refused early (health.gpu_memory_gb overrides), one checked against too much
+# would run out of memory after the wait in the queue. First match wins (gh200 before h200).
+KNOWN_GPUS = (
+    ("gh200", {96: 94.5, 144: 139.8}), ("h200", {141: 139.8}), ("h100", {80: 79.1, 94: 93.0}),
+    ("h800", {80: 79.1}), ("a100", {40: 39.4, 80: 79.1}), ("a800", {40: 39.4, 80: 79.1}),
+    ("l40", {48: 44.5}), ("a40", {48: 44.5}), ("a6000", {48: 47.5}), ("a10", {24: 22.0}),
+    ("l4", {24: 22.0}), ("v100", {16: 15.8, 32: 31.7}), ("t4", {16: 14.7}),
+    ("mi300x", {192: 192.0}), ("mi250", {64: 64.0}),  # an MI250X's GCD is one device of 64 GB
+)
+
+
+def known_gpu_memory(gpu_type: str) -> float | None:
+    """GiB per device for a GRES type name, or None for a model not in KNOWN_GPUS."""
+    name = gpu_type.lower()
+    sized = re.search(r"(?:^|[^a-z\d])(\d{2,3})g(?:b)?(?:$|[^a-z\d])", name)
+    for model, variants in KNOWN_GPUS:
+        if model in name:
+            if sized and int(sized.group(1)) in variants:
+                return variants[int(sized.group(1))]
+            return min(variants.values())
+    return None
+
+
+def device_memory(part: Partition) -> tuple[float, str] | None:
+    """(GiB per GPU, where that comes from) for the partition's GPUs: the smallest over its GPU
+    types, so that the plan fits whichever node the job lands on. None when a type is missing
+    or unknown (the plan is then printed, not checked, unless health.gpu_memory_gb is set)."""
+    if not part.gpu_types or any(known_gpu_memory(t) is None for t in part.gpu_types):
+        return None
+    gib, smallest = min((known_gpu_memory(t), t) for t in set(part.gpu_types))
+    return gib, (f"partition {part.name}'s GPU type {smallest} (launcher/partition.py "
+                 f"KNOWN_GPUS; health.gpu_memory_gb overrides)")
 
 
 def never_starts(job_id: str) -> str | None:

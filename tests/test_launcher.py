@@ -151,3 +151,27 @@ def test_reading_the_partitions_limits():
     assert _minutes("UNLIMITED") is None and _minutes("INFINITE") is None
     assert _minutes("1-00:00:00") == 1440 and _minutes("04:00:00") == 240 and _minutes("30") == 30
     assert format_minutes(1440) == "1-00:00:00" and format_minutes(90) == "01:30:00"
+
+
+def test_a_partitions_gpu_memory_from_its_gres_types():
+    """A GRES type names the model anywhere in it; a size in the name picks the variant, and a
+    name without one the smallest; a partition's figure is its smallest GPU's; an untyped or
+    unknown GPU leaves the plan unchecked rather than guessed."""
+    from launcher.partition import Partition, device_memory, gpu_type_names, known_gpu_memory
+
+    assert gpu_type_names("gpu:a100:4(S:0-1),gpu:v100:2") == ["a100", "v100"]
+    assert gpu_type_names("gpu:8") == [""] and gpu_type_names("(null)") == []
+    assert known_gpu_memory("h100") == 79.1 and known_gpu_memory("nvidia_h200") == 139.8
+    assert known_gpu_memory("a100") == 39.4 and known_gpu_memory("a100_80gb") == 79.1
+    assert known_gpu_memory("A100-SXM4-80GB") == 79.1 and known_gpu_memory("v100-32g") == 31.7
+    assert known_gpu_memory("gh200") == 94.5  # not read as an h200
+    assert known_gpu_memory("tesla_p100") is None and known_gpu_memory("") is None
+
+    def part(*types):
+        return Partition("gpu", 4, None, None, {8: 4}, types)
+
+    assert device_memory(part("h100", "a100_80gb"))[0] == 79.1
+    gib, where = device_memory(part("h200", "a100"))
+    assert gib == 39.4 and "partition gpu's GPU type a100" in where
+    assert device_memory(part("h100", "")) is None and device_memory(part("p100")) is None
+    assert device_memory(part()) is None

@@ -4,6 +4,7 @@ refusing a run that cannot fit."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -122,6 +123,39 @@ def test_launcher_dry_run_prints_the_plan_and_refuses_what_cannot_fit(capsys, tm
     code, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=16",
                         "gradient_checkpointing=true")
     assert code == 0, out.err
+
+
+def fake_partition(tmp_path, monkeypatch, gres: str) -> None:
+    """scontrol and sinfo first on PATH, printing a 4-node partition whose nodes hold `gres`
+    (the test cluster's nodes have no GPUs, so their GRES type cannot come from it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"scontrol": "echo 'PartitionName=gpu Default=YES TotalNodes=4 MaxNodes=UNLIMITED "
+                         "MaxTime=1-00:00:00'",
+             "sinfo": f"echo '4 {gres}'"}
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("gres,code,seen", [
+    ("gpu:h200:8(S:0-1)", 0, "139.8 GiB per GPU, from partition gpu's GPU type h200"),
+    ("gpu:t4:8", 2, "of the device's 14.70 GiB; the biggest term is activations"),
+    ("gpu:tesla_p100:8", 0, None),  # unknown type: the plan printed, not checked
+])
+def test_the_launcher_checks_the_plan_against_the_partitions_gpu_type(
+        capsys, tmp_path, monkeypatch, prepared, gres, code, seen):
+    fake_partition(tmp_path, monkeypatch, gres)
+    got, out = dry_run(capsys, tmp_path, prepared)
+    assert got == code, out.err
+    if seen:
+        assert seen in out.err, out.err
+    else:
+        assert "device memory" not in out.err and "# memory plan (per rank):" in out.out
+    # health.gpu_memory_gb overrides the table
+    got, out = dry_run(capsys, tmp_path, prepared, "health.gpu_memory_gb=80")
+    assert got == 0 and "device memory" not in out.err, out.err
 
 
 def test_lora_terms_by_hand():

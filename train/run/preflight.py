@@ -54,6 +54,7 @@ class Plan:
     damaged: list[Path]         # complete checkpoints newer than resume_from that fail to verify
     memory: MemoryPlan | None = None  # per-rank bytes (train/run/memory_plan.py)
     memory_verdict: tuple[str, str] | None = None  # ("warning", line) when within 10% of it
+    device_bytes: int | None = None  # one device's memory the plan was checked against
 
 
 def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architecture: str,
@@ -138,7 +139,7 @@ def preflight(cfg: Config, world: int, *, data_ready: bool = True,
                 cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
                 * cfg.data.seq_len, ds,
                 bool(eval_sources), resume_from, eval_sources, identity, damaged, memory,
-                memory_verdict)
+                memory_verdict, device_bytes)
 
 
 def training_data_identity(indexes: list[ShardIndex]) -> dict:
