@@ -57,6 +57,7 @@ def users_directory(root: Path) -> Path:
 
 @pytest.mark.parametrize("overrides", [
     [], ["resume=never", "overwrite_output_dir=true"], ["resume=never"]])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_a_users_directory_is_refused_whatever_resume_says(prepared, tmp_path, overrides):
     out = users_directory(tmp_path / "thesis")
     before = snapshot(out)
@@ -66,6 +67,7 @@ def test_a_users_directory_is_refused_whatever_resume_says(prepared, tmp_path, o
     assert sorted(os.listdir(out)) == ["final", "metrics.jsonl"]  # nothing added either
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_the_launcher_refuses_a_users_directory_before_submitting(prepared, tmp_path):
     out = users_directory(tmp_path / "thesis")
     before = snapshot(out)
@@ -76,6 +78,7 @@ def test_the_launcher_refuses_a_users_directory_before_submitting(prepared, tmp_
 
 
 @pytest.mark.parametrize("where", ["root", "home", "data", "cwd"])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_places_that_are_never_an_output_dir(prepared, tmp_path, where):
     home = tmp_path / "home"
     home.mkdir()
@@ -94,6 +97,7 @@ def test_places_that_are_never_an_output_dir(prepared, tmp_path, where):
     assert sorted(os.listdir(cwd)) == ["paper.md"]
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_the_default_output_dir_is_named_not_silent(prepared, tmp_path):
     config = tmp_path / "no-output-dir.yaml"
     config.write_text("\n".join(line for line in Path(TINY).read_text().splitlines()
@@ -172,6 +176,7 @@ def test_a_data_file_linked_from_outside_is_refused(prepared, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "final"])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_a_link_among_a_run_directorys_own_files_is_refused(prepared, tmp_path, name):
     out = tmp_path / "o"
     out.mkdir()
@@ -215,6 +220,7 @@ def test_durable_writes_replace_a_link_and_appends_refuse_one(tmp_path):
     ("--exclude", "node1\tnode2"),
     ("--time", "1:00:00\n#SBATCH --uid=0"),
 ])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_a_hostile_sbatch_option_is_refused(prepared, tmp_path, flag, value):
     res = run_cli("-m", "launcher", "--dry-run", flag, value, TINY, f"data.path={prepared}",
                   f"output_dir={tmp_path / 'o'}")
@@ -229,6 +235,7 @@ def test_a_hostile_sbatch_option_is_refused(prepared, tmp_path, flag, value):
     ("output_dir", [], []),        # from the config file: the log folder's #SBATCH line
     ("the config path", [], []),
 ])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_a_control_character_in_a_command_word_is_refused(prepared, tmp_path, where, flags,
                                                           words):
     config = tmp_path / ("tiny\n.yaml" if where == "the config path" else "tiny.yaml")
@@ -401,6 +408,7 @@ def test_generate_refuses_values_it_would_crash_on(model_dir, args, fragments):
     ("tokenizer.json", "has no tokenizer.json"),
     ("config.json", "is not a Hugging Face model directory"),
 ])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_generate_refuses_an_incomplete_model_directory(model_dir, tmp_path, remove, fragment):
     broken = copy_data(model_dir, tmp_path / "model")
     (broken / remove).unlink()
@@ -408,6 +416,7 @@ def test_generate_refuses_an_incomplete_model_directory(model_dir, tmp_path, rem
     refused(res, f"--model {broken}", fragment)
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_evaluate_refuses_a_non_export_and_no_eval_tokens(prepared, model_dir):
     refused(run_cli("-m", "train.evaluate", "--model", str(prepared), "--data", str(prepared)),
             f"--model {prepared} is not a Hugging Face model directory")

@@ -35,6 +35,7 @@ OK = [TINY, "data.path={data}", "output_dir={out}"]
     ("invalid --prepare", ["--prepare", "--input x --output d --val-fraction 2", *OK],
      "not valid for python -m train.prepare"),
 ])
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_bad_input_exits_2_and_submits_nothing(prepared, tmp_path, case, args, expected):
     args = [a.format(data=prepared, out=tmp_path / "o") for a in args]
     res = run_cli("-m", "launcher", "--dry-run", *args)
@@ -55,6 +56,7 @@ def test_no_sbatch_on_path_is_a_clear_error(prepared, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, tmp_path):
     """A laptop has no srun or sbatch: --dry-run still prints the exact script, and an output
     folder with a space is quoted as the submitted script quotes it."""
@@ -75,6 +77,7 @@ def test_dry_run_renders_without_slurm_and_quotes_paths_as_submitted(prepared, t
         assert f"#   {check}" in res.stdout, check
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_a_failed_prepare_on_this_machine_is_reported_not_raised(tmp_path):
     """--cluster local runs the --prepare job first: its failure is prepare's one line and exit
     status 1, and no training job starts."""
@@ -90,6 +93,7 @@ def test_a_failed_prepare_on_this_machine_is_reported_not_raised(tmp_path):
     assert "submitted job" not in res.stdout
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_job_name_is_sanitized(prepared, tmp_path):
     """A space or a semicolon in output_dir's name does not reach the #SBATCH lines (a newline
     is refused outright: tests/test_hardening.py)."""

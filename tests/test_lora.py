@@ -162,6 +162,7 @@ def refused(res, key: str):
     return line
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_cli_refuses_a_target_that_matches_nothing(prepared, tmp_path):
     res = run_cli("-m", "train", LORA, f"data.path={prepared}", f"output_dir={tmp_path / 'r'}",
                   "peft.target_modules=[c_attn, q_proj]")
@@ -170,12 +171,14 @@ def test_cli_refuses_a_target_that_matches_nothing(prepared, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_cli_refuses_lora_on_a_token_classifier_without_its_head(ner_data, tmp_path):
     res = run_cli("-m", "train", NER, f"data.path={ner_data}", f"output_dir={tmp_path / 'r'}",
                   "peft.method=lora")
     refused(res, "peft.modules_to_save must name the task's head 'classifier'")
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_cli_refuses_a_peft_that_does_not_import(prepared, tmp_path):
     res = run_cli("-m", "launcher", "--dry-run", LORA, f"data.path={prepared}",
                   f"output_dir={tmp_path / 'r'}", env=broken_import_env(tmp_path, "peft"))

@@ -271,6 +271,7 @@ def test_bad_mixture_is_one_line_and_exit_2(stdlib_data, small_corpus, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_the_processes_refuse_before_starting_or_queueing(stdlib_data, small_corpus, tmp_path):
     """The same preflight in a real `python -m train` and in the launcher (before it submits)."""
     bad = mixture_args(f"{{path: {stdlib_data}, weight: 0.9}}",

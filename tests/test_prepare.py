@@ -144,6 +144,7 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path, prepared, capsys):
     assert "3 undecodable bytes were replaced" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_output_identical_whatever_the_worker_count(tmp_path, corpus_dir):
     """Real processes: the CLI with 1 and with 3 tokenizer workers, a trained tokenizer, and
     small shards so that shard boundaries are exercised."""
@@ -371,6 +372,7 @@ def test_tiktoken_engine_writes_the_hf_engines_shards(tmp_path, prepared, corpus
         assert "text<|endoftext|><|endoftext|>more text" in "".join(docs)
 
 
+@pytest.mark.slow  # a CLI process (or several): out of the fast loop
 def test_tiktoken_engine_falls_back_on_a_difference_and_is_refused_where_it_cannot_apply(
         tmp_path, prepared, engine_corpus):
     """A tokenizer.json whose merges tiktoken cannot follow (one merge removed by hand: Hugging
