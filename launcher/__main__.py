@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.partition import minutes
+from launcher.partition import minutes, read_partition_or_why
 from train.errors import JOB_FAILED_EXIT_CODE, USAGE_EXIT_CODE, UsageError, note
 
 POLL_S = 5.0  # how often --wait looks at a pending job's reason (one squeue call)
@@ -72,7 +72,7 @@ def check_script_words(args) -> None:
 
 def validate(args):
     """The checks a job would fail on, run here by the same preflight every rank runs. Returns
-    (config, DeepSpeed config, world size)."""
+    (config, plan, world size, the partition: read_partition_or_why's answer, None when local)."""
     from launcher.submit import check_words
     from train.config import load_config
     from train.run.preflight import preflight
@@ -84,28 +84,26 @@ def validate(args):
     check_words({"output_dir": str(Path(cfg.output_dir).resolve()), "data.path": cfg.data.path})
     refuse_if_held(cfg.output_dir)  # a live run on this output_dir: submitting would only fail
     world = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
+    part = read_partition_or_why(args.partition) if args.cluster == "slurm" else None
     # with --prepare the data is made by the first job: what needs it is checked there
-    memory = partition_gpu_memory(args, cfg)
+    memory = partition_gpu_memory(args, cfg, part)
     plan = preflight(cfg, world, data_ready=not args.prepare,
                      device_bytes=int(memory[0] * 2**30) if memory else None)
     if memory:
         print(f"# device memory: {memory[0]:g} GiB per GPU, from {memory[1]}", file=sys.stderr)
     if plan.memory_verdict:  # within 10% of the device's memory: it may not survive a spike
         print(f"warning: {plan.memory_verdict[1]}", file=sys.stderr)
-    return cfg, plan, world
+    return cfg, plan, world, part
 
 
-def partition_gpu_memory(args, cfg) -> tuple[float, str] | None:
+def partition_gpu_memory(args, cfg, part) -> tuple[float, str] | None:
     """One GPU's memory from the partition's GPU type, for the memory plan; None where the user
     gave health.gpu_memory_gb, the job has no GPUs, or the partition cannot be read here."""
-    from launcher.partition import LimitsUnknown, device_memory, read_partition
+    from launcher.partition import Partition, device_memory
 
-    if args.cluster != "slurm" or not args.gpus_per_node or cfg.health.gpu_memory_gb:
-        return None
-    try:
-        return device_memory(read_partition(args.partition))
-    except LimitsUnknown:
-        return None  # check_request says why in the dry run; sbatch has the last word
+    if not isinstance(part, Partition) or not args.gpus_per_node or cfg.health.gpu_memory_gb:
+        return None  # unreadable: check_request says why in the dry run; sbatch has the last word
+    return device_memory(part)
 
 
 def main(argv=None) -> int:
@@ -125,7 +123,7 @@ def launch(args) -> int:
     if args.cluster == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--cluster slurm but there is no sbatch on PATH: run this on a Slurm "
                          "login node, or use --cluster local")
-    cfg, plan, world = validate(args)
+    cfg, plan, world, part = validate(args)
     ds = plan.ds_config
     prepare_args = parse_prepare(args.prepare) if args.prepare else None
     config = str(Path(args.config).resolve())
@@ -133,8 +131,8 @@ def launch(args) -> int:
     res = Resources(args.cluster, args.nodes, tasks, args.gpus_per_node, minutes(args.time),
                     args.partition, args.account, args.qos, args.constraint, args.exclude,
                     job_name=job_name(Path(cfg.output_dir).name))
-    partition = (check_request(args.partition, args.nodes, res.minutes, args.gpus_per_node)
-                 if args.cluster == "slurm" else None)
+    partition = (check_request(part, args.nodes, res.minutes, args.gpus_per_node)
+                 if part is not None else None)
     folder = str(Path(cfg.output_dir).resolve() / "logs" / "%j")
     executor = make_executor(res, folder, render_only=args.dry_run)
     if not args.dry_run:  # the job's logs go into output_dir before any rank starts

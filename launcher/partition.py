@@ -48,15 +48,14 @@ class Partition:
     gpu_types: tuple[str, ...] = ()  # the GRES type of each sinfo line with GPUs ('' untyped)
 
 
-def check_request(partition: str | None, nodes: int, minutes: int,
+def check_request(part: Partition | LimitsUnknown, nodes: int, minutes: int,
                   gpus_per_node: int | None) -> str:
     """Refuse (UsageError naming the limit and the flag) a request the partition can never run.
-    Returns one line saying what was checked, or "not checked: WHY" when the limits cannot be
-    read here (no Slurm, scontrol failing): sbatch then has the last word."""
-    try:
-        part = read_partition(partition)
-    except LimitsUnknown as why:
-        return f"not checked: {why}"
+    part: read_partition_or_why's answer. Returns one line saying what was checked, or "not
+    checked: WHY" when the limits cannot be read here (no Slurm, scontrol failing): sbatch then
+    has the last word."""
+    if isinstance(part, LimitsUnknown):
+        return f"not checked: {part}"
     where = f"partition {part.name}"
     most_nodes = min(part.total_nodes, part.max_nodes or part.total_nodes)
     if nodes > most_nodes:
@@ -83,6 +82,15 @@ def check_request(partition: str | None, nodes: int, minutes: int,
 
 class LimitsUnknown(Exception):
     """The partition's limits cannot be read here (the reason is the message)."""
+
+
+def read_partition_or_why(name: str | None) -> Partition | LimitsUnknown:
+    """The partition, or why its limits cannot be read here: read once per launch, for both
+    the request's check and the GPUs' memory."""
+    try:
+        return read_partition(name)
+    except LimitsUnknown as why:
+        return why
 
 
 def read_partition(name: str | None) -> Partition:
