@@ -126,15 +126,14 @@ def write_export(model, tmp: Path, final_dir: Path, data_dir: Path, gathered, co
             save_lora(hf, state, tmp, final_dir)
         else:
             hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    homes = [tmp, tmp / ADAPTER_DIR] if lora else [tmp]  # each loadable directory is whole
     for name in TOKENIZER_FILES:
         if (data_dir / name).exists():
-            durable.copy_file(data_dir / name, tmp / name)
-            if lora:
-                durable.copy_file(data_dir / name, tmp / ADAPTER_DIR / name)
+            for home in homes:
+                durable.copy_file(data_dir / name, home / name)
     if config is not None:
-        durable.write_json(tmp / TRAIN_CONFIG, config, indent=1)
-        if lora:
-            durable.write_json(tmp / ADAPTER_DIR / TRAIN_CONFIG, config, indent=1)
+        for home in homes:
+            durable.write_json(home / TRAIN_CONFIG, config, indent=1)
     if lora:
         check_lora_export(tmp, reference)
     if (data_dir / SAMPLE_FILE).exists():
