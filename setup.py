@@ -18,7 +18,11 @@ setup(
     # torch is a range, not a pin: a cluster keeps the CUDA build it already has.
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        # < 5.25: transformers 5.25 requires Hugging Face's `kernels` package, whose import name
+        # is this project's top-level `kernels/`; with both installed, transformers imports ours
+        # (ImportError: cannot import name 'CUDAProperties' from 'kernels') and every model
+        # fails to load. The bound goes when our package is renamed.
+        "transformers>=4.56,<5.25",
         "tokenizers>=0.21",
         "datasets>=3.0",
         "deepspeed>=0.16",
