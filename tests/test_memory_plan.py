@@ -17,17 +17,34 @@ SHAPE = ModelShape(trainable=(10, 7), frozen=(), architecture="GPT2LMHeadModel",
 
 
 def test_model_states_by_hand():
-    # 17 elements; over 4 ranks each tensor is split with its last shard padded: 3 + 2 = 5
+    # 17 elements in 2 tensors, one optimizer group (no 1-D tensor), 4 ranks. Optimizer: two
+    # fp32 moments per element a rank updates, and 4 bytes per Adam step counter.
+    # ZeRO-0: every tensor whole, a step counter each (2)
     assert model_state_bytes(SHAPE, stage=0, world=4, dtype_bytes=4) == {
-        "parameters": 68, "gradients": 68, "master": 0, "optimizer": 136}
+        "parameters": 68, "gradients": 68, "master": 0, "optimizer": 136 + 8}
     assert model_state_bytes(SHAPE, stage=0, world=4, dtype_bytes=2) == {
-        "parameters": 34, "gradients": 34, "master": 68, "optimizer": 136}
+        "parameters": 34, "gradients": 34, "master": 68, "optimizer": 136 + 8}
+    # ZeRO 1-2: the group flattened and padded to a multiple of 2 x 4 ranks, 24 elements (the
+    # module's weights live in that buffer); a rank's partition 6, one step counter
     assert model_state_bytes(SHAPE, stage=1, world=4, dtype_bytes=2) == {
-        "parameters": 34, "gradients": 34, "master": 20, "optimizer": 40}
+        "parameters": 48, "gradients": 34, "master": 24, "optimizer": 48 + 4}
     assert model_state_bytes(SHAPE, stage=2, world=4, dtype_bytes=2) == {
-        "parameters": 34, "gradients": 10, "master": 20, "optimizer": 40}
+        "parameters": 48, "gradients": 12, "master": 24, "optimizer": 48 + 4}
+    # ZeRO-3: each tensor split, the last shard padded: 3 + 2 = 5 a rank; both tensors under the
+    # persistence threshold, so also whole on every rank (17)
     assert model_state_bytes(SHAPE, stage=3, world=4, dtype_bytes=2) == {
-        "parameters": 10, "gradients": 10, "master": 20, "optimizer": 40}
+        "parameters": (5 + 17) * 2, "gradients": 10, "master": 20, "optimizer": 40 + 4}
+    assert model_state_bytes(SHAPE, stage=3, world=4, dtype_bytes=2,
+                             persistence_threshold=7)["parameters"] == (5 + 7) * 2
+    # sub-groups of 3 elements: [3] reaches it, [2] ends the group: two step counters
+    assert model_state_bytes(SHAPE, stage=3, world=4, dtype_bytes=2,
+                             sub_group_size=3)["optimizer"] == 40 + 8
+    # the 1-D tensor in its own group (no weight decay): each group padded to 8, 16 + 8
+    split = ModelShape(trainable=(10, 7), frozen=(), architecture="GPT2LMHeadModel", hidden=4,
+                       intermediate=16, layers=3, vocab=11, vectors=(7,))
+    assert split.groups() == [[10], [7]]
+    assert model_state_bytes(split, stage=2, world=4, dtype_bytes=2) == {
+        "parameters": 48, "gradients": 12, "master": 24, "optimizer": 48 + 8}
 
 
 def test_activations_by_hand():
@@ -64,33 +81,39 @@ def test_plan_names_the_biggest_term_and_its_fix():
 
 @pytest.mark.slow
 def test_model_states_equal_the_live_bytes_of_the_engine():
-    """Each rank's live tensor storage after a step (gc, each storage once) is the plan's
-    parameters + master weights + optimizer states, for ZeRO 0-2, fp32 and bf16, and with LoRA
-    (peft adapters; the base frozen, counted once in the training dtype). DeepSpeed frees the
-    gradients at the step, so they are not in it; Adam's step counters (one 4-byte scalar per
-    parameter tensor or flat group) are, and the plan leaves them out.
+    """Each rank's live tensor storage after a step (gc, each storage once; what existed before
+    the model was built left out) is exactly the plan's model-state terms, for ZeRO 0-3, fp32
+    and bf16, LoRA (peft adapters, the base frozen) on and off: parameters + master weights +
+    optimizer (Adam's moments and step counters) + under ZeRO-3 the gradients, whose flat
+    partition buffer lives from the engine's start to its end (ZeRO 0-2 free theirs at the
+    step). DeepSpeed's own buffers are set apart by identity (engine_state_bytes.buffers: the
+    gradient norm it logs, ZeRO-3's inf/nan flag and its reduce bucket, 5e8 elements allocated up
+    front, which the plan counts among the temporaries), not by subtraction.
 
-    With LoRA, also under ZeRO-3: the engine trains exactly the parameters peft reports as
-    trainable (get_nb_trainable_parameters), and Adam's moments over the ranks cover those and
-    nothing of the frozen base. (ZeRO-3's bytes are not compared: it allocates its reduce bucket,
-    5e8 elements by default, up front, which the plan counts among the temporaries.)"""
-    cases = [f"{stage}:{precision}" for stage in (0, 1, 2) for precision in ("fp32", "bf16")]
-    cases += ["2:bf16:lora", "3:fp32:lora"]
+    With LoRA, also: the engine trains exactly the parameters peft reports as trainable
+    (get_nb_trainable_parameters), and Adam's moments over the ranks cover those and nothing of
+    the frozen base."""
+    cases = [f"{stage}:{precision}" for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+    cases += ["2:bf16:lora", "3:fp32:lora", "3:bf16:lora"]
     res = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2",
                   f"--master_port={free_port()}", str(REPO / "tests" / "engine_state_bytes.py"),
                   *cases, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(ranks) == 2
+    assert len(ranks) == 2 and all(len(results) == len(cases) for results in ranks)
     for results in ranks:
         for r in results:
             if r["lora"]:
                 assert r["peft_trainable"] == r["plan_trainable"] == r["module_trainable"], r
+            plan = r["plan"]
+            states = plan["parameters"] + plan["master"] + plan["optimizer"]
             if r["stage"] == 3:
-                continue
-            persistent = r["plan"]["parameters"] + r["plan"]["master"] + r["plan"]["optimizer"]
-            step_counters = r["measured"] - persistent
-            assert 0 <= step_counters <= 4 * r["param_tensors"], r
+                assert r["gradient_buffer"] == plan["gradients"], r
+                states += plan["gradients"]
+            assert r["measured"] == states, r
+            if r["stage"] == 3:
+                assert r["buffers"]["reduce bucket " + ("torch.bfloat16" if r["bf16"]
+                                                        else "torch.float32")] > 0, r
     lora = [[r for r in results if r["lora"]] for results in ranks]
     for cases_of_rank0, cases_of_rank1 in zip(*lora):
         # each rank's partition of the adapters (ZeRO 1-3), or all of them (ZeRO-0); DeepSpeed
@@ -164,9 +187,10 @@ def test_lora_terms_by_hand():
     lora = ModelShape(trainable=(10, 7), frozen=(60, 40), architecture="GPT2LMHeadModel",
                       hidden=4, intermediate=16, layers=3, vocab=11)
     assert model_state_bytes(lora, stage=2, world=4, dtype_bytes=2) == {
-        "parameters": 234, "gradients": 10, "master": 20, "optimizer": 40}
-    assert model_state_bytes(lora, stage=3, world=4, dtype_bytes=2) == {
-        "parameters": 60, "gradients": 10, "master": 20, "optimizer": 40}  # (5 + 15 + 10) x 2
+        "parameters": (24 + 100) * 2, "gradients": 12, "master": 24, "optimizer": 48 + 4}
+    # shards (3 + 2 + 15 + 10) x 2, and the tensors of at most 50 elements whole: 10 + 7 + 40
+    assert model_state_bytes(lora, stage=3, world=4, dtype_bytes=2, persistence_threshold=50) == {
+        "parameters": (30 + 57) * 2, "gradients": 10, "master": 20, "optimizer": 40 + 4}
 
 
 # Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B)
@@ -203,4 +227,9 @@ def test_llama_8b_lora_config_dry_runs_with_a_plan_of_adapter_states(capsys, tmp
     assert lora["gradients"] == pytest.approx(2 * adapters / 16, rel=1e-3)  # bf16
     base = 8_030_261_248  # Llama-3-8B's parameters
     assert full["optimizer"] == pytest.approx(8 * base / 16, rel=1e-3)
-    assert lora["parameters"] == pytest.approx(2 * (base + adapters) / 16, rel=1e-3)
+    # ZeRO-3 also keeps every tensor of at most 1e5 elements (DeepSpeed's default
+    # stage3_param_persistence_threshold) whole on each rank: per layer the 2 norms (4,096), the
+    # A matrices (16 x 4,096) of q, k, v, o, gate and up, the B matrices of q, o, down (4,096 x 16)
+    # and of k, v (1,024 x 16); gate's and up's B and down's A (14,336 x 16) are over it
+    whole = 32 * (2 * 4096 + 6 * 16 * 4096 + 3 * 4096 * 16 + 2 * 1024 * 16) + 4096  # final norm
+    assert lora["parameters"] == pytest.approx(2 * (base + adapters) / 16 + 2 * whole, rel=1e-3)

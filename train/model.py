@@ -267,11 +267,11 @@ def enable_activation_checkpointing(hf_model, every_n_layers: int = 1,
 
 
 def parameter_numels(hf_config, auto_class: str, peft_section=None
-                     ) -> tuple[list[int], list[int], dict[str, int]]:
-    """The model's trainable and frozen parameter tensors' sizes (tied ones once) and its layer
-    sizes, from its config alone: the model is built on the meta device, which allocates nothing
-    (an 8B model in seconds). With a peft section the adapters are added the way training adds
-    them, and the base is frozen."""
+                     ) -> tuple[list[int], list[int], dict]:
+    """The model's trainable and frozen parameter tensors' sizes (tied ones once), its layer
+    sizes and the sizes of its trainable 1-D tensors ("vectors"), from its config alone: the
+    model is built on the meta device, which allocates nothing (an 8B model in seconds). With a
+    peft section the adapters are added the way training adds them, and the base is frozen."""
     import transformers
 
     try:
@@ -287,11 +287,13 @@ def parameter_numels(hf_config, auto_class: str, peft_section=None
     params = list(model.parameters())  # parameters() yields a tied weight once
     numels = [p.numel() for p in params if p.requires_grad]
     frozen = [p.numel() for p in params if not p.requires_grad]
+    # the optimizer's no-decay group (train/run/engine.py's param_groups)
+    vectors = tuple(p.numel() for p in params if p.requires_grad and p.ndim < 2)
     c = hf_config
     hidden = _first_attr(c, "hidden_size", "n_embd", "dim")
     sizes = {"hidden": hidden, "layers": _first_attr(c, "num_hidden_layers", "n_layer", "n_layers"),
              "intermediate": _first_attr(c, "intermediate_size", "n_inner", "hidden_dim")
-             or 4 * hidden, "vocab": c.vocab_size}
+             or 4 * hidden, "vocab": c.vocab_size, "vectors": vectors}
     return numels, frozen, sizes
 
 

@@ -5,12 +5,13 @@
 Pure arithmetic (no torch): preflight counts the model's parameters (train/model.py, on the meta
 device) and this module turns them into per-rank bytes, term by term:
 
-  parameters  the module's weights in the training dtype; ZeRO-3 shards them (each tensor padded
-              to a multiple of the ranks, as DeepSpeed partitions it)
+  parameters  the module's weights in the training dtype; ZeRO 1-2 keep the trainable ones in
+              flat per-group buffers (padded), ZeRO-3 shards them (each tensor padded to a
+              multiple of the ranks) and keeps the small ones whole on every rank as well
   gradients   one per trainable weight in the training dtype; ZeRO-2 and 3 shard them
   master      the fp32 copy of the trainable weights the optimizer updates: under bf16/fp16, and
               under ZeRO 1-3 always (DeepSpeed keeps an fp32 partition even for fp32 training)
-  optimizer   Adam's two fp32 moments; ZeRO 1-3 shard them
+  optimizer   Adam's two fp32 moments, and its step counters; ZeRO 1-3 shard the moments
   activations what the autograd graph keeps per layer for seq_len x micro-batch tokens, with and
               without checkpointing (constants measured: benchmarks/activation_memory.py)
   recompute   with checkpointing, the one layer the backward recomputes at a time
@@ -55,6 +56,26 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    # numel of each trainable 1-D tensor (biases, norm weights; also in `trainable`): the
+    # optimizer's second group, without weight decay (train/run/engine.py's param_groups)
+    vectors: tuple[int, ...] = ()
+
+    def groups(self) -> list[list[int]]:
+        """The optimizer's parameter groups, as param_groups makes them: the weight-decayed
+        tensors, then the 1-D ones; an empty one is dropped."""
+        matrices, vectors = list(self.trainable), list(self.vectors)
+        for n in vectors:
+            matrices.remove(n)
+        return [g for g in (matrices, vectors) if g]
+
+
+# DeepSpeed's defaults for the ZeRO settings the layout depends on (deepspeed/runtime/zero/
+# config.py): tensors of at most this many elements ZeRO-3 also keeps whole on every rank, and
+# the elements of one flat fp32 sub-group (one Adam step counter each)
+PERSISTENCE_THRESHOLD = 100_000
+SUB_GROUP_SIZE = 10**9
+ALIGNMENT = 2  # ZeRO 1-2 pad each flat group to a multiple of 2 x ranks (nccl_start_alignment_factor)
+STEP_COUNTER_BYTES = 4  # torch Adam's `step`: an fp32 scalar per parameter it updates
 
 
 @dataclass
@@ -90,19 +111,59 @@ def shard(numels, world: int) -> int:
     return sum(-(-n // world) for n in numels)
 
 
-def model_state_bytes(shape: ModelShape, *, stage: int, world: int, dtype_bytes: int) -> dict:
-    """parameters, gradients, master weights and optimizer states per rank."""
+def model_state_bytes(shape: ModelShape, *, stage: int, world: int, dtype_bytes: int,
+                      persistence_threshold: int = PERSISTENCE_THRESHOLD,
+                      sub_group_size: int = SUB_GROUP_SIZE) -> dict:
+    """parameters, gradients, master weights and optimizer states per rank, laid out as
+    DeepSpeed lays them out (equal byte for byte to a built engine's live tensors on CPU:
+    tests/test_memory_plan.py):
+
+      ZeRO-0    each tensor whole; Adam keeps one step counter per tensor.
+      ZeRO 1-2  each optimizer group flattened and padded to a multiple of ALIGNMENT x ranks, the
+                module's trainable weights views into it; a rank's partition is 1/ranks of it,
+                with one step counter per group.
+      ZeRO-3    each tensor split over the ranks, its last shard padded, and one of at most
+                persistence_threshold elements (stage3_param_persistence_threshold) also kept
+                whole on every rank; the fp32 partitions of a group are cut into sub-groups of
+                sub_group_size elements, one step counter each.
+
+    torch keeps the step counters on the host unless Adam is fused or capturable, so on a GPU
+    they are a few bytes the device does not hold; on CPU they are exact."""
     trainable, frozen = sum(shape.trainable), sum(shape.frozen)
-    mixed = dtype_bytes < 4
+    groups = shape.groups()
     if stage == 3:
-        params = (shard(shape.trainable, world) + shard(shape.frozen, world)) * dtype_bytes
+        whole = sum(n for n in (*shape.trainable, *shape.frozen) if n <= persistence_threshold)
+        params = (shard(shape.trainable, world) + shard(shape.frozen, world) + whole) * dtype_bytes
+        partition = shard(shape.trainable, world)
+        counters = sum(len(sub_groups([-(-n // world) for n in g], sub_group_size))
+                       for g in groups)
+    elif stage in (1, 2):
+        padded = [-(-sum(g) // (ALIGNMENT * world)) * ALIGNMENT * world for g in groups]
+        params = (sum(padded) + frozen) * dtype_bytes
+        partition = sum(padded) // world
+        counters = len(groups)
     else:
         params = (trainable + frozen) * dtype_bytes
-    sharded = shard(shape.trainable, world)
-    grads = (sharded if stage >= 2 else trainable) * dtype_bytes
-    master = sharded * 4 if stage >= 1 else (trainable * 4 if mixed else 0)
-    optimizer = 2 * 4 * (sharded if stage >= 1 else trainable)
+        partition = trainable
+        counters = len(shape.trainable)
+    grads = (partition if stage >= 2 else trainable) * dtype_bytes
+    master = partition * 4 if stage >= 1 or dtype_bytes < 4 else 0
+    optimizer = 2 * 4 * partition + STEP_COUNTER_BYTES * counters
     return {"parameters": params, "gradients": grads, "master": master, "optimizer": optimizer}
+
+
+def sub_groups(partitions: list[int], size: int) -> list[list[int]]:
+    """DeepSpeed ZeRO-3's cut of one group's partitions into sub-groups (stage3.py,
+    _create_fp16_sub_groups): one if the group fits, else each closed once it reaches `size`."""
+    if size >= sum(partitions):
+        return [partitions]
+    cut, current = [], []
+    for i, n in enumerate(partitions):
+        current.append(n)
+        if sum(current) >= size or i == len(partitions) - 1:
+            cut.append(current)
+            current = []
+    return cut
 
 
 def layer_activation_bytes(architecture: str, *, hidden: int, intermediate: int, tokens: int,
@@ -128,9 +189,13 @@ def activation_bytes(architecture: str, *, hidden: int, intermediate: int, layer
 
 
 def memory_plan(shape: ModelShape, *, stage: int, world: int, dtype_bytes: int, tokens: int,
-                every_n_layers: int | None, ce_chunk_elements: int) -> MemoryPlan:
+                every_n_layers: int | None, ce_chunk_elements: int,
+                persistence_threshold: int = PERSISTENCE_THRESHOLD,
+                sub_group_size: int = SUB_GROUP_SIZE) -> MemoryPlan:
     plan = MemoryPlan()
-    plan.terms.update(model_state_bytes(shape, stage=stage, world=world, dtype_bytes=dtype_bytes))
+    plan.terms.update(model_state_bytes(shape, stage=stage, world=world, dtype_bytes=dtype_bytes,
+                                        persistence_threshold=persistence_threshold,
+                                        sub_group_size=sub_group_size))
     plan.terms["activations"] = activation_bytes(
         shape.architecture, hidden=shape.hidden, intermediate=shape.intermediate,
         layers=shape.layers, tokens=tokens, dtype_bytes=dtype_bytes,

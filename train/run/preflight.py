@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.run import checkpoint, config_drift, distributed, run_dir
-from train.run.memory_plan import MemoryPlan, ModelShape, memory_plan, verdict
+from train.run.memory_plan import (PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE, MemoryPlan, ModelShape,
+                                   memory_plan, verdict)
 from train.config import Config, DataSection, MixtureSource, deepspeed_config, report_to_names
 from train.errors import DataError, UsageError, note, warn
 from train.data.loader import num_windows
@@ -66,11 +67,15 @@ def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architectur
     shape = ModelShape(trainable=tuple(numels), frozen=tuple(frozen), architecture=architecture,
                        **sizes)
     half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    zero = ds["zero_optimization"]
     return memory_plan(
         shape, stage=ds["zero_optimization"]["stage"], world=world, dtype_bytes=2 if half else 4,
         tokens=cfg.per_device_train_batch_size * cfg.data.seq_len,
         every_n_layers=cfg.gradient_checkpointing_every_n_layers
-        if cfg.gradient_checkpointing else None, ce_chunk_elements=CHUNK_ELEMENTS["cuda"])
+        if cfg.gradient_checkpointing else None, ce_chunk_elements=CHUNK_ELEMENTS["cuda"],
+        persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
+                                           PERSISTENCE_THRESHOLD)),
+        sub_group_size=int(zero.get("sub_group_size", SUB_GROUP_SIZE)))
 
 
 def check_memory(memory: MemoryPlan, device_bytes: int | None) -> tuple[str, str] | None:
