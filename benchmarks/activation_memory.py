@@ -14,8 +14,8 @@ profiler (profile_memory=True), which records every allocation and free:
 
 Correctness first: the three settings must give the same loss and gradients bit for bit. Then
 the step time, unprofiled: --repeats rounds of one step per setting (interleaved, so that load
-from other jobs falls on all three alike), reported as the median and the least of them. The memory plan's activation term
-(train/run/memory_plan.py) is printed beside the measurement.
+from other jobs falls on all three alike), reported as the median and the least of them. The
+memory plan's activation term (train/run/memory_plan.py) is printed beside the measurement.
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 ZeRO stage and precision given (`STAGE:PRECISION` or `STAGE:PRECISION:lora`, LoRA adapters through
 peft on its attention and MLP), take one step, and print, as JSON on rank 0, every rank's bytes
 of live tensor storage that the model and its engine added (everything gc can reach, each storage
-once), split by identity into DeepSpeed's own buffers (the tensors named in BUFFERS, which are not
-model states) and the rest, beside the memory plan's model-state terms; with LoRA also the trainable parameter count peft reports, the count
-the engine's module trains and the elements of Adam's first moments this rank holds. Used by tests/test_memory_plan.py."""
+once), split by identity into DeepSpeed's own buffers (`buffers`: not model states) and the rest,
+beside the memory plan's model-state terms; with LoRA also the trainable parameter count peft
+reports, the count the engine's module trains and the elements of Adam's first moments this rank
+holds. Used by tests/test_memory_plan.py."""
 from __future__ import annotations
 
 import gc

@@ -40,7 +40,8 @@ WARN_MARGIN = 0.10  # a plan within 10% of the device's memory is a warning
 # layer with post-norm.
 ACTIVATION_WIDTHS = {"gpt2": (18, 4), "llama": (14, 4), "encoder": (18, 4)}
 OUTSIDE_LAYERS = 4  # x hidden per token: embedding output, final norm's input and output, the
-                    # head's input rows (GPT-2, seq_len 2048: 63.0 MB checkpointed vs 12 inputs 50.3 MB)
+                    # head's input rows (GPT-2, seq_len 2048: 63.0 MB checkpointed vs 12 inputs
+                    # 50.3 MB)
 FAMILY_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
              "Qwen2ForCausalLM": "llama", "Qwen3ForCausalLM": "llama",
              "Gemma2ForCausalLM": "llama"}
@@ -74,7 +75,8 @@ class ModelShape:
 # the elements of one flat fp32 sub-group (one Adam step counter each)
 PERSISTENCE_THRESHOLD = 100_000
 SUB_GROUP_SIZE = 10**9
-ALIGNMENT = 2  # ZeRO 1-2 pad each flat group to a multiple of 2 x ranks (nccl_start_alignment_factor)
+ALIGNMENT = 2  # ZeRO 1-2 pad each flat group to a multiple of 2 x ranks (nccl_start_alignment_
+               # factor in stage_1_and_2.py)
 STEP_COUNTER_BYTES = 4  # torch Adam's `step`: an fp32 scalar per parameter it updates
 
 
