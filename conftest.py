@@ -40,7 +40,7 @@ def triton_available(request):
         require_triton()
 
 
-# Lines a test wants shown at the end of the run even when it passes (kernels/test_aot.py's
+# Lines a test wants shown at the end of the run even when it passes (lm_kernels/test_aot.py's
 # one-line summary of the ahead-of-time compile table).
 _TERMINAL_NOTES: list[str] = []
 

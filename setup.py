@@ -12,17 +12,16 @@ setup(
     version="0.1.0",
     description="Pre-sharded data, fused kernels and DeepSpeed ZeRO training of Hugging Face "
                 "language models, launched on Slurm",
-    packages=find_packages(include=["launcher", "launcher.*", "kernels", "kernels.*",
+    packages=find_packages(include=["launcher", "launcher.*", "lm_kernels", "lm_kernels.*",
                                     "train", "train.*"]),
     python_requires=">=3.10",
     # torch is a range, not a pin: a cluster keeps the CUDA build it already has.
     install_requires=[
         "torch>=2.4",
-        # < 5.25: transformers 5.25 requires Hugging Face's `kernels` package, whose import name
-        # is this project's top-level `kernels/`; with both installed, transformers imports ours
-        # (ImportError: cannot import name 'CUDAProperties' from 'kernels') and every model
-        # fails to load. The bound goes when our package is renamed.
-        "transformers>=4.56,<5.25",
+        # no upper bound: 5.25.0 passes the fast loop and a 2-rank train/export/generate run with
+        # Hugging Face's `kernels` package installed beside it (it requires it; our kernels are
+        # `lm_kernels`, renamed from `kernels` for that clash: tests/test_packaging.py)
+        "transformers>=4.56",
         "tokenizers>=0.21",
         "datasets>=3.0",
         "deepspeed>=0.16",

@@ -2,7 +2,7 @@
 by a piece of code), and the results files.
 
 Run the benchmarks as modules from the repository root (`python -m benchmarks.NAME`), so that
-`benchmarks`, `train` and `kernels` import without any sys.path change."""
+`benchmarks`, `train` and `lm_kernels` import without any sys.path change."""
 from __future__ import annotations
 
 import datetime

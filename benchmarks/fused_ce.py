@@ -3,8 +3,8 @@
     python -m benchmarks.fused_ce                       # CPU: N=8192, H=256, V=50257, fp32
     python -m benchmarks.fused_ce --n 16384 --h 4096 --v 128256 --dtype bf16   # an H100
 
-Variants: ours (kernels.fused_linear_cross_entropy, whatever backend `auto` picks), F.cross_entropy
-on materialized logits, F.linear_cross_entropy (PyTorch >= 2.13), and Liger-Kernel's
+Variants: ours (lm_kernels.fused_linear_cross_entropy, whatever backend `auto` picks),
+F.cross_entropy on materialized logits, F.linear_cross_entropy (PyTorch >= 2.13), and Liger-Kernel's
 LigerFusedLinearCrossEntropyFunction (Triton: on CPU only under TRITON_INTERPRET=1, where its
 time means nothing, so on CPU it is checked for correctness and memory at a small size only).
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from benchmarks.common import PeakMemory, machine, write_results
 from benchmarks.roofline import napkin, napkin_line
-from kernels.cross_entropy import (fused_linear_cross_entropy, grad_weight_accumulation,
+from lm_kernels.cross_entropy import (fused_linear_cross_entropy, grad_weight_accumulation,
                                    reference_linear_cross_entropy, rows_per_chunk)
-from kernels.testing import assert_close_scaled
+from lm_kernels.testing import assert_close_scaled
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,7 +72,7 @@ def check(name, device, dtype):
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = reference_linear_cross_entropy(hr, wr, t)
     rh, rw = torch.autograd.grad(ref, (hr, wr))
-    try:  # tolerances relative to each tensor's scale (kernels/testing.py)
+    try:  # tolerances relative to each tensor's scale (lm_kernels/testing.py)
         for name_, got, want in (("loss", loss, ref), ("grad_hidden", gh, rh),
                                  ("grad_weight", gw, rw)):
             assert_close_scaled(got.float(), want, dtype, name_)

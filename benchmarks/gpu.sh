@@ -101,9 +101,9 @@ fi
 # waited for at the end. Only this GPU's architecture (sm_80 or sm_90), if the table has it.
 AOT_ARCH=$([ "$ARCH" -ge 90 ] && echo 90 || echo 80)
 if [ "$DRY_RUN" = 1 ]; then
-  echo "aot (limit 300s, background): $PYTHON -m kernels.aot --arch $AOT_ARCH --jobs 6"
+  echo "aot (limit 300s, background): $PYTHON -m lm_kernels.aot --arch $AOT_ARCH --jobs 6"
 else
-  (step aot 300 "$PYTHON" -m kernels.aot --arch "$AOT_ARCH" --jobs 6 \
+  (step aot 300 "$PYTHON" -m lm_kernels.aot --arch "$AOT_ARCH" --jobs 6 \
      --json "$RESULTS/aot_sm${AOT_ARCH}_cuda.json"; exit $status) &
   AOT_PID=$!
 fi

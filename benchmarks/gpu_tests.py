@@ -6,8 +6,8 @@ written to results/kernel_tests_cuda.md with the machine.
 
 Arguments are passed to pytest (`-n N` is pytest-xdist's worker count: each worker compiles its
 own kernels, so N workers cut the ~240 cold compiles' wall time about N-fold). The compile table
-(kernels/test_aot.py, both architectures) is left out here: gpu.sh runs `python -m kernels.aot`
-once, for the local architecture only, beside the GPU steps.
+(lm_kernels/test_aot.py, both architectures) is left out here: gpu.sh runs
+`python -m lm_kernels.aot` once, for the local architecture only, beside the GPU steps.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         print("pytest-xdist is not installed: the kernel tests run in one process", flush=True)
         argv = without_workers(argv)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "--ignore=kernels/test_aot.py", *argv, "kernels/"]
+           "--ignore=lm_kernels/test_aot.py", *argv, "lm_kernels/"]
     tests = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(tests.stdout[-20000:], tests.stderr[-5000:], sep="\n")
     info = machine()

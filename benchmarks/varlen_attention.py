@@ -5,7 +5,7 @@
 
 Documents with lengths drawn like the python-stdlib corpus's (many short, a long tail, capped at
 --max-len) are packed into one stream. Variants:
-  * ours: kernels.varlen_attention (Triton on CUDA, the grouped-SDPA fallback on CPU);
+  * ours: lm_kernels.varlen_attention (Triton on CUDA, the grouped-SDPA fallback on CPU);
   * padded SDPA: one row per document, padded to the longest, causal + key-padding mask (what a
     padded Hugging Face batch does);
   * FlexAttention with a document mask (a BlockMask from document ids), compiled;
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import PeakMemory, machine, write_results
 from benchmarks.roofline import napkin, napkin_line
-from kernels.testing import assert_close_scaled
-from kernels.attention import reference_varlen_attention, varlen_attention
+from lm_kernels.testing import assert_close_scaled
+from lm_kernels.attention import reference_varlen_attention, varlen_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -163,7 +163,7 @@ def main():
         try:
             out = make(cu, small)(q, k, v)
             got_grads = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
-            # output and every gradient, relative to each one's scale (kernels/testing.py)
+            # output and every gradient, relative to each one's scale (lm_kernels/testing.py)
             for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *got_grads), (ref, *ref_grads)):
                 assert_close_scaled(a.float(), b, dtype, what)
         except Exception as exc:  # noqa: BLE001 - a baseline that raises or is wrong

@@ -50,7 +50,7 @@ def require_module(name: str, extra: str = "test"):
 
 def require_triton():
     """The Triton kernels need triton to import (natively on a GPU, or under TRITON_INTERPRET)."""
-    from kernels.backend import triton_importable
+    from lm_kernels.backend import triton_importable
 
     reason = triton_importable()
     if reason:

@@ -9,7 +9,7 @@ import pytest
 from helpers import broken_import_env, run_cli
 
 pytestmark = pytest.mark.slow
-TILE_TEST = "kernels/test_attention.py::test_every_fp32_gpu_tile_is_correct"
+TILE_TEST = "lm_kernels/test_attention.py::test_every_fp32_gpu_tile_is_correct"
 
 
 @pytest.mark.parametrize("ci", ["", "true"], ids=["laptop", "CI"])

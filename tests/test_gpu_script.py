@@ -57,10 +57,10 @@ def test_a_failed_step_keeps_every_other_result(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     modules = [c.split()[1] for c in calls]
     # every step ran, the ones after the failure too, the compile table once for sm_90 only
-    for module in ("kernels.aot", "benchmarks.gpu_tests", "benchmarks.fused_ce",
+    for module in ("lm_kernels.aot", "benchmarks.gpu_tests", "benchmarks.fused_ce",
                    "benchmarks.varlen_attention", "benchmarks.gpu_train"):
         assert modules.count(module) == 1, calls
-    assert any(c.startswith("-m kernels.aot --arch 90 ") for c in calls)
+    assert any(c.startswith("-m lm_kernels.aot --arch 90 ") for c in calls)
     assert "benchmarks.activation_memory" not in modules  # not present: not called
     summary = (dest / "gpu_summary.md").read_text()
     assert "| fused_ce | failed (3) |" in summary

@@ -32,7 +32,7 @@ def test_missing_gpus_other_code_and_too_little_space_end_the_job_before_trainin
     stop before the first step with the health exit status, and rank 0 names the host and the
     three checks in one line (both ranks are on this host)."""
     other = tmp_path / "other-checkout"
-    for package in ("train", "kernels", "launcher"):
+    for package in ("train", "lm_kernels", "launcher"):
         shutil.copytree(REPO / package, other / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     with open(other / "train" / "health.py", "a") as f:

@@ -1,8 +1,8 @@
 """The module map (train/layers.py) against the imports, read from the source: nothing imported.
 
-Every module of kernels/, train/ and launcher/ is in the map; a module imports only from its own
-layer and the layers below (imports inside functions count: they run, only later); the imports
-between modules form no cycle; prepare time imports no torch, however indirectly; kernels/
+Every module of lm_kernels/, train/ and launcher/ is in the map; a module imports only from its
+own layer and the layers below (imports inside functions count: they run, only later); the imports
+between modules form no cycle; prepare time imports no torch, however indirectly; lm_kernels/
 imports neither train/ nor launcher/; no private name crosses a module boundary; no library
 module imports a command. `test_each_rule_catches_its_violation` feeds the checker small trees
 that break one rule each: the proof that this test can fail.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "train", "launcher")
+PACKAGES = ("lm_kernels", "train", "launcher")
 TABLE_FILE = "train/layers.py"
 MAP_INTRO = """\
 Training on one rank, in layers; each imports only from its own layer and the layers below.
@@ -114,11 +114,11 @@ def check(root: Path, table: dict | None = None) -> list[str]:
                                 f"{module} imports {imp.target}; move what it needs into a "
                                 f"library module both can import")
     for module, imps in sorted(graph.items()):
-        if module.split(".")[0] == "kernels":
+        if module.split(".")[0] == "lm_kernels":
             for imp in imps:
                 if imp.target.split(".")[0] in table["KERNELS_NEVER"]:
-                    problems.append(f"{where[module]}:{imp.line}: kernels imports {imp.target}: "
-                                    f"kernels/ imports torch and triton only")
+                    problems.append(f"{where[module]}:{imp.line}: lm_kernels imports "
+                                    f"{imp.target}: lm_kernels/ imports torch and triton only")
     problems += torch_at_prepare_time(table, layers, graph, project, where)
     problems += cycles(project, where)
     return sorted(problems)
@@ -194,7 +194,7 @@ def test_train_init_docstring_is_the_map_rendered():
 
 # A small tree that keeps every rule; each case below adds or changes files to break one.
 TOY_TABLE = {
-    "LAYERS": (("kernels", "", {"kernels": "", "kernels.attn": ""}),
+    "LAYERS": (("kernels", "", {"lm_kernels": "", "lm_kernels.attn": ""}),
                ("base", "", {"train": "", "train.errors": ""}),
                ("prepare", "", {"train.data": "", "train.data.src": "", "train.data.ner": ""}),
                ("run", "", {"train.run": "", "train.run.loop": ""}),
@@ -207,8 +207,8 @@ TOY_TABLE = {
     "KERNELS_NEVER": ("train", "launcher"),
 }
 TOY_TREE = {
-    "kernels/__init__.py": "from kernels.attn import attend\n",
-    "kernels/attn.py": "import torch\n\ndef attend(q):\n    return torch.softmax(q, -1)\n",
+    "lm_kernels/__init__.py": "from lm_kernels.attn import attend\n",
+    "lm_kernels/attn.py": "import torch\n\ndef attend(q):\n    return torch.softmax(q, -1)\n",
     "train/__init__.py": "",
     "train/errors.py": "class UsageError(Exception):\n    pass\n",
     "train/data/__init__.py": "",
@@ -245,11 +245,13 @@ FUNCTION_IMPORT = "\n\ndef late():\n    {}\n"
      r"train/errors.py:4: torch at prepare time: torch imported by prepare-time code "
      r"\(train.data.src -> train.errors\)"),
     ("torch at prepare time through a package's __init__",
-     {"kernels/__init__.py": "import torch\n", "train/data/ner.py": "from kernels.attn import f\n"},
-     r"kernels/__init__.py:1: torch at prepare time: torch imported by prepare-time code "
-     r"\(train.data.ner -> kernels.attn -> kernels\)"),
-    ("kernels imports train", {"kernels/attn.py": "from train import errors\n"},
-     r"kernels/attn.py:1: kernels imports train.errors: kernels/ imports torch and triton only"),
+     {"lm_kernels/__init__.py": "import torch\n",
+      "train/data/ner.py": "from lm_kernels.attn import f\n"},
+     r"lm_kernels/__init__.py:1: torch at prepare time: torch imported by prepare-time code "
+     r"\(train.data.ner -> lm_kernels.attn -> lm_kernels\)"),
+    ("lm_kernels imports train", {"lm_kernels/attn.py": "from train import errors\n"},
+     r"lm_kernels/attn.py:1: lm_kernels imports train.errors: lm_kernels/ imports torch and "
+     r"triton only"),
     ("a private name across modules", {"train/data/ner.py": "from train.data.src import _raw\n"},
      r"train/data/ner.py:1: private name: train.data.ner imports _raw from train.data.src"),
     ("a library imports its command line",

@@ -3,16 +3,16 @@
 The map is train/layers.py's table, rendered here; tests/test_layers.py checks both against the
 imports (by reading the source, nothing imported). The folders follow the layers.
 
-kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)
-    kernels                     the public functions (the contract): the loss and the attention
-    kernels.backend             auto, triton or torch: which implementation runs
-    kernels.cross_entropy       the fused linear + cross-entropy loss, never building [N, V]
-    kernels.attention           varlen_attention: attention over packed documents (cu_seqlens)
-    kernels.testing             outputs compared with the fp32 reference, relative to their scale
-    kernels.aot                 python -m kernels.aot: each Triton configuration compiled, no GPU
-    kernels.test_cross_entropy  grid tests of the loss and its gradients (pytest)
-    kernels.test_attention      grid tests of attention and its gradients (pytest)
-    kernels.test_aot            kernels.aot run as a test (pytest)
+lm_kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)
+    lm_kernels                     the public functions (the contract): the loss and the attention
+    lm_kernels.backend             auto, triton or torch: which implementation runs
+    lm_kernels.cross_entropy       the fused linear + cross-entropy loss, never building [N, V]
+    lm_kernels.attention           varlen_attention: attention over packed documents (cu_seqlens)
+    lm_kernels.testing             outputs compared with the fp32 reference, relative to their scale
+    lm_kernels.aot                 python -m lm_kernels.aot: each Triton configuration compiled
+    lm_kernels.test_cross_entropy  grid tests of the loss and its gradients (pytest)
+    lm_kernels.test_attention      grid tests of attention and its gradients (pytest)
+    lm_kernels.test_aot            lm_kernels.aot run as a test (pytest)
 base (imported by every layer of train/ and by launcher/)
     train             this map
     train.layers      the map as a table, read by tests/test_layers.py
@@ -37,7 +37,7 @@ train/data/  batch time
     train.data.mixture  data.mixture: weighted sources in one deterministic order
     train.data.masking  MLM masking at batch time
 model and tasks
-    train.model        build the HF model; route its attention and loss to kernels/
+    train.model        build the HF model; route its attention and loss to lm_kernels/
     train.tasks        the Task interface: clm, mlm, token-classification
     train.ner_metrics  entity-level precision, recall and F1, as seqeval computes them
     train.flops        model FLOPs per step and MFU against the GPU's peak

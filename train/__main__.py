@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from train.run import preemption
     preemption.install_handlers()  # before the heavy imports: a stop signal is never lost
-    from kernels import KernelBackendError
+    from lm_kernels import KernelBackendError
     from train.config import load_config
     from train.run.health import NodeHealthError
     from train.run.trainer import NonFiniteError, run_training

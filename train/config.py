@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from kernels.backend import BACKENDS
+from lm_kernels.backend import BACKENDS
 from train.errors import UsageError, note
 from train.task_names import TASK_NAMES
 

@@ -1,4 +1,4 @@
-"""The module map: every module of kernels/, train/ and launcher/ in its layer, lowest first.
+"""The module map: every module of lm_kernels/, train/ and launcher/ in its layer, lowest first.
 
 A module imports only from its own layer and the layers below it, imports inside functions
 included; the imports between modules form no cycle. `tests/test_layers.py` checks this and the
@@ -11,16 +11,17 @@ Adding a module: add it here, in its layer, with one line; the test prints the n
 
 # (layer, its heading in the map, {module: what it holds}), lowest layer first
 LAYERS = (
-    ("kernels", "kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)", {
-        "kernels": "the public functions (the contract): the loss and the attention",
-        "kernels.backend": "auto, triton or torch: which implementation runs",
-        "kernels.cross_entropy": "the fused linear + cross-entropy loss, never building [N, V]",
-        "kernels.attention": "varlen_attention: attention over packed documents (cu_seqlens)",
-        "kernels.testing": "outputs compared with the fp32 reference, relative to their scale",
-        "kernels.aot": "python -m kernels.aot: each Triton configuration compiled, no GPU",
-        "kernels.test_cross_entropy": "grid tests of the loss and its gradients (pytest)",
-        "kernels.test_attention": "grid tests of attention and its gradients (pytest)",
-        "kernels.test_aot": "kernels.aot run as a test (pytest)",
+    ("kernels",
+     "lm_kernels/  Triton kernels with PyTorch fallbacks (imports torch and triton only)", {
+        "lm_kernels": "the public functions (the contract): the loss and the attention",
+        "lm_kernels.backend": "auto, triton or torch: which implementation runs",
+        "lm_kernels.cross_entropy": "the fused linear + cross-entropy loss, never building [N, V]",
+        "lm_kernels.attention": "varlen_attention: attention over packed documents (cu_seqlens)",
+        "lm_kernels.testing": "outputs compared with the fp32 reference, relative to their scale",
+        "lm_kernels.aot": "python -m lm_kernels.aot: each Triton configuration compiled",
+        "lm_kernels.test_cross_entropy": "grid tests of the loss and its gradients (pytest)",
+        "lm_kernels.test_attention": "grid tests of attention and its gradients (pytest)",
+        "lm_kernels.test_aot": "lm_kernels.aot run as a test (pytest)",
     }),
     ("base", "base (imported by every layer of train/ and by launcher/)", {
         "train": "this map",
@@ -49,7 +50,7 @@ LAYERS = (
         "train.data.masking": "MLM masking at batch time",
     }),
     ("model", "model and tasks", {
-        "train.model": "build the HF model; route its attention and loss to kernels/",
+        "train.model": "build the HF model; route its attention and loss to lm_kernels/",
         "train.tasks": "the Task interface: clm, mlm, token-classification",
         "train.ner_metrics": "entity-level precision, recall and F1, as seqeval computes them",
         "train.flops": "model FLOPs per step and MFU against the GPU's peak",
@@ -97,12 +98,12 @@ LAYERS = (
 
 # Entry points: no library module imports one (the commands may import each other's parsers).
 COMMANDS = ("train.__main__", "train.prepare", "train.evaluate", "train.generate", "train.plot",
-            "train.eval_job", "launcher.__main__", "kernels.aot")
+            "train.eval_job", "launcher.__main__", "lm_kernels.aot")
 
 # Prepare time runs on a login node, before any job, where torch may be absent: these modules,
 # and every module they import, import none of TORCH_PACKAGES.
 TORCH_FREE = ("prepare", "train.prepare")
 TORCH_PACKAGES = ("torch", "deepspeed", "triton")
 
-# What kernels/ may never import (it imports torch and triton only).
+# What lm_kernels/ may never import (it imports torch and triton only).
 KERNELS_NEVER = ("train", "launcher", "transformers", "deepspeed")

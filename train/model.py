@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import fused_linear_cross_entropy, varlen_attention
-from kernels.attention import MAX_HEAD_DIM
+from lm_kernels import fused_linear_cross_entropy, varlen_attention
+from lm_kernels.attention import MAX_HEAD_DIM
 from train.errors import UsageError
 from train.data.loader import IGNORE_INDEX
 

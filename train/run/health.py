@@ -212,7 +212,7 @@ def code_versions() -> dict:
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
     digest = hashlib.sha256()
-    for package in ("train", "kernels", "launcher"):
+    for package in ("train", "lm_kernels", "launcher"):
         for path in sorted((root / package).rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     found["code sha256"] = digest.hexdigest()[:16]

@@ -15,7 +15,7 @@ device) and this module turns them into per-rank bytes, term by term:
   activations what the autograd graph keeps per layer for seq_len x micro-batch tokens, with and
               without checkpointing (constants measured: benchmarks/activation_memory.py)
   recompute   with checkpointing, the one layer the backward recomputes at a time
-  fused CE    one chunk of fp32 logits and their gradient (kernels/cross_entropy.py)
+  fused CE    one chunk of fp32 logits and their gradient (lm_kernels/cross_entropy.py)
   temporaries an allowance: 10% of the above plus 1 GiB (CUDA context, allocator slack,
               communication buckets)
 
@@ -225,7 +225,7 @@ FIXES = {
     "parameters": "raise deepspeed.zero_stage to 3 (parameters shard over the ranks) or use bf16",
     "recompute": "lower per_device_train_batch_size or data.seq_len",
     "fused CE": "use a device with more memory (the chunk is fixed: CHUNK_ELEMENTS in "
-                "kernels/cross_entropy.py)",
+                "lm_kernels/cross_entropy.py)",
 }
 
 

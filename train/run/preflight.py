@@ -61,7 +61,7 @@ class Plan:
 def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architecture: str,
                 ds: dict) -> MemoryPlan:
     """The per-rank memory plan of this run, from the model's config (no weights)."""
-    from kernels.cross_entropy import CHUNK_ELEMENTS
+    from lm_kernels.cross_entropy import CHUNK_ELEMENTS
 
     numels, frozen, sizes = parameter_numels(hf_config, auto_class, cfg.peft)
     shape = ModelShape(trainable=tuple(numels), frozen=tuple(frozen), architecture=architecture,

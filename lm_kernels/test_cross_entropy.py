@@ -7,14 +7,14 @@ import torch
 
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels.cross_entropy as ce
-from kernels.backend import KernelBackendError
-from kernels.cross_entropy import (fused_linear_cross_entropy, reference_linear_cross_entropy,
+import lm_kernels.cross_entropy as ce
+from lm_kernels.backend import KernelBackendError
+from lm_kernels.cross_entropy import (fused_linear_cross_entropy, reference_linear_cross_entropy,
                                    rows_per_chunk)
-from kernels.testing import assert_close_scaled
+from lm_kernels.testing import assert_close_scaled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Tolerances: kernels/testing.py, relative to each tensor's scale, with the reasoning.
+# Tolerances: lm_kernels/testing.py, relative to each tensor's scale, with the reasoning.
 BACKENDS = ["torch", "triton"]
 
 

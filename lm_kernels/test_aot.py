@@ -1,9 +1,9 @@
 """GPU-readiness without a GPU: every Triton kernel configuration that the launch functions can
 choose on sm_80 and on sm_90 (each architecture its own tile list) compiles ahead of time for
-that architecture within the limits `kernels/aot.py` checks
+that architecture within the limits `lm_kernels/aot.py` checks
 (shared memory, no spills, tensor cores, async copies).
 
-It runs `python -m kernels.aot` in a subprocess: this test session sets TRITON_INTERPRET=1 for
+It runs `python -m lm_kernels.aot` in a subprocess: this test session sets TRITON_INTERPRET=1 for
 the other kernel tests, and under the interpreter `triton.jit` functions cannot be compiled.
 On a fresh machine the ~300 compiles take a few minutes on 2 cores; Triton caches them, so later
 runs take seconds.
@@ -28,16 +28,16 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path, termina
     require_triton()  # else there is nothing to compile
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     table = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(table)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "lm_kernels.aot", "--json", str(table)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
-    terminal_notes.append(f"kernels.aot: {summary}")
+    terminal_notes.append(f"lm_kernels.aot: {summary}")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads(table.read_text())
 
     # The table covers what it must: every kernel, arch, dtype, head dim, causal and not, and
     # every tile of every autotune list (so a tile added later cannot escape the check).
-    from kernels import attention as va, cross_entropy as ce
+    from lm_kernels import attention as va, cross_entropy as ce
 
     seen = {(r["kernel"], r["arch"], r["dtype"], tuple(map(tuple, r["constexprs"])),
              r["num_warps"], r["num_stages"]) for r in results}

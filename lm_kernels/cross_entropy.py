@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from kernels import backend
+from lm_kernels import backend
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ if triton is not None:
 # (BLOCK_V, num_warps) choices of the row kernel: the smallest block that holds the whole row,
 # else the largest. One program per row. Liger's 32K columns on 32 warps spill registers on
 # sm_80 and sm_90 (32 fp32 values per thread under the 64-register cap of a 1024-thread block;
-# `python -m kernels.aot` shows it): 8K columns on 16 warps keep 16 per thread in at most 108
+# `python -m lm_kernels.aot` shows it): 8K columns on 16 warps keep 16 per thread in at most 108
 # registers, no spills, and V = 128K takes 16 iterations per pass. Small vocabularies (a token
 # classifier's labels) get a small block rather than 8K masked lanes. The interpreter stops at
 # 4K to stay quick.
@@ -114,7 +114,7 @@ def row_kernel_launches() -> tuple[tuple[int, int], ...]:
     return ROW_BLOCKS["cuda"]
 
 
-ROW_KERNEL = _ce_rows_kernel if triton is not None else None  # for kernels/aot.py
+ROW_KERNEL = _ce_rows_kernel if triton is not None else None  # for lm_kernels/aot.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import backend
+from lm_kernels import backend
 
 try:
     import triton
@@ -56,19 +56,19 @@ class Tile:
 # Candidate tiles per GPU architecture, kernel and BLOCK_D (the head dim rounded up to a power
 # of two, at least 64); autotuning picks one per (GPU, head dim, causal, dtype, precision, size
 # bucket). Every tile compiles for its architecture with no register spills, within shared
-# memory, with tensor-core (wgmma on sm_90) and async-copy instructions (kernels/test_aot.py
+# memory, with tensor-core (wgmma on sm_90) and async-copy instructions (lm_kernels/test_aot.py
 # checks each architecture's own list). The forward and dQ kernels walk key blocks inside a
 # query block: BLOCK_M % BLOCK_N == 0, so the causal diagonal is a whole number of key blocks.
 # The dK/dV kernel walks query blocks inside a key block: BLOCK_N % BLOCK_M == 0, and
 # BLOCK_N >= 64 for wgmma's 64-row operands on sm_90.
-# sm_80 (A100, 163 KB shared): chosen from a sweep of 104 candidates with `kernels.aot`:
+# sm_80 (A100, 163 KB shared): chosen from a sweep of 104 candidates with `lm_kernels.aot`:
 # FlashAttention-2's and Triton's tutorial defaults (128 x 64 on 4 warps, 128 x 128 dK/dV tiles)
 # spill at head dim 128, and 8 warps hold the fp32 accumulators without spilling.
 SM80_TILES = {
     "fwd": {64: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4)),
             128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 3), Tile(64, 32, 4, 3))},
     # 16 x 64 on 4 warps (head dim 64) and 16 x 128 on 8 warps, 2 stages (head dim 128) spill
-    # 8-16 B of stack here since the grid folds sequences into axis 0 (kernels.aot, bf16); the
+    # 8-16 B of stack here since the grid folds sequences into axis 0 (lm_kernels.aot, bf16); the
     # latter stays in sm_90's list (251 registers, no spills)
     "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
@@ -76,7 +76,7 @@ SM80_TILES = {
            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
 # sm_90 (H100/H200, 227 KB shared, wgmma): the larger tiles that spill on sm_80 but not here
-# (bf16, `kernels.aot --arch 90`): forward at head dim 128 128 x 64 on 8 warps, 3 stages (212
+# (bf16, `lm_kernels.aot --arch 90`): forward at head dim 128 128 x 64 on 8 warps, 3 stages (212
 # registers causal, 191 not; 128 KB shared) or 2 stages (96 KB); dQ 128 x 64 (214 registers);
 # dK/dV at head dim 64 64 x 64 on 8 warps (226 registers). 128 x 128 forward tiles at head dim
 # 128 fit shared memory (224 KB) but spill bidirectionally (255 registers, 64 B). dK/dV at head dim
@@ -96,7 +96,7 @@ TILES = {80: SM80_TILES, 90: SM90_TILES}
 KERNEL_NAMES = ("fwd", "dkdv", "dq")
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
-# configuration spills (kernels/test_aot.py). fp32 attention is for checking, not speed.
+# configuration spills (lm_kernels/test_aot.py). fp32 attention is for checking, not speed.
 # ptxas spills a few bytes on neighbouring shapes (e.g. 32 x 16 forward at head dim 128,
 # 16 x 32 dK/dV at head dim 128, on 4 or 8 warps: 8-56 B in Triton 3.9), so each head dim has
 # its own tile, from a sweep of 27 candidates over both archs, causal or not, ieee and tf32.
@@ -412,8 +412,8 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
-    # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel (kernels/aot.py
-    # compiles every one of them).
+    # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel
+    # (lm_kernels/aot.py compiles every one of them).
     KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
                "delta": _attn_bwd_delta_kernel}
 

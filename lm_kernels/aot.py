@@ -1,8 +1,8 @@
 """Compile every Triton kernel configuration ahead of time for sm_80 and sm_90, with no GPU, and
 check what each one would use on the device.
 
-    python -m kernels.aot                      # the table, one line per problem, a summary line
-    python -m kernels.aot --json aot.json      # the same, every configuration as JSON
+    python -m lm_kernels.aot                      # the table, one line per problem, a summary line
+    python -m lm_kernels.aot --json aot.json      # the same, every configuration as JSON
 
 Triton's compiler needs no device for this: `triton.compile` on an `ASTSource` with a
 `GPUTarget` runs the whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas), and the `cuobjdump` shipped
@@ -36,7 +36,7 @@ ARCHS = (80, 90)
 # 163 KB on sm_80 (A100), 227 KB on sm_90 (H100/H200).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-HEAD_DIMS = (64, 128)  # kernels/attention.py's MAX_HEAD_DIM; others round up to these
+HEAD_DIMS = (64, 128)  # lm_kernels/attention.py's MAX_HEAD_DIM; others round up to these
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,13 @@ class Result:
 
 
 def _kernel_modules():
-    from kernels import attention, cross_entropy
+    from lm_kernels import attention, cross_entropy
 
     return cross_entropy, attention
 
 
 def configurations(archs=ARCHS) -> list[Build]:
-    """Every configuration the launch functions of kernels/ can choose on a GPU."""
+    """Every configuration the launch functions of lm_kernels/ can choose on a GPU."""
     ce, va = _kernel_modules()
     builds = []
     for arch in archs:
@@ -226,14 +226,14 @@ def summary(results: list[Result]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lm_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="write every configuration's result here")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernels.aot: unset TRITON_INTERPRET (the interpreter's functions cannot be "
+        print("lm_kernels.aot: unset TRITON_INTERPRET (the interpreter's functions cannot be "
               "compiled)", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, without a warning

@@ -5,8 +5,8 @@
 
 This package imports torch and triton only (triton lazily: the fallbacks run without it).
 """
-from kernels.backend import KernelBackendError
-from kernels.cross_entropy import fused_linear_cross_entropy
-from kernels.attention import varlen_attention
+from lm_kernels.backend import KernelBackendError
+from lm_kernels.cross_entropy import fused_linear_cross_entropy
+from lm_kernels.attention import varlen_attention
 
 __all__ = ["fused_linear_cross_entropy", "varlen_attention", "KernelBackendError"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import attention as va
-from kernels.attention import reference_varlen_attention, varlen_attention
-from kernels.testing import assert_close_scaled
+from lm_kernels import attention as va
+from lm_kernels.attention import reference_varlen_attention, varlen_attention
+from lm_kernels.testing import assert_close_scaled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Tolerances: kernels/testing.py, relative to each tensor's scale, with the reasoning.
+# Tolerances: lm_kernels/testing.py, relative to each tensor's scale, with the reasoning.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 # Lengths around the 64- and 128-row GPU tiles and the interpreter's 16/32-row ones: a single
 # token, one short of a tile, a whole tile, one over, two tiles and one.
