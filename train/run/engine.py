@@ -99,4 +99,9 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
         model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad],
         config=ds_config)
+    if (torch.distributed.get_world_size() == 1 and not engine.zero_optimization()
+            and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
+        # Alone, with fp32 torch gradients, the gradients' all-reduce is an identity that still
+        # flattens every gradient into one buffer, reduces it and copies it back, each step
+        engine.enable_backward_allreduce = False
     return engine, model, scheduler

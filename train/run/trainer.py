@@ -227,6 +227,7 @@ class RankRun:
         eval_every = cfg.eval_steps or cfg.logging_steps
         pending = torch.tensor([p.pending_loss, p.pending_tokens], device=self.device,
                                dtype=torch.float64)  # [loss sum, tokens] of the logging window
+        self.counted = self.loader.consumed  # p.real_tokens_seen counts the samples before it
         started = window_start = time.time()
         window_steps = 0
         work = [0, 0]  # this rank's [real tokens, attended pairs] of the logging window
@@ -235,12 +236,8 @@ class RankRun:
         while p.step < plan.total_steps:
             self.watchdog.enter("first step" if first else "step", p.step + 1)
             first = False
-            drawn = self.loader.consumed
             loss_sum, tokens, skipped, step_work = self.train_step(train_iter)
             p.step += 1
-            # the step's global samples, all ranks', from the order alone: no collective
-            p.real_tokens_seen = (self.loader.real_tokens_by_source(drawn, self.loader.consumed)
-                                  + p.real_tokens_seen).tolist()
             if skipped:
                 p.skipped.append(p.step)
             window_steps += 1
@@ -255,6 +252,7 @@ class RankRun:
                 real, pairs = self.all_reduce(torch.tensor(work, dtype=torch.float64,
                                                            device=self.device)).tolist()
                 rates = self.throughput.rates(real, float(pending[1]), pairs, seconds, self.world)
+                self.count_real_tokens()
                 rates.update(self.stragglers.fields(p.step, self.per_rank(
                     self.work.take() / window_steps)))
                 record = self.log_step(pending, window_steps * plan.tokens_per_step / seconds,
@@ -283,6 +281,7 @@ class RankRun:
             self.watchdog.enter("eval", p.step)
             self.metrics.log({"step": p.step, **self.run_eval()})
         self.save(pending)
+        self.count_real_tokens()  # for the summary, when save() found this step saved already
         self.downstream_eval()
         self.merge_evals(ended=True)
         self.export()
@@ -291,6 +290,17 @@ class RankRun:
         self.metrics.finish(p.step, self.out / "final", self.task.headline_metric,
                             dict(zip(self.source_names(), p.real_tokens_seen)))
         return 0
+
+    def count_real_tokens(self) -> None:
+        """Brings p.real_tokens_seen up to the loader's position: the real tokens of the global
+        samples drawn since the last count, all ranks', from the order alone (no collective).
+        Called where the count is read (a logging step, a save, the end), not per step: one
+        count over a window is the sum of the per-step counts, at a fraction of the host work."""
+        p, consumed = self.progress, self.loader.consumed
+        if consumed != self.counted:
+            p.real_tokens_seen = (self.loader.real_tokens_by_source(self.counted, consumed)
+                                  + p.real_tokens_seen).tolist()
+            self.counted = consumed
 
     def train_step(self, train_iter):
         """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss sum,
@@ -454,6 +464,7 @@ class RankRun:
         self.watchdog.enter("checkpoint save", p.step,
                             probe=lambda: tree_bytes(checkpoint.root(self.out)))
         p.pending_loss, p.pending_tokens = pending.tolist()
+        self.count_real_tokens()
         state = {"step": p.step, "real_tokens_seen": p.real_tokens_seen, "world_size": self.world,
                  "loader": self.loader.state_dict(), "config": self.cfg.to_dict(),
                  "skipped_steps": p.skipped, "pending_loss": p.pending_loss,
