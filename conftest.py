@@ -26,11 +26,21 @@ def runs_triton(item) -> bool:
 
 def pytest_collection_modifyitems(items):
     """Under the Triton interpreter (no GPU) a Triton test runs the kernel program by program in
-    numpy, seconds to minutes each: the fast loop (-m "not slow") leaves those out."""
+    numpy, seconds to minutes each: the fast loop (-m "not slow") leaves those out.
+
+    Under pytest-xdist (pytest.ini runs two workers), the longest work goes out first, so that no
+    worker is left with a long test while the other has nothing: the Slurm tests (one group, on
+    one worker, since they share the module's test cluster), then the other slow tests, then the
+    rest. Without workers the order stays the files' own."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         for item in items:
             if runs_triton(item):
                 item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        def weight(item):
+            group = item.get_closest_marker("xdist_group")
+            return 0 if group else 1 if item.get_closest_marker("slow") else 2
+        items.sort(key=weight)  # stable: each file's tests keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +51,27 @@ def triton_available(request):
 
 
 # Lines a test wants shown at the end of the run even when it passes (lm_kernels/test_aot.py's
-# one-line summary of the ahead-of-time compile table).
+# one-line summary of the ahead-of-time compile table). They travel in the test's report
+# (user_properties), which pytest-xdist carries from a worker to the process that prints.
 _TERMINAL_NOTES: list[str] = []
 
 
+class _Notes:
+    def __init__(self, node):
+        self.node = node
+
+    def append(self, line: str):
+        self.node.user_properties.append(("terminal_note", line))
+
+
 @pytest.fixture
-def terminal_notes():
-    return _TERMINAL_NOTES
+def terminal_notes(request):
+    return _Notes(request.node)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _TERMINAL_NOTES.extend(v for k, v in report.user_properties if k == "terminal_note")
 
 
 def pytest_terminal_summary(terminalreporter):

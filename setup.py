@@ -41,9 +41,12 @@ setup(
         " or (platform_system == 'Windows' and platform_machine == 'AMD64')",
     ],
     extras_require={# the tests run all of it: seqeval checks train/ner_metrics.py, the trackers
-                    # are read back with their own libraries, lm-eval checks eval_harness
-                    "test": ["pytest>=8", "seqeval>=1.2", "tensorboard>=2.14", "wandb>=0.19",
-                             "mlflow>=3.0", "lm-eval>=0.4.5", "peft>=0.17"],
+                    # are read back with their own libraries, lm-eval checks eval_harness;
+                    # pytest-xdist runs pytest.ini's two workers, which share the session's
+                    # prepared data through filelock
+                    "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "seqeval>=1.2",
+                             "tensorboard>=2.14", "wandb>=0.19", "mlflow>=3.0", "lm-eval>=0.4.5",
+                             "peft>=0.17"],
                     # report_to trackers (tensorboard: torch.utils.tensorboard writes through it)
                     "tensorboard": ["tensorboard>=2.14"],
                     "wandb": ["wandb>=0.19"],
