@@ -24,23 +24,42 @@ def runs_triton(item) -> bool:
         or item.get_closest_marker("triton") is not None
 
 
+# Test files whose tests must run on one pytest-xdist worker: the Slurm tests share their
+# module's test cluster (slurmctld and two slurmd on fixed ports), which one worker starts.
+ONE_WORKER_FILES = ("tests/test_slurm.py",)
+
+
 def pytest_collection_modifyitems(items):
     """Under the Triton interpreter (no GPU) a Triton test runs the kernel program by program in
     numpy, seconds to minutes each: the fast loop (-m "not slow") leaves those out.
 
     Under pytest-xdist (pytest.ini runs two workers), the longest work goes out first, so that no
-    worker is left with a long test while the other has nothing: the Slurm tests (one group, on
-    one worker, since they share the module's test cluster), then the other slow tests, then the
-    rest. Without workers the order stays the files' own."""
+    worker is left with a long test while the other has nothing: the one-worker files, then the
+    other slow tests, then the rest. Without workers the order stays the files' own."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         for item in items:
             if runs_triton(item):
                 item.add_marker(pytest.mark.slow)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         def weight(item):
-            group = item.get_closest_marker("xdist_group")
-            return 0 if group else 1 if item.get_closest_marker("slow") else 2
+            return 0 if item.nodeid.startswith(ONE_WORKER_FILES) else \
+                1 if item.get_closest_marker("slow") else 2
         items.sort(key=weight)  # stable: each file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it runs
+def pytest_xdist_make_scheduler(config, log):
+    """Each test is its own unit of work, except the one-worker files, each one unit. (Not
+    xdist's `--dist loadgroup`: with pytest 9.2 and xdist 3.8 it split a group's tests over both
+    workers, and each started a test cluster on the same ports.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in ONE_WORKER_FILES else nodeid
+
+    return OneWorkerFiles(config, log)
 
 
 @pytest.fixture(autouse=True)

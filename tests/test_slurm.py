@@ -17,8 +17,8 @@ import pytest
 
 from helpers import REPO, TINY, losses, run_cli, skip_or_fail, wait_for
 
-# a test Slurm cluster and 2-node jobs; one xdist group: the tests share the module's cluster
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# a test Slurm cluster and 2-node jobs (one pytest-xdist worker runs them all: conftest.py)
+pytestmark = pytest.mark.slow
 COMMON = ["max_steps=60", "logging_steps=5", "eval_strategy=no", "save_steps=20",
           "per_device_train_batch_size=4"]
 
