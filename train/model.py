@@ -266,6 +266,12 @@ def enable_activation_checkpointing(hf_model, every_n_layers: int = 1,
         every_n_layers=every_n_layers)
 
 
+def decays(p: torch.Tensor) -> bool:
+    """Whether AdamW decays this parameter: not biases and norm weights (the Trainer's rule,
+    1-D parameters). The engine's optimizer groups and the memory plan's layout both follow it."""
+    return p.ndim >= 2
+
+
 def parameter_numels(hf_config, auto_class: str, peft_section=None
                      ) -> tuple[list[int], list[int], dict]:
     """The model's trainable and frozen parameter tensors' sizes (tied ones once), its layer
@@ -288,7 +294,7 @@ def parameter_numels(hf_config, auto_class: str, peft_section=None
     numels = [p.numel() for p in params if p.requires_grad]
     frozen = [p.numel() for p in params if not p.requires_grad]
     # the optimizer's no-decay group (train/run/engine.py's param_groups)
-    vectors = tuple(p.numel() for p in params if p.requires_grad and p.ndim < 2)
+    vectors = tuple(p.numel() for p in params if p.requires_grad and not decays(p))
     c = hf_config
     hidden = _first_attr(c, "hidden_size", "n_embd", "dim")
     sizes = {"hidden": hidden, "layers": _first_attr(c, "num_hidden_layers", "n_layer", "n_layers"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.run.distributed import DistEnv, forget_rendezvous, rendezvous_store
-from train.model import PackedModel, apply_lora, enable_activation_checkpointing
+from train.model import PackedModel, apply_lora, decays, enable_activation_checkpointing
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -49,11 +49,11 @@ def start_process_group(device: torch.device, env: DistEnv, rendezvous_dir: Path
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay on biases and norm weights (the Trainer's rule: 1-D parameters)."""
+    """No weight decay on biases and norm weights (train.model.decays)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (decay if decays(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # DeepSpeed drops an empty group (LoRA's adapters are all matrices), and the LR schedule

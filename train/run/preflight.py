@@ -69,7 +69,7 @@ def plan_memory(cfg: Config, world: int, hf_config, auto_class: str, architectur
     half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
     zero = ds["zero_optimization"]
     return memory_plan(
-        shape, stage=ds["zero_optimization"]["stage"], world=world, dtype_bytes=2 if half else 4,
+        shape, stage=zero["stage"], world=world, dtype_bytes=2 if half else 4,
         tokens=cfg.per_device_train_batch_size * cfg.data.seq_len,
         every_n_layers=cfg.gradient_checkpointing_every_n_layers
         if cfg.gradient_checkpointing else None, ce_chunk_elements=CHUNK_ELEMENTS["cuda"],
