@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import (TINY, losses, read_metrics, require_module, run_cli, run_train, start_train,
-                     wait_for)
+from helpers import (TINY, free_port, losses, read_metrics, require_module, run_cli, run_train,
+                     start_train, wait_for)
 from train.data.loader import PackedLoader
 
 pytestmark = pytest.mark.slow
@@ -249,3 +249,25 @@ def test_nonfinite_skip_drops_bad_micro_batches_and_finishes(stdlib_data, tmp_pa
     assert (tmp_path / "skip" / "final" / "model.safetensors").exists()
 
 
+
+def test_alone_in_fp32_without_zero_the_gradient_allreduce_is_off_and_changes_nothing():
+    """build_engine switches DeepSpeed's gradient all-reduce off for a single rank in fp32
+    without ZeRO (it flattened, "reduced" and copied back every gradient each step), and only
+    there: 3 steps with it off give bitwise the parameters that 3 steps with it forced on give.
+    With 2 ranks, bf16 or ZeRO it stays on (there it reduces, or DeepSpeed's ZeRO/bf16
+    optimizers do their own reduction)."""
+    def cases(nproc: int, *args: str) -> dict:
+        res = run_cli("-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                      f"--master_port={free_port()}",
+                      str(Path(__file__).parent / "engine_allreduce.py"), *args,
+                      env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {r["case"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+
+    alone = cases(1, "0:fp32", "0:bf16", "1:fp32")
+    assert alone["0:fp32"]["allreduce"] is False
+    assert alone["0:bf16"]["allreduce"] is True and alone["1:fp32"]["allreduce"] is True
+    for r in alone.values():
+        assert r["trained"] and r["bitwise_equal"], r
+    together = cases(2, "0:fp32")
+    assert together["0:fp32"]["allreduce"] is True and together["0:fp32"]["trained"]
