@@ -124,7 +124,7 @@ def _signature(build: Build):
     if family == "attention":
         fn = va.KERNELS[name]
         data = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-        fp32_ptrs = {"LSE", "DELTA"}
+        fp32_ptrs = {"LSE", "DELTA", "DQ_ACC"}  # DQ_ACC: the fused backward's dQ sums
         aligned_ints = {n for n in fn.arg_names if n.startswith("stride") and n != "stride_lt"}
         floats = {"qk_scale", "sm_scale"}
         int_ptrs = {"cu_seqlens": "*i32"}

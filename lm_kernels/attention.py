@@ -70,6 +70,8 @@ SM80_TILES = {
     # 16 x 64 on 4 warps (head dim 64) and 16 x 128 on 8 warps, 2 stages (head dim 128) spill
     # 8-16 B of stack here since the grid folds sequences into axis 0 (lm_kernels.aot, bf16); the
     # latter stays in sm_90's list (251 registers, no spills)
+    "bwd": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
@@ -87,13 +89,15 @@ SM80_TILES = {
 SM90_TILES = {
     "fwd": {64: SM80_TILES["fwd"][64],
             128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
+    "bwd": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
     "dq": {64: SM80_TILES["dq"][64],
            128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
 TILES = {80: SM80_TILES, 90: SM90_TILES}
-KERNEL_NAMES = ("fwd", "dkdv", "dq")
+KERNEL_NAMES = ("fwd", "bwd", "dkdv", "dq")
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
 # configuration spills (lm_kernels/test_aot.py). fp32 attention is for checking, not speed.
@@ -102,12 +106,13 @@ KERNEL_NAMES = ("fwd", "dkdv", "dq")
 # its own tile, from a sweep of 27 candidates over both archs, causal or not, ieee and tf32.
 FP32_TILES = {
     "fwd": {64: (Tile(32, 16, 8, 2),), 128: (Tile(16, 16, 4, 2),)},
+    "bwd": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dkdv": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dq": {64: (Tile(32, 16, 4, 2),), 128: (Tile(32, 16, 8, 2),)},
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep numpy quick, and still put the causal
 # diagonal across two blocks (32 x 16 and 16 x 32), which the GPU tiles do too.
-INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "dkdv": Tile(16, 32, 4, 1),
+INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "bwd": Tile(16, 32, 4, 1), "dkdv": Tile(16, 32, 4, 1),
                      "dq": Tile(32, 16, 4, 1)}
 DELTA_BLOCK_T = 64  # rows per program of the rowsum(dO * O) kernel: memory-bound, any size works
 
@@ -412,10 +417,86 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
+    @triton.jit
+    def _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n, offs_d,
+                   stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_dqt,
+                   stride_dqh, qk_scale, lo, hi, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """_dkdv_inner plus this key block's share of dQ: dS^T K, added to the fp32 dQ
+        buffer with atomics (FlashAttention-2's 5 matmuls per tile instead of the two-kernel
+        path's 7). Query rows past the sequence contribute exactly 0 to dK and dV (zeros
+        loaded for q, dO, lse, delta) and are never written to DQ_ACC (masked atomics); key rows
+        past it load as zeros, so their share of dQ is exactly 0."""
+        for m_start in range(lo, hi, BLOCK_M):
+            rows = m_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen
+            q, do = _load_pair(Q, DO, start + rows, stride_qt, stride_qh, stride_dot, stride_doh,
+                               head, offs_d, row_ok, True, HEAD_DIM, BLOCK_D)
+            at = (start + rows).to(tl.int64)
+            lse = tl.load(LSE + at * stride_lt + head, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + at * stride_lt + head, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            if MASKED:  # the causal diagonal
+                p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # [M, D], unscaled
+            tl.atomic_add(DQ_ACC + at[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                          dq, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                          sem="relaxed")
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, qk_scale, sm_scale,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
+                         stride_dvt, stride_dvh, stride_dqt, stride_dqh, group, num_seqs,
+                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # The fused backward (FlashAttention-2's): the dK/dV kernel's program, (key block,
+        # sequence, key/value head), walking the query blocks of every query head of its GQA
+        # group, that also adds dS^T K to DQ_ACC, an fp32 [T, Hq, D] buffer zeroed by the launch,
+        # scaled and cast once after it. The order of the atomic adds varies from run to run.
+        pid_n, seq = _block_and_sequence(num_seqs)
+        kv_head = tl.program_id(1)
+        start = tl.load(cu_seqlens + seq)
+        seqlen = tl.load(cu_seqlens + seq + 1) - start
+        n_start = pid_n * BLOCK_N
+        if n_start >= seqlen:
+            return
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < seqlen
+        k, v = _load_pair(K, V, start + offs_n, stride_kt, stride_kh, stride_vt, stride_vh, kv_head,
+                          offs_d, col_ok, True, HEAD_DIM, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = n_start if CAUSAL else 0
+        mid = tl.minimum(n_start + BLOCK_N, seqlen) if CAUSAL else 0
+        for g in range(0, group):
+            head = kv_head * group + g
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n,
+                                offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                                stride_dqt, stride_dqh, qk_scale, lo, mid, True, PRECISION,
+                                HEAD_DIM, BLOCK_M, BLOCK_D)
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n,
+                                offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                                stride_dqt, stride_dqh, qk_scale, mid, seqlen, False, PRECISION,
+                                HEAD_DIM, BLOCK_M, BLOCK_D)
+        rows = (start + offs_n).to(tl.int64)
+        out_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=out_mask)
+
     # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel
     # (lm_kernels/aot.py compiles every one of them).
-    KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
-               "delta": _attn_bwd_delta_kernel}
+    KERNELS = {"fwd": _attn_fwd_kernel, "bwd": _attn_bwd_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+               "dq": _attn_bwd_dq_kernel, "delta": _attn_bwd_delta_kernel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +557,14 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, 
 
 
 def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, sm_scale,
-                              tiles=None):
-    """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "dkdv"/"dq" to a Tile (tests)."""
+                              tiles=None, deterministic=None):
+    """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "bwd"/"dkdv"/"dq" to a Tile (tests).
+
+    The fused kernel ("bwd", FlashAttention-2's 5 matmuls per tile) adds dQ with fp32 atomics,
+    whose order varies on a GPU: like flash-attn's default backward, it is not bitwise
+    reproducible run to run. When torch.are_deterministic_algorithms_enabled() (or
+    `deterministic`), the two-kernel path runs instead: dK/dV, then dQ, no atomics, 7 matmuls
+    per tile, bitwise reproducible."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     do = _unit_stride(do)
@@ -486,10 +573,21 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_T), Hq)](
         out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM=D, BLOCK_T=DELTA_BLOCK_T, BLOCK_D=consts["BLOCK_D"])
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if not deterministic:
+        dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=q.device)
+        _launch("bwd", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
+                (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sm_scale * LOG2E, sm_scale,
+                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 dq_acc.stride(0), dq_acc.stride(1), Hq // Hkv, seqs),
+                consts, tiles.get("bwd"), q.dtype, q.is_cuda, (T, max_seqlen))
+        return dq_acc.mul_(sm_scale).to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
              dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv, seqs),
