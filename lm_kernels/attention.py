@@ -11,10 +11,16 @@ multiple of Hkv (grouped-query attention: query head h reads key/value head h //
 Triton: FlashAttention-2. The forward runs one program per (query block, sequence, head) with an
 online softmax in base 2 (log2(e) folded into the scale) and saves the log-sum-exp; no [T, T]
 matrix exists. Whole key blocks run without masks; only the causal diagonal and a sequence's
-ragged last block are masked. The backward recomputes the probabilities block by block: one
-kernel accumulates dK and dV per key block and key/value head (summing its GQA group in
-registers), another dQ per query block, so that no atomics are needed and results are
-deterministic. Tiles are autotuned on GPUs per head dim, causal, dtype and precision.
+ragged last block are masked. The backward recomputes the probabilities block by block, in one
+fused kernel as FlashAttention-2 does: one program per (key block, sequence, key/value head)
+walks the query blocks of every query head of its GQA group, sums dK and dV in registers and
+writes them once, and adds each tile's dQ share (dS K) to an fp32 [T, Hq, D] buffer with atomic
+adds, scaled and cast to q's dtype once at the end: 5 tile matmuls per (query block, key block)
+pair. Atomic adds land in a different order each run, so on a GPU dQ is not bitwise
+reproducible run to run (as flash-attn's default backward). Under
+torch.use_deterministic_algorithms(True) the backward takes the two-kernel path instead: dK/dV
+per key block as above, then dQ per query block, no atomics, bitwise reproducible, 7 tile
+matmuls per pair. Tiles are autotuned on GPUs per head dim, causal, dtype and precision.
 CPU fallback, exact either way: short sequences are packed into a few equal chunks and attended
 in one scaled_dot_product_attention call with a block-diagonal mask; long ones are grouped by
 exact length, one mask-free call per group (PyTorch's fused CPU kernel).
@@ -70,10 +76,12 @@ SM80_TILES = {
     # 16 x 64 on 4 warps (head dim 64) and 16 x 128 on 8 warps, 2 stages (head dim 128) spill
     # 8-16 B of stack here since the grid folds sequences into axis 0 (lm_kernels.aot, bf16); the
     # latter stays in sm_90's list (251 registers, no spills)
-    "bwd": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
-            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
+    # The fused backward: the dK/dV kernel's registers plus a transient [BLOCK_M, D] fp32 dQ
+    # tile. 32 x 128 (head dim 64) spills 40 B causal here; 16 x 128 at head dim 128 40 B.
+    "bwd": {64: (Tile(32, 64, 8, 3), Tile(16, 128, 8, 3), Tile(16, 64, 4, 3)),
+            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
@@ -89,10 +97,15 @@ SM80_TILES = {
 SM90_TILES = {
     "fwd": {64: SM80_TILES["fwd"][64],
             128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
-    "bwd": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
-            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
+    # The fused backward (bf16 sweep of 32 tiles over both archs, docs/kernels-gpu.md): 64-row
+    # query tiles fit at head dim 64 (64 x 64, 8 warps: 244 registers causal). At head dim 128
+    # none does: 64 x 64 on 8 warps spills 320 B causal / 88 B bidirectional (255 registers),
+    # on 16 warps (128 registers each) 376-608 B, 64 x 128 240-424 B; 32 x 64 spills 48-56 B
+    # causal. 16 x 128 and 16 x 64 on 8 warps do not (255 and 246 registers causal).
+    "bwd": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+            128: (Tile(16, 128, 8, 2), Tile(16, 128, 8, 3), Tile(16, 64, 8, 3))},
     "dq": {64: SM80_TILES["dq"][64],
            128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
@@ -112,8 +125,8 @@ FP32_TILES = {
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep numpy quick, and still put the causal
 # diagonal across two blocks (32 x 16 and 16 x 32), which the GPU tiles do too.
-INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "bwd": Tile(16, 32, 4, 1), "dkdv": Tile(16, 32, 4, 1),
-                     "dq": Tile(32, 16, 4, 1)}
+INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "bwd": Tile(16, 32, 4, 1),
+                     "dkdv": Tile(16, 32, 4, 1), "dq": Tile(32, 16, 4, 1)}
 DELTA_BLOCK_T = 64  # rows per program of the rowsum(dO * O) kernel: memory-bound, any size works
 
 
@@ -460,7 +473,12 @@ if triton is not None:
         # sequence, key/value head), walking the query blocks of every query head of its GQA
         # group, that also adds dS^T K to DQ_ACC, an fp32 [T, Hq, D] buffer zeroed by the launch,
         # scaled and cast once after it. The order of the atomic adds varies from run to run.
-        pid_n, seq = _block_and_sequence(num_seqs)
+        # Key blocks fastest, sequence by sequence (not _block_and_sequence's order): the
+        # programs resident together are the key blocks of a few sequences, so each sequence's
+        # dQ rows take all their atomic adds while they are in L2, not once per wave.
+        pid = tl.program_id(0)
+        blocks = tl.num_programs(0) // num_seqs
+        seq, pid_n = pid // blocks, pid % blocks
         kv_head = tl.program_id(1)
         start = tl.load(cu_seqlens + seq)
         seqlen = tl.load(cu_seqlens + seq + 1) - start
@@ -478,14 +496,14 @@ if triton is not None:
         mid = tl.minimum(n_start + BLOCK_N, seqlen) if CAUSAL else 0
         for g in range(0, group):
             head = kv_head * group + g
-            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n,
-                                offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
-                                stride_dqt, stride_dqh, qk_scale, lo, mid, True, PRECISION,
-                                HEAD_DIM, BLOCK_M, BLOCK_D)
-            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n,
-                                offs_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
-                                stride_dqt, stride_dqh, qk_scale, mid, seqlen, False, PRECISION,
-                                HEAD_DIM, BLOCK_M, BLOCK_D)
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
+                                offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
+                                stride_lt, stride_dqt, stride_dqh, qk_scale, lo, mid, True,
+                                PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
+                                offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
+                                stride_lt, stride_dqt, stride_dqh, qk_scale, mid, seqlen, False,
+                                PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
         rows = (start + offs_n).to(tl.int64)
         out_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
@@ -586,7 +604,9 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
                  *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                  dq_acc.stride(0), dq_acc.stride(1), Hq // Hkv, seqs),
                 consts, tiles.get("bwd"), q.dtype, q.is_cuda, (T, max_seqlen))
-        return dq_acc.mul_(sm_scale).to(q.dtype), dk, dv
+        dq = torch.empty_like(q)
+        torch.mul(dq_acc, sm_scale, out=dq)  # scaled in fp32, rounded once: [T, Hq, D] in q's dtype
+        return dq, dk, dv
     dq = torch.empty_like(q)
     _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,

@@ -2,6 +2,8 @@
 can run here (Triton natively on a GPU, under TRITON_INTERPRET=1 on CPU; the PyTorch fallback)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,7 +19,26 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 EDGE_LENGTHS = [1, 63, 64, 65, 129]
 
 
-def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles=None):
+# The Triton backward's two paths: the fused kernel (the default, FlashAttention-2's, dQ by fp32
+# atomics) and the two-kernel path that runs under torch.use_deterministic_algorithms(True).
+BACKWARD_PATHS = ("fused", "deterministic")
+
+
+@contextlib.contextmanager
+def backward_path(path):
+    """Run the backward on `path` ("fused" or "deterministic") inside this block."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(path == "deterministic")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles=None,
+          paths=BACKWARD_PATHS):
+    """Output and gradients against the fp32 reference. The Triton backend's backward runs on
+    each of `paths` from the same forward (one forward: the interpreter is slow)."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -30,13 +51,17 @@ def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles
         out = va.VarlenAttention.apply(q, k, v, cu, max(lengths), causal,
                                        scale or D ** -0.5, tiles)
     grad = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=causal, softmax_scale=scale)
     want = (ref, *torch.autograd.grad(ref, ref_in, grad.float()))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert a.dtype == dtype
-        assert_close_scaled(a.float(), b, dtype, name)
+    paths = paths if backend == "triton" else ("torch",)
+    for i, path in enumerate(paths):
+        with backward_path(path):
+            got = (out, *torch.autograd.grad(out, (q, k, v), grad,
+                                             retain_graph=i + 1 < len(paths)))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.dtype == dtype
+            assert_close_scaled(a.float(), b, dtype, f"{name} ({path} backward)")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -165,9 +190,11 @@ def test_head_dim_above_the_kernel_limit_is_refused(monkeypatch):
         varlen_attention(q, q, q, cu, 4, backend_name="triton")
 
 
-def test_more_sequences_than_a_grid_axis_holds(monkeypatch):
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_more_sequences_than_a_grid_axis_holds(monkeypatch, path):
     """A batch of 70,001 sequences (short documents at scale) launches within CUDA's grid
-    limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535. Sequences used to be axis 1."""
+    limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535. Sequences used to be axis 1.
+    The backward runs the fused kernel by default, the two-kernel path in deterministic mode."""
     grids = []
 
     def record(name, grid, args, consts, tile, dtype, on_gpu, size):
@@ -181,11 +208,40 @@ def test_more_sequences_than_a_grid_axis_holds(monkeypatch):
     q = torch.randn(1, 4, 64)
     kv = torch.randn(1, 2, 64)
     va.varlen_attention_forward(q, kv, kv, cu, 1, True, 0.125)
-    va.varlen_attention_backward(q, q, kv, kv, q, torch.zeros(1, 4), cu, 1, True, 0.125)
-    assert {name for name, _ in grids} == {"fwd", "dkdv", "dq"}
+    with backward_path(path):
+        va.varlen_attention_backward(q, q, kv, kv, q, torch.zeros(1, 4), cu, 1, True, 0.125)
+    assert {name for name, _ in grids} == \
+        ({"fwd", "bwd"} if path == "fused" else {"fwd", "dkdv", "dq"})
     for name, grid in grids:
         assert grid[0] >= seqs and grid[0] < 2**31 and all(n <= 65_535 for n in grid[1:]), \
             (name, grid)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_rows_outside_every_sequence_are_never_read(path):
+    """Tokens after the last sequence (padding) hold NaN in q, k, v and dO: the kernels never
+    load them (masked loads of the ragged last blocks), so query rows past a sequence add
+    exactly 0 to dK and dV and to other rows' dQ, and the fused kernel's masked atomics leave
+    their dQ rows at the buffer's zeros."""
+    g = torch.Generator().manual_seed(1)
+    lengths, tail, Hq, Hkv, D = [1, 23, 19], 21, 4, 2, 24
+    T = sum(lengths)
+    cu = torch.tensor([0, 1, 24, 43], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = (torch.randn(T + tail, h, D, generator=g).to(DEVICE) for h in (Hq, Hkv, Hkv, Hq))
+    for x in (q, k, v, do):
+        x[T:] = float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with backward_path(path):
+        out = varlen_attention(q, k, v, cu, max(lengths), causal=False, backend_name="triton")
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x[:T].detach().requires_grad_() for x in (q, k, v)]
+    ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=False)
+    want = (ref, *torch.autograd.grad(ref, ref_in, do[:T]))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
+        assert_close_scaled(a[:T], b, torch.float32, f"{name} ({path} backward)")
+    if path == "fused":  # the two-kernel path leaves those rows of its torch.empty dQ unset
+        assert torch.equal(dq[T:], torch.zeros_like(dq[T:]))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -209,13 +265,15 @@ def test_strided_views_need_no_copy():
     cu = torch.tensor([0, 30, 31, T], dtype=torch.int32, device=DEVICE)
     out = varlen_attention(q, k, v, cu, 39, backend_name="triton")
     grad = torch.randn(out.shape, generator=g).to(DEVICE)
-    (dqkv,) = torch.autograd.grad(out, qkv, grad)
     ref_qkv = qkv.detach().requires_grad_()
     rq, rk, rv = (x.view(T, H, D) for x in ref_qkv.split(H * D, dim=1))
     ref = reference_varlen_attention(rq, rk, rv, cu.cpu())
     (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad)
     assert_close_scaled(out, ref, torch.float32, "out")
-    assert_close_scaled(dqkv, ref_dqkv, torch.float32, "dqkv")
+    for i, path in enumerate(BACKWARD_PATHS):
+        with backward_path(path):
+            (dqkv,) = torch.autograd.grad(out, qkv, grad, retain_graph=i == 0)
+        assert_close_scaled(dqkv, ref_dqkv, torch.float32, f"dqkv ({path} backward)")
 
 
 def test_autotuning_is_per_size_bucket(monkeypatch):
