@@ -43,7 +43,7 @@ HEAD_DIMS = (64, 128)  # lm_kernels/attention.py's MAX_HEAD_DIM; others round up
 class Build:
     """One configuration of one kernel for one architecture."""
 
-    kernel: str                 # "attention.fwd", "attention.dkdv", "attention.dq", ...
+    kernel: str                 # "attention.fwd", "attention.bwd", "attention.dkdv", ...
     arch: int
     dtype: str                  # fp32, fp16, bf16
     constexprs: tuple           # ((name, value), ...)

@@ -93,7 +93,7 @@ SM80_TILES = {
 # 128 with BLOCK_M = 64 spills on sm_90 too (255 registers and 136-496 B of stack, on 4 or 8
 # warps): its two [BLOCK_N, 128] fp32 accumulators plus the recomputed [BLOCK_N, BLOCK_M]
 # probabilities do not fit one thread's 255 registers, so that kernel keeps small query tiles
-# (docs/kernels-gpu.md: the backward redesign this points to).
+# (and so does the fused backward, which holds the same plus a [BLOCK_M, D] dQ tile).
 SM90_TILES = {
     "fwd": {64: SM80_TILES["fwd"][64],
             128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
@@ -119,9 +119,17 @@ KERNEL_NAMES = ("fwd", "bwd", "dkdv", "dq")
 # its own tile, from a sweep of 27 candidates over both archs, causal or not, ieee and tf32.
 FP32_TILES = {
     "fwd": {64: (Tile(32, 16, 8, 2),), 128: (Tile(16, 16, 4, 2),)},
-    "bwd": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
+    "bwd": {64: (Tile(16, 16, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dkdv": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dq": {64: (Tile(32, 16, 4, 2),), 128: (Tile(32, 16, 8, 2),)},
+}
+# The fused backward's fp32 tiles differ per architecture: of 11 candidates per head dim none
+# compiled without spills on both (ptxas caps exact fp32 at 128 registers a thread and spills
+# 8-56 B on one arch or the other: sm_80's 16 x 16, 8 warps, 2 stages spills 16 B on sm_90 at
+# head dim 64, bidirectional; sm_90's 16 x 32 spills 16 B on sm_80, causal).
+FP32_TILES_BY_ARCH = {
+    80: FP32_TILES,
+    90: {**FP32_TILES, "bwd": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 2),)}},
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep numpy quick, and still put the causal
 # diagonal across two blocks (32 x 16 and 16 x 32), which the GPU tiles do too.
@@ -144,9 +152,9 @@ def tile_arch(capability: int) -> int:
 
 def tile_candidates(kernel: str, head_dim: int, dtype, arch: int = 80) -> tuple[Tile, ...]:
     """The tiles autotuning chooses from on architecture `arch` (80 or 90), for kernel "fwd",
-    "dkdv" or "dq"."""
-    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES[tile_arch(arch)]
-    return tiles[kernel][max(64, block_d(head_dim))]
+    "bwd", "dkdv" or "dq"."""
+    tiles = FP32_TILES_BY_ARCH if dtype in (torch.float32, "fp32") else TILES
+    return tiles[tile_arch(arch)][kernel][max(64, block_d(head_dim))]
 
 
 def _device_arch() -> int:

@@ -159,6 +159,26 @@ def test_every_fp32_gpu_tile_is_correct(head_dim, tiles):
     check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles)
 
 
+def test_tile_tables_fit_the_kernels_loops():
+    """The forward and dQ kernels walk key blocks inside a query block, the dK/dV and fused
+    backward kernels query blocks inside a key block: the causal diagonal must be a whole
+    number of inner blocks. On sm_90 the backward kernels' 16-bit tiles keep BLOCK_N >= 64
+    (wgmma's 64-row operands: with the transposed products BLOCK_N is their M)."""
+    for arch in (80, 90):
+        for dtype in (torch.float32, torch.float16):
+            for head_dim in (64, 128):
+                for name in va.KERNEL_NAMES:
+                    for t in va.tile_candidates(name, head_dim, dtype, arch) + \
+                            (va.INTERPRETER_TILES[name],):
+                        if name in ("fwd", "dq"):
+                            assert t.block_m % t.block_n == 0, (name, t)
+                        else:
+                            assert t.block_n % t.block_m == 0, (name, t)
+                    if arch == 90 and dtype == torch.float16 and name in ("bwd", "dkdv"):
+                        assert all(t.block_n >= 64
+                                   for t in va.tile_candidates(name, head_dim, dtype, arch))
+
+
 def test_reference_runs_on_the_inputs_device():
     """The reference builds its causal mask on q's device (a CPU mask used to break every
     causal check on CUDA); the meta device shows it without a GPU."""
