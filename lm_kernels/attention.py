@@ -457,7 +457,9 @@ if triton is not None:
             lse = tl.load(LSE + at * stride_lt + head, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + at * stride_lt + head, mask=row_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
-            p_t = tl.math.exp2(s_t - lse[None, :])
+            # s <= lse up to rounding; the cap keeps the key rows past the sequence (k = 0,
+            # s = 0) finite where lse < -126, so that their 0 x p in dQ is 0, not NaN
+            p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))
             if MASKED:  # the causal diagonal
                 p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)

@@ -271,6 +271,35 @@ def test_empty_sequences_and_folded_grid(causal):
     check("triton", torch.float32, [0, 5, 0, 0, 40, 1, 0], 4, 2, 32, causal)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+# the two-kernel path's dK/dV kernel does overflow there, in rows it never stores
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_very_negative_scores(path):
+    """Every score of a row far below zero (q = -23 u, k = 23 u: log2-scaled scores ~ -135,
+    so lse ~ -130): the key rows past a sequence's end in its ragged last key block load as
+    zeros, score 0 and must still get probability 0, not 2^130 = inf in fp32 (inf x 0 = NaN
+    in dQ)."""
+    D, lengths = 32, [5, 19]
+    T = sum(lengths)
+    cu = torch.tensor([0, 5, T], dtype=torch.int32, device=DEVICE)
+    u = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    u = u / u.norm()
+    jitter = torch.randn(T, 2, D, generator=torch.Generator().manual_seed(3)) * 0.1
+    q = (-23 * u + jitter).to(DEVICE).requires_grad_()
+    k = (23 * u + jitter[:, :1]).to(DEVICE).requires_grad_()
+    v = jitter[:, 1:].to(DEVICE).requires_grad_()
+    do = torch.randn(T, 2, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with backward_path(path):
+        out = varlen_attention(q, k, v, cu, 19, causal=False, backend_name="triton")
+        got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    ref_in = [x.detach().requires_grad_() for x in (q, k, v)]
+    ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=False)
+    want = (ref, *torch.autograd.grad(ref, ref_in, do))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_scaled(a, b, torch.float32, f"{name} ({path} backward)")
+
+
 def test_strided_views_need_no_copy():
     """q, k and v split from one fused projection (GPT-2's c_attn) are views with token stride
     3 x H x D; the kernels take strides, so they are used as they are, and give the reference's
