@@ -441,8 +441,9 @@ if triton is not None:
     @triton.jit
     def _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n, offs_d,
                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_dqt,
-                   stride_dqh, qk_scale, lo, hi, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   stride_dqh, qk_scale, lo, hi, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
         """_dkdv_inner plus this key block's share of dQ: dS^T K, added to the fp32 dQ
         buffer with atomics (FlashAttention-2's 5 matmuls per tile instead of the two-kernel
         path's 7). Query rows past the sequence contribute exactly 0 to dK and dV (zeros
@@ -457,9 +458,14 @@ if triton is not None:
             lse = tl.load(LSE + at * stride_lt + head, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + at * stride_lt + head, mask=row_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
-            # s <= lse up to rounding; the cap keeps the key rows past the sequence (k = 0,
-            # s = 0) finite where lse < -126, so that their 0 x p in dQ is 0, not NaN
-            p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))
+            s_t = s_t - lse[None, :]
+            if not CAUSAL:
+                # The ragged last key block runs unmasked: its rows past the sequence (k = 0,
+                # s = 0) would get p = 2^-lse, inf where lse < -126, and inf x 0 = NaN in dQ.
+                # s <= lse up to rounding, so capping at 0 changes nothing else. (Causal: those
+                # rows lie above the diagonal of every query row in the sequence, masked.)
+                s_t = tl.minimum(s_t, 0.0)
+            p_t = tl.math.exp2(s_t)
             if MASKED:  # the causal diagonal
                 p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -509,11 +515,11 @@ if triton is not None:
             dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
                                 offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
                                 stride_lt, stride_dqt, stride_dqh, qk_scale, lo, mid, True,
-                                PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+                                CAUSAL, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
             dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
                                 offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
                                 stride_lt, stride_dqt, stride_dqh, qk_scale, mid, seqlen, False,
-                                PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+                                CAUSAL, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
         rows = (start + offs_n).to(tl.int64)
         out_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
