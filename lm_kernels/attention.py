@@ -538,6 +538,9 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 _autotuned: dict = {}
+# Arguments the autotuner zeroes before each timed run of a candidate and before the real run:
+# the fused backward adds dQ into DQ_ACC atomically, and each timing run would add it again.
+RESET_TO_ZERO = {"bwd": ["DQ_ACC"]}
 
 
 def size_bucket(tokens: int, max_seqlen: int) -> tuple[int, int]:
@@ -562,7 +565,8 @@ def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch
                                      num_warps=t.num_warps, num_stages=t.num_stages)
                        for t in candidates]
             tuned = _autotuned[key] = triton.autotune(
-                configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(kernel)
+                configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"],
+                reset_to_zero=RESET_TO_ZERO.get(name))(kernel)
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     tile = tile or INTERPRETER_TILES[name]

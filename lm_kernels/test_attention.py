@@ -331,14 +331,15 @@ def test_strided_views_need_no_copy():
 def test_autotuning_is_per_size_bucket(monkeypatch):
     """The tiles tuned on a 300-token correctness check are not reused for a 64K-token timing:
     the autotuner's cache key holds the size bucket (token count, longest sequence)."""
-    made = []
+    made, zeroed = [], []
 
     class FakeAutotuned:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def fake_autotune(configs, key):
+    def fake_autotune(configs, key, reset_to_zero=None):
         made.append([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs])
+        zeroed.append(reset_to_zero)
         return lambda kernel: FakeAutotuned()
 
     monkeypatch.setattr(va, "_autotuned", {})
@@ -353,3 +354,10 @@ def test_autotuning_is_per_size_bucket(monkeypatch):
     assert made[0] == [(t.block_m, t.block_n, t.num_warps)
                        for t in va.tile_candidates("fwd", 128, torch.float16, 90)]
     assert va.size_bucket(300, 100) != va.size_bucket(65536, 2048)
+    # Autotuning runs each candidate on the real arguments: the fused backward's atomic dQ sums
+    # must be zeroed before every run (Triton's reset_to_zero, which also zeroes them after the
+    # timings, before the real run), or the first backward of a size bucket returns dQ times the
+    # number of runs.
+    assert zeroed == [None, None]
+    va._launch("bwd", lambda bm, bn: (1, 1), (), consts, None, torch.float16, True, (300, 100))
+    assert zeroed[-1] == ["DQ_ACC"] and "DQ_ACC" in va.KERNELS["bwd"].arg_names
