@@ -595,14 +595,13 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, 
 
 
 def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, sm_scale,
-                              tiles=None, deterministic=None):
+                              tiles=None):
     """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "bwd"/"dkdv"/"dq" to a Tile (tests).
 
     The fused kernel ("bwd", FlashAttention-2's 5 matmuls per tile) adds dQ with fp32 atomics,
     whose order varies on a GPU: like flash-attn's default backward, it is not bitwise
-    reproducible run to run. When torch.are_deterministic_algorithms_enabled() (or
-    `deterministic`), the two-kernel path runs instead: dK/dV, then dQ, no atomics, 7 matmuls
-    per tile, bitwise reproducible."""
+    reproducible run to run. When torch.are_deterministic_algorithms_enabled(), the two-kernel
+    path runs instead: dK/dV, then dQ, no atomics, 7 matmuls per tile, bitwise reproducible."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     do = _unit_stride(do)
@@ -615,9 +614,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    if not deterministic:
+    if not torch.are_deterministic_algorithms_enabled():
         dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=q.device)
         _launch("bwd", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
                 (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sm_scale * LOG2E, sm_scale,

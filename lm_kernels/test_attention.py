@@ -303,6 +303,21 @@ def test_very_negative_scores(path, causal):
         assert_close_scaled(a, b, torch.float32, f"{name} ({path} backward)")
 
 
+@pytest.mark.triton
+def test_deterministic_path_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) two backwards give identical bits (on a
+    GPU the fused path's atomic adds may not; under the interpreter both paths are serial)."""
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = (torch.randn(40, h, 24, generator=g).to(DEVICE) for h in (4, 2, 2, 4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = varlen_attention(q, k, v, cu, 33, backend_name="triton")
+    with backward_path("deterministic"):
+        first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_strided_views_need_no_copy():
     """q, k and v split from one fused projection (GPT-2's c_attn) are views with token stride
     3 x H x D; the kernels take strides, so they are used as they are, and give the reference's
