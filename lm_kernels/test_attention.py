@@ -132,7 +132,9 @@ def test_documents_across_tile_edges(backend, causal):
 
 def _tile_sets(dtype):
     """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..., of
-    every architecture's table (a set of tiles already run for sm_80 is not run again)."""
+    every architecture's table, with the backward paths that run a tile not yet run: a set
+    whose tiles were all run before is left out, the fused path runs when its "bwd" tile is
+    new, the deterministic path when its "dkdv" or "dq" tile is (the interpreter is slow)."""
     seen = set()
     for arch in (80, 90):
         for head_dim in (64, 128):
@@ -140,23 +142,27 @@ def _tile_sets(dtype):
                           for name in va.KERNEL_NAMES}
             for i in range(max(len(c) for c in per_kernel.values())):
                 tiles = {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()}
-                if (head_dim, tuple(tiles.values())) not in seen:
-                    seen.add((head_dim, tuple(tiles.values())))
-                    yield pytest.param(head_dim, tiles, id=f"sm{arch}-D{head_dim}-{i}")
+                new = {name for name, t in tiles.items() if (head_dim, name, t) not in seen}
+                seen |= {(head_dim, name, t) for name, t in tiles.items()}
+                paths = tuple(path for path, kernels in (("fused", {"bwd"}),
+                                                          ("deterministic", {"dkdv", "dq"}))
+                              if new & kernels) or (("fused",) if new else ())
+                if paths:
+                    yield pytest.param(head_dim, tiles, paths, id=f"sm{arch}-D{head_dim}-{i}")
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))
-def test_every_gpu_tile_is_correct(head_dim, tiles):
+@pytest.mark.parametrize("head_dim,tiles,paths", list(_tile_sets(torch.float16)))
+def test_every_gpu_tile_is_correct(head_dim, tiles, paths):
     """Each tile the GPU autotuner may choose gives the reference's result (under the
     interpreter here: the same program, run tile by tile), causal, on the tile-edge lengths."""
-    check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles)
+    check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles, paths=paths)
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float32)))
-def test_every_fp32_gpu_tile_is_correct(head_dim, tiles):
-    check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles)
+@pytest.mark.parametrize("head_dim,tiles,paths", list(_tile_sets(torch.float32)))
+def test_every_fp32_gpu_tile_is_correct(head_dim, tiles, paths):
+    check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles, paths=paths)
 
 
 def test_tile_tables_fit_the_kernels_loops():
