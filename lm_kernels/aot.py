@@ -43,7 +43,7 @@ HEAD_DIMS = (64, 128)  # lm_kernels/attention.py's MAX_HEAD_DIM; others round up
 class Build:
     """One configuration of one kernel for one architecture."""
 
-    kernel: str                 # "attention.fwd", "attention.dkdv", "attention.dq", ...
+    kernel: str                 # "attention.fwd", "attention.bwd", "attention.dkdv", ...
     arch: int
     dtype: str                  # fp32, fp16, bf16
     constexprs: tuple           # ((name, value), ...)
@@ -124,7 +124,7 @@ def _signature(build: Build):
     if family == "attention":
         fn = va.KERNELS[name]
         data = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-        fp32_ptrs = {"LSE", "DELTA"}
+        fp32_ptrs = {"LSE", "DELTA", "DQ_ACC"}  # DQ_ACC: the fused backward's dQ sums
         aligned_ints = {n for n in fn.arg_names if n.startswith("stride") and n != "stride_lt"}
         floats = {"qk_scale", "sm_scale"}
         int_ptrs = {"cu_seqlens": "*i32"}

@@ -11,10 +11,16 @@ multiple of Hkv (grouped-query attention: query head h reads key/value head h //
 Triton: FlashAttention-2. The forward runs one program per (query block, sequence, head) with an
 online softmax in base 2 (log2(e) folded into the scale) and saves the log-sum-exp; no [T, T]
 matrix exists. Whole key blocks run without masks; only the causal diagonal and a sequence's
-ragged last block are masked. The backward recomputes the probabilities block by block: one
-kernel accumulates dK and dV per key block and key/value head (summing its GQA group in
-registers), another dQ per query block, so that no atomics are needed and results are
-deterministic. Tiles are autotuned on GPUs per head dim, causal, dtype and precision.
+ragged last block are masked. The backward recomputes the probabilities block by block, in one
+fused kernel as FlashAttention-2 does: one program per (key block, sequence, key/value head)
+walks the query blocks of every query head of its GQA group, sums dK and dV in registers and
+writes them once, and adds each tile's dQ share (dS K) to an fp32 [T, Hq, D] buffer with atomic
+adds, scaled and cast to q's dtype once at the end: 5 tile matmuls per (query block, key block)
+pair. Atomic adds land in a different order each run, so on a GPU dQ is not bitwise
+reproducible run to run (as flash-attn's default backward). Under
+torch.use_deterministic_algorithms(True) the backward takes the two-kernel path instead: dK/dV
+per key block as above, then dQ per query block, no atomics, bitwise reproducible, 7 tile
+matmuls per pair. Tiles are autotuned on GPUs per head dim, causal, dtype and precision.
 CPU fallback, exact either way: short sequences are packed into a few equal chunks and attended
 in one scaled_dot_product_attention call with a block-diagonal mask; long ones are grouped by
 exact length, one mask-free call per group (PyTorch's fused CPU kernel).
@@ -72,6 +78,10 @@ SM80_TILES = {
     # latter stays in sm_90's list (251 registers, no spills)
     "dkdv": {64: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
+    # The fused backward: the dK/dV kernel's registers plus a transient [BLOCK_M, D] fp32 dQ
+    # tile. 32 x 128 (head dim 64) spills 40 B causal here; 16 x 128 at head dim 128 40 B.
+    "bwd": {64: (Tile(32, 64, 8, 3), Tile(16, 128, 8, 3), Tile(16, 64, 4, 3)),
+            128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2))},
     "dq": {64: (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
            128: (Tile(128, 32, 8, 3), Tile(64, 64, 8, 2), Tile(64, 32, 4, 3))},
 }
@@ -83,17 +93,24 @@ SM80_TILES = {
 # 128 with BLOCK_M = 64 spills on sm_90 too (255 registers and 136-496 B of stack, on 4 or 8
 # warps): its two [BLOCK_N, 128] fp32 accumulators plus the recomputed [BLOCK_N, BLOCK_M]
 # probabilities do not fit one thread's 255 registers, so that kernel keeps small query tiles
-# (docs/kernels-gpu.md: the backward redesign this points to).
+# (and so does the fused backward, which holds the same plus a [BLOCK_M, D] dQ tile).
 SM90_TILES = {
     "fwd": {64: SM80_TILES["fwd"][64],
             128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3))},
     "dkdv": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
              128: (Tile(16, 64, 8, 3), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2))},
+    # The fused backward (bf16 sweep of 32 tiles over both archs, docs/kernels-gpu.md): 64-row
+    # query tiles fit at head dim 64 (64 x 64, 8 warps: 244 registers causal). At head dim 128
+    # none does: 64 x 64 on 8 warps spills 320 B causal / 88 B bidirectional (255 registers),
+    # on 16 warps (128 registers each) 376-608 B, 64 x 128 240-424 B; 32 x 64 spills 48-56 B
+    # causal. 16 x 128 and 16 x 64 on 8 warps do not (255 and 246 registers causal).
+    "bwd": {64: (Tile(64, 64, 8, 3), Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+            128: (Tile(16, 128, 8, 2), Tile(16, 128, 8, 3), Tile(16, 64, 8, 3))},
     "dq": {64: SM80_TILES["dq"][64],
            128: (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 2))},
 }
 TILES = {80: SM80_TILES, 90: SM90_TILES}
-KERNEL_NAMES = ("fwd", "dkdv", "dq")
+KERNEL_NAMES = ("fwd", "bwd", "dkdv", "dq")
 # fp32 tiles take twice the registers and shared memory, and exact ("ieee") fp32 products run on
 # the CUDA cores with both operands in registers: one small tile each, chosen so that no
 # configuration spills (lm_kernels/test_aot.py). fp32 attention is for checking, not speed.
@@ -102,13 +119,22 @@ KERNEL_NAMES = ("fwd", "dkdv", "dq")
 # its own tile, from a sweep of 27 candidates over both archs, causal or not, ieee and tf32.
 FP32_TILES = {
     "fwd": {64: (Tile(32, 16, 8, 2),), 128: (Tile(16, 16, 4, 2),)},
+    "bwd": {64: (Tile(16, 16, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dkdv": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 3),)},
     "dq": {64: (Tile(32, 16, 4, 2),), 128: (Tile(32, 16, 8, 2),)},
 }
+# The fused backward's fp32 tiles differ per architecture: of 11 candidates per head dim none
+# compiled without spills on both (ptxas caps exact fp32 at 128 registers a thread and spills
+# 8-56 B on one arch or the other: sm_80's 16 x 16, 8 warps, 2 stages spills 16 B on sm_90 at
+# head dim 64, bidirectional; sm_90's 16 x 32 spills 16 B on sm_80, causal).
+FP32_TILES_BY_ARCH = {
+    80: FP32_TILES,
+    90: {**FP32_TILES, "bwd": {64: (Tile(16, 32, 8, 2),), 128: (Tile(16, 16, 8, 2),)}},
+}
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep numpy quick, and still put the causal
 # diagonal across two blocks (32 x 16 and 16 x 32), which the GPU tiles do too.
-INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "dkdv": Tile(16, 32, 4, 1),
-                     "dq": Tile(32, 16, 4, 1)}
+INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "bwd": Tile(16, 32, 4, 1),
+                     "dkdv": Tile(16, 32, 4, 1), "dq": Tile(32, 16, 4, 1)}
 DELTA_BLOCK_T = 64  # rows per program of the rowsum(dO * O) kernel: memory-bound, any size works
 
 
@@ -126,9 +152,9 @@ def tile_arch(capability: int) -> int:
 
 def tile_candidates(kernel: str, head_dim: int, dtype, arch: int = 80) -> tuple[Tile, ...]:
     """The tiles autotuning chooses from on architecture `arch` (80 or 90), for kernel "fwd",
-    "dkdv" or "dq"."""
-    tiles = FP32_TILES if dtype in (torch.float32, "fp32") else TILES[tile_arch(arch)]
-    return tiles[kernel][max(64, block_d(head_dim))]
+    "bwd", "dkdv" or "dq"."""
+    tiles = FP32_TILES_BY_ARCH if dtype in (torch.float32, "fp32") else TILES
+    return tiles[tile_arch(arch)][kernel][max(64, block_d(head_dim))]
 
 
 def _device_arch() -> int:
@@ -412,10 +438,99 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
+    @triton.jit
+    def _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head, offs_n, offs_d,
+                   stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_dqt,
+                   stride_dqh, qk_scale, lo, hi, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+        """_dkdv_inner plus this key block's share of dQ: dS^T K, added to the fp32 dQ
+        buffer with atomics (FlashAttention-2's 5 matmuls per tile instead of the two-kernel
+        path's 7). Query rows past the sequence contribute exactly 0 to dK and dV (zeros
+        loaded for q, dO, lse, delta) and are never written to DQ_ACC (masked atomics); key rows
+        past it load as zeros, so their share of dQ is exactly 0."""
+        for m_start in range(lo, hi, BLOCK_M):
+            rows = m_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen
+            q, do = _load_pair(Q, DO, start + rows, stride_qt, stride_qh, stride_dot, stride_doh,
+                               head, offs_d, row_ok, True, HEAD_DIM, BLOCK_D)
+            at = (start + rows).to(tl.int64)
+            lse = tl.load(LSE + at * stride_lt + head, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + at * stride_lt + head, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
+            s_t = s_t - lse[None, :]
+            if not CAUSAL:
+                # The ragged last key block runs unmasked: its rows past the sequence (k = 0,
+                # s = 0) would get p = 2^-lse, inf where lse < -126, and inf x 0 = NaN in dQ.
+                # s <= lse up to rounding, so capping at 0 changes nothing else. (Causal: those
+                # rows lie above the diagonal of every query row in the sequence, masked.)
+                s_t = tl.minimum(s_t, 0.0)
+            p_t = tl.math.exp2(s_t)
+            if MASKED:  # the causal diagonal
+                p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # [M, D], unscaled
+            tl.atomic_add(DQ_ACC + at[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                          dq, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                          sem="relaxed")
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, qk_scale, sm_scale,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
+                         stride_dvt, stride_dvh, stride_dqt, stride_dqh, group, num_seqs,
+                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # The fused backward (FlashAttention-2's): the dK/dV kernel's program, (key block,
+        # sequence, key/value head), walking the query blocks of every query head of its GQA
+        # group, that also adds dS^T K to DQ_ACC, an fp32 [T, Hq, D] buffer zeroed by the launch,
+        # scaled and cast once after it. The order of the atomic adds varies from run to run.
+        # Key blocks fastest, sequence by sequence (not _block_and_sequence's order): the
+        # programs resident together are the key blocks of a few sequences, so each sequence's
+        # dQ rows take all their atomic adds while they are in L2, not once per wave.
+        pid = tl.program_id(0)
+        blocks = tl.num_programs(0) // num_seqs
+        seq, pid_n = pid // blocks, pid % blocks
+        kv_head = tl.program_id(1)
+        start = tl.load(cu_seqlens + seq)
+        seqlen = tl.load(cu_seqlens + seq + 1) - start
+        n_start = pid_n * BLOCK_N
+        if n_start >= seqlen:
+            return
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < seqlen
+        k, v = _load_pair(K, V, start + offs_n, stride_kt, stride_kh, stride_vt, stride_vh, kv_head,
+                          offs_d, col_ok, True, HEAD_DIM, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = n_start if CAUSAL else 0
+        mid = tl.minimum(n_start + BLOCK_N, seqlen) if CAUSAL else 0
+        for g in range(0, group):
+            head = kv_head * group + g
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
+                                offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
+                                stride_lt, stride_dqt, stride_dqh, qk_scale, lo, mid, True,
+                                CAUSAL, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, seqlen, head,
+                                offs_n, offs_d, stride_qt, stride_qh, stride_dot, stride_doh,
+                                stride_lt, stride_dqt, stride_dqh, qk_scale, mid, seqlen, False,
+                                CAUSAL, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D)
+        rows = (start + offs_n).to(tl.int64)
+        out_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=out_mask)
+
     # The tiled kernels by the names of KERNEL_NAMES, and the rowsum(dO * O) kernel
     # (lm_kernels/aot.py compiles every one of them).
-    KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
-               "delta": _attn_bwd_delta_kernel}
+    KERNELS = {"fwd": _attn_fwd_kernel, "bwd": _attn_bwd_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+               "dq": _attn_bwd_dq_kernel, "delta": _attn_bwd_delta_kernel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +538,9 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 _autotuned: dict = {}
+# Arguments the autotuner zeroes before each timed run of a candidate and before the real run:
+# the fused backward adds dQ into DQ_ACC atomically, and each timing run would add it again.
+RESET_TO_ZERO = {"bwd": ["DQ_ACC"]}
 
 
 def size_bucket(tokens: int, max_seqlen: int) -> tuple[int, int]:
@@ -447,7 +565,8 @@ def _launch(name: str, grid, args, consts: dict, tile: Tile | None, dtype: torch
                                      num_warps=t.num_warps, num_stages=t.num_stages)
                        for t in candidates]
             tuned = _autotuned[key] = triton.autotune(
-                configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(kernel)
+                configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"],
+                reset_to_zero=RESET_TO_ZERO.get(name))(kernel)
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     tile = tile or INTERPRETER_TILES[name]
@@ -477,7 +596,12 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, 
 
 def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, sm_scale,
                               tiles=None):
-    """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "dkdv"/"dq" to a Tile (tests)."""
+    """-> dq, dk, dv in the inputs' dtypes. `tiles` maps "bwd"/"dkdv"/"dq" to a Tile (tests).
+
+    The fused kernel ("bwd", FlashAttention-2's 5 matmuls per tile) adds dQ with fp32 atomics,
+    whose order varies on a GPU: like flash-attn's default backward, it is not bitwise
+    reproducible run to run. When torch.are_deterministic_algorithms_enabled(), the two-kernel
+    path runs instead: dK/dV, then dQ, no atomics, 7 matmuls per tile, bitwise reproducible."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     do = _unit_stride(do)
@@ -486,10 +610,21 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
     _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_T), Hq)](
         out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM=D, BLOCK_T=DELTA_BLOCK_T, BLOCK_D=consts["BLOCK_D"])
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     seqs, tiles = len(cu_seqlens) - 1, tiles or {}
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
+    if not torch.are_deterministic_algorithms_enabled():
+        dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=q.device)
+        _launch("bwd", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
+                (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sm_scale * LOG2E, sm_scale,
+                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 dq_acc.stride(0), dq_acc.stride(1), Hq // Hkv, seqs),
+                consts, tiles.get("bwd"), q.dtype, q.is_cuda, (T, max_seqlen))
+        dq = torch.empty_like(q)
+        torch.mul(dq_acc, sm_scale, out=dq)  # scaled in fp32, rounded once: [T, Hq, D] in q's dtype
+        return dq, dk, dv
+    dq = torch.empty_like(q)
     _launch("dkdv", lambda bm, bn: (triton.cdiv(max_seqlen, bn) * seqs, Hkv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *strides,
              dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hq // Hkv, seqs),

@@ -2,6 +2,8 @@
 can run here (Triton natively on a GPU, under TRITON_INTERPRET=1 on CPU; the PyTorch fallback)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,7 +19,26 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 EDGE_LENGTHS = [1, 63, 64, 65, 129]
 
 
-def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles=None):
+# The Triton backward's two paths: the fused kernel (the default, FlashAttention-2's, dQ by fp32
+# atomics) and the two-kernel path that runs under torch.use_deterministic_algorithms(True).
+BACKWARD_PATHS = ("fused", "deterministic")
+
+
+@contextlib.contextmanager
+def backward_path(path):
+    """Run the backward on `path` ("fused" or "deterministic") inside this block."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(path == "deterministic")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles=None,
+          paths=BACKWARD_PATHS):
+    """Output and gradients against the fp32 reference. The Triton backend's backward runs on
+    each of `paths` from the same forward (one forward: the interpreter is slow)."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -30,13 +51,17 @@ def check(backend, dtype, lengths, Hq, Hkv, D, causal, scale=None, seed=0, tiles
         out = va.VarlenAttention.apply(q, k, v, cu, max(lengths), causal,
                                        scale or D ** -0.5, tiles)
     grad = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=causal, softmax_scale=scale)
     want = (ref, *torch.autograd.grad(ref, ref_in, grad.float()))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert a.dtype == dtype
-        assert_close_scaled(a.float(), b, dtype, name)
+    paths = paths if backend == "triton" else ("torch",)
+    for i, path in enumerate(paths):
+        with backward_path(path):
+            got = (out, *torch.autograd.grad(out, (q, k, v), grad,
+                                             retain_graph=i + 1 < len(paths)))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.dtype == dtype
+            assert_close_scaled(a.float(), b, dtype, f"{name} ({path} backward)")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -107,7 +132,9 @@ def test_documents_across_tile_edges(backend, causal):
 
 def _tile_sets(dtype):
     """For each head-dim bucket, the i-th GPU candidate of every kernel, i = 0, 1, ..., of
-    every architecture's table (a set of tiles already run for sm_80 is not run again)."""
+    every architecture's table, with the backward paths that run a tile not yet run: a set
+    whose tiles were all run before is left out, the fused path runs when its "bwd" tile is
+    new, the deterministic path when its "dkdv" or "dq" tile is (the interpreter is slow)."""
     seen = set()
     for arch in (80, 90):
         for head_dim in (64, 128):
@@ -115,23 +142,47 @@ def _tile_sets(dtype):
                           for name in va.KERNEL_NAMES}
             for i in range(max(len(c) for c in per_kernel.values())):
                 tiles = {name: c[min(i, len(c) - 1)] for name, c in per_kernel.items()}
-                if (head_dim, tuple(tiles.values())) not in seen:
-                    seen.add((head_dim, tuple(tiles.values())))
-                    yield pytest.param(head_dim, tiles, id=f"sm{arch}-D{head_dim}-{i}")
+                new = {name for name, t in tiles.items() if (head_dim, name, t) not in seen}
+                seen |= {(head_dim, name, t) for name, t in tiles.items()}
+                paths = tuple(path for path, kernels in (("fused", {"bwd"}),
+                                                          ("deterministic", {"dkdv", "dq"}))
+                              if new & kernels) or (("fused",) if new else ())
+                if paths:
+                    yield pytest.param(head_dim, tiles, paths, id=f"sm{arch}-D{head_dim}-{i}")
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float16)))
-def test_every_gpu_tile_is_correct(head_dim, tiles):
+@pytest.mark.parametrize("head_dim,tiles,paths", list(_tile_sets(torch.float16)))
+def test_every_gpu_tile_is_correct(head_dim, tiles, paths):
     """Each tile the GPU autotuner may choose gives the reference's result (under the
     interpreter here: the same program, run tile by tile), causal, on the tile-edge lengths."""
-    check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles)
+    check("triton", torch.float16, EDGE_LENGTHS, 4, 2, head_dim, True, tiles=tiles, paths=paths)
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("head_dim,tiles", list(_tile_sets(torch.float32)))
-def test_every_fp32_gpu_tile_is_correct(head_dim, tiles):
-    check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles)
+@pytest.mark.parametrize("head_dim,tiles,paths", list(_tile_sets(torch.float32)))
+def test_every_fp32_gpu_tile_is_correct(head_dim, tiles, paths):
+    check("triton", torch.float32, EDGE_LENGTHS, 2, 1, head_dim, False, tiles=tiles, paths=paths)
+
+
+def test_tile_tables_fit_the_kernels_loops():
+    """The forward and dQ kernels walk key blocks inside a query block, the dK/dV and fused
+    backward kernels query blocks inside a key block: the causal diagonal must be a whole
+    number of inner blocks. On sm_90 the backward kernels' 16-bit tiles keep BLOCK_N >= 64
+    (wgmma's 64-row operands: with the transposed products BLOCK_N is their M)."""
+    for arch in (80, 90):
+        for dtype in (torch.float32, torch.float16):
+            for head_dim in (64, 128):
+                for name in va.KERNEL_NAMES:
+                    for t in va.tile_candidates(name, head_dim, dtype, arch) + \
+                            (va.INTERPRETER_TILES[name],):
+                        if name in ("fwd", "dq"):
+                            assert t.block_m % t.block_n == 0, (name, t)
+                        else:
+                            assert t.block_n % t.block_m == 0, (name, t)
+                    if arch == 90 and dtype == torch.float16 and name in ("bwd", "dkdv"):
+                        assert all(t.block_n >= 64
+                                   for t in va.tile_candidates(name, head_dim, dtype, arch))
 
 
 def test_reference_runs_on_the_inputs_device():
@@ -165,9 +216,11 @@ def test_head_dim_above_the_kernel_limit_is_refused(monkeypatch):
         varlen_attention(q, q, q, cu, 4, backend_name="triton")
 
 
-def test_more_sequences_than_a_grid_axis_holds(monkeypatch):
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_more_sequences_than_a_grid_axis_holds(monkeypatch, path):
     """A batch of 70,001 sequences (short documents at scale) launches within CUDA's grid
-    limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535. Sequences used to be axis 1."""
+    limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535. Sequences used to be axis 1.
+    The backward runs the fused kernel by default, the two-kernel path in deterministic mode."""
     grids = []
 
     def record(name, grid, args, consts, tile, dtype, on_gpu, size):
@@ -181,11 +234,40 @@ def test_more_sequences_than_a_grid_axis_holds(monkeypatch):
     q = torch.randn(1, 4, 64)
     kv = torch.randn(1, 2, 64)
     va.varlen_attention_forward(q, kv, kv, cu, 1, True, 0.125)
-    va.varlen_attention_backward(q, q, kv, kv, q, torch.zeros(1, 4), cu, 1, True, 0.125)
-    assert {name for name, _ in grids} == {"fwd", "dkdv", "dq"}
+    with backward_path(path):
+        va.varlen_attention_backward(q, q, kv, kv, q, torch.zeros(1, 4), cu, 1, True, 0.125)
+    assert {name for name, _ in grids} == \
+        ({"fwd", "bwd"} if path == "fused" else {"fwd", "dkdv", "dq"})
     for name, grid in grids:
         assert grid[0] >= seqs and grid[0] < 2**31 and all(n <= 65_535 for n in grid[1:]), \
             (name, grid)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_rows_outside_every_sequence_are_never_read(path):
+    """Tokens after the last sequence (padding) hold NaN in q, k, v and dO: the kernels never
+    load them (masked loads of the ragged last blocks), so query rows past a sequence add
+    exactly 0 to dK and dV and to other rows' dQ, and the fused kernel's masked atomics leave
+    their dQ rows at the buffer's zeros."""
+    g = torch.Generator().manual_seed(1)
+    lengths, tail, Hq, Hkv, D = [1, 23, 19], 21, 4, 2, 24
+    T = sum(lengths)
+    cu = torch.tensor([0, 1, 24, 43], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = (torch.randn(T + tail, h, D, generator=g).to(DEVICE) for h in (Hq, Hkv, Hkv, Hq))
+    for x in (q, k, v, do):
+        x[T:] = float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with backward_path(path):
+        out = varlen_attention(q, k, v, cu, max(lengths), causal=False, backend_name="triton")
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x[:T].detach().requires_grad_() for x in (q, k, v)]
+    ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=False)
+    want = (ref, *torch.autograd.grad(ref, ref_in, do[:T]))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
+        assert_close_scaled(a[:T], b, torch.float32, f"{name} ({path} backward)")
+    if path == "fused":  # the two-kernel path leaves those rows of its torch.empty dQ unset
+        assert torch.equal(dq[T:], torch.zeros_like(dq[T:]))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -193,6 +275,53 @@ def test_empty_sequences_and_folded_grid(causal):
     """Empty sequences between real ones (a batch may end a document at a row edge): the
     programs that fold (block, sequence) into one grid axis find their own sequence."""
     check("triton", torch.float32, [0, 5, 0, 0, 40, 1, 0], 4, 2, 32, causal)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+# the two-kernel path's dK/dV kernel does overflow there (inf, then NaN in its products), in
+# rows it never stores
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_very_negative_scores(path, causal):
+    """Every score of a row far below zero (q = -23 u, k = 23 u: log2-scaled scores ~ -135,
+    so lse ~ -130): the key rows past a sequence's end in its ragged last key block load as
+    zeros, score 0 and must still get probability 0, not 2^130 = inf in fp32 (inf x 0 = NaN
+    in dQ)."""
+    D, lengths = 32, [5, 19]
+    T = sum(lengths)
+    cu = torch.tensor([0, 5, T], dtype=torch.int32, device=DEVICE)
+    u = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    u = u / u.norm()
+    jitter = torch.randn(T, 2, D, generator=torch.Generator().manual_seed(3)) * 0.1
+    q = (-23 * u + jitter).to(DEVICE).requires_grad_()
+    k = (23 * u + jitter[:, :1]).to(DEVICE).requires_grad_()
+    v = jitter[:, 1:].to(DEVICE).requires_grad_()
+    do = torch.randn(T, 2, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with backward_path(path):
+        out = varlen_attention(q, k, v, cu, 19, causal=causal, backend_name="triton")
+        got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    ref_in = [x.detach().requires_grad_() for x in (q, k, v)]
+    ref = reference_varlen_attention(*ref_in, cu.cpu(), causal=causal)
+    want = (ref, *torch.autograd.grad(ref, ref_in, do))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_scaled(a, b, torch.float32, f"{name} ({path} backward)")
+
+
+@pytest.mark.triton
+def test_deterministic_path_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) two backwards give identical bits (on a
+    GPU the fused path's atomic adds may not; under the interpreter both paths are serial)."""
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = (torch.randn(40, h, 24, generator=g).to(DEVICE) for h in (4, 2, 2, 4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = varlen_attention(q, k, v, cu, 33, backend_name="triton")
+    with backward_path("deterministic"):
+        first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_strided_views_need_no_copy():
@@ -209,26 +338,29 @@ def test_strided_views_need_no_copy():
     cu = torch.tensor([0, 30, 31, T], dtype=torch.int32, device=DEVICE)
     out = varlen_attention(q, k, v, cu, 39, backend_name="triton")
     grad = torch.randn(out.shape, generator=g).to(DEVICE)
-    (dqkv,) = torch.autograd.grad(out, qkv, grad)
     ref_qkv = qkv.detach().requires_grad_()
     rq, rk, rv = (x.view(T, H, D) for x in ref_qkv.split(H * D, dim=1))
     ref = reference_varlen_attention(rq, rk, rv, cu.cpu())
     (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad)
     assert_close_scaled(out, ref, torch.float32, "out")
-    assert_close_scaled(dqkv, ref_dqkv, torch.float32, "dqkv")
+    for i, path in enumerate(BACKWARD_PATHS):
+        with backward_path(path):
+            (dqkv,) = torch.autograd.grad(out, qkv, grad, retain_graph=i == 0)
+        assert_close_scaled(dqkv, ref_dqkv, torch.float32, f"dqkv ({path} backward)")
 
 
 def test_autotuning_is_per_size_bucket(monkeypatch):
     """The tiles tuned on a 300-token correctness check are not reused for a 64K-token timing:
     the autotuner's cache key holds the size bucket (token count, longest sequence)."""
-    made = []
+    made, zeroed = [], []
 
     class FakeAutotuned:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def fake_autotune(configs, key):
+    def fake_autotune(configs, key, reset_to_zero=None):
         made.append([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs])
+        zeroed.append(reset_to_zero)
         return lambda kernel: FakeAutotuned()
 
     monkeypatch.setattr(va, "_autotuned", {})
@@ -243,3 +375,10 @@ def test_autotuning_is_per_size_bucket(monkeypatch):
     assert made[0] == [(t.block_m, t.block_n, t.num_warps)
                        for t in va.tile_candidates("fwd", 128, torch.float16, 90)]
     assert va.size_bucket(300, 100) != va.size_bucket(65536, 2048)
+    # Autotuning runs each candidate on the real arguments: the fused backward's atomic dQ sums
+    # must be zeroed before every run (Triton's reset_to_zero, which also zeroes them after the
+    # timings, before the real run), or the first backward of a size bucket returns dQ times the
+    # number of runs.
+    assert zeroed == [None, None]
+    va._launch("bwd", lambda bm, bn: (1, 1), (), consts, None, torch.float16, True, (300, 100))
+    assert zeroed[-1] == ["DQ_ACC"] and "DQ_ACC" in va.KERNELS["bwd"].arg_names
