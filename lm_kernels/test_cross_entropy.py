@@ -380,11 +380,17 @@ def small_slices(monkeypatch):
     monkeypatch.setattr(ce, "vocab_slice", lambda N, H, V, itemsize, device_type="cpu": (50, 19))
 
 
-@pytest.mark.parametrize("backend,dtype", LEAN_CASES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0)],
-                         ids=["plain", "every_option"])
+EVERY_OPTION = dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0)
+# The Triton interpreter takes ~2 s a case here: on CPU it gets the cases with every option, for
+# the two reductions whose backward differs ("sum" is "mean" without the 1/n).
+LEAN_GRID = [(b, d, r, o) for b, d in LEAN_CASES for r in ("mean", "sum", "none")
+             for o in ("plain", "every_option")
+             if DEVICE == "cuda" or b == "torch" or (r != "sum" and o == "every_option")]
+
+
+@pytest.mark.parametrize("backend,dtype,reduction,opts", LEAN_GRID)
 def test_lean_matches_fp32_accumulator(backend, dtype, reduction, opts, small_slices):
+    opts = EVERY_OPTION if opts == "every_option" else {}
     fast, lean = both_modes(backend, dtype, reduction, **opts)
     assert_lean_matches(fast, lean, dtype)
 
@@ -392,11 +398,11 @@ def test_lean_matches_fp32_accumulator(backend, dtype, reduction, opts, small_sl
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lean_against_the_reference_with_default_slices(backend):
     """With the slices vocab_slice chooses (here several, since V > H): against the reference."""
-    assert ce.vocab_slice(37, 32, 1000, 4)[0] < 1000
+    assert ce.vocab_slice(37, 32, 300, 4)[0] < 300
     g = torch.Generator().manual_seed(1)
     h = torch.randn(37, 32, generator=g).to(DEVICE).requires_grad_()
-    w = torch.randn(1000, 32, generator=g).to(DEVICE).requires_grad_()
-    t = torch.randint(0, 1000, (37,), generator=g).to(DEVICE)
+    w = torch.randn(300, 32, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 300, (37,), generator=g).to(DEVICE)
     t[::3] = -100
     loss = fused_linear_cross_entropy(h, w, t, backend_name=backend, grad_weight_memory="lean",
                                       label_smoothing=0.1, z_loss=1e-3)
@@ -414,7 +420,7 @@ def test_lean_under_autocast(backend, dtype, reduction, small_slices):
     assert_lean_matches(fast, lean, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch"])  # the Function's business, not the kernel's
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lean_second_backward_with_retained_graph(backend, reduction, small_slices):
     g = torch.Generator().manual_seed(0)
