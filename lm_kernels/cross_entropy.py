@@ -312,21 +312,24 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
     return loss, grad_hidden, grad_weight, grad_bias, lse
 
 
-# The lean mode's second pass works on vocabulary slices whose [rows, Vs] logits and [Vs, H] fp32
-# accumulator together take at most the bytes of hidden [N, H] (the size of the grad_hidden that
-# backward returns anyway), so that beside the 16-bit [V, H] gradient nothing of size V lives.
-# Slices are a multiple of SLICE_ALIGN rows of the weight, at least SLICE_ALIGN: at N = 16K,
-# H = 4K in bf16 that is Vs = 2688, and both GEMMs of a slice, [N, H] x [H, Vs] and
-# [Vs, N] x [N, H], keep inner and outer dimensions >= 2K (cuBLAS's efficient range). When
-# N * Vs exceeds the device's CHUNK_ELEMENTS the slice is taken in row chunks, summed in its fp32
-# accumulator.
+# The lean mode's second pass works on vocabulary slices whose [rows, Vs] logits (with the
+# PyTorch row function's fp32 working copy, for 16-bit inputs) and [Vs, H] fp32 accumulator
+# together take at most the bytes of hidden [N, H], the size of the grad_hidden saved beside
+# them, so that besides the gradients nothing of size V lives. Slices are a multiple of
+# SLICE_ALIGN rows of the weight, at least SLICE_ALIGN: at N = 16K, H = 4K in bf16 (Triton) that
+# is Vs = 2688, and both GEMMs of a slice, [N, H] x [H, Vs] and [Vs, N] x [N, H], keep every
+# dimension >= 2K (cuBLAS's efficient range). When N * Vs exceeds the device's CHUNK_ELEMENTS
+# the slice is taken in row chunks, summed in its fp32 accumulator.
 SLICE_ALIGN = 64
 
 
-def vocab_slice(N: int, H: int, V: int, itemsize: int, device_type: str = "cpu") -> tuple[int, int]:
-    """(Vs, rows): the lean pass's vocabulary slice and the rows per GEMM within a slice."""
+def vocab_slice(N: int, H: int, V: int, itemsize: int, device_type: str = "cpu",
+                logit_bytes: int | None = None) -> tuple[int, int]:
+    """(Vs, rows): the lean pass's vocabulary slice and the rows per GEMM within a slice, for
+    inputs of `itemsize` bytes and `logit_bytes` of working memory per logit (default itemsize)."""
+    logit_bytes = logit_bytes or itemsize
     accumulator = 0 if itemsize == 4 else 4 * H  # fp32 inputs accumulate in grad_weight itself
-    vs = N * H * itemsize // (N * itemsize + accumulator)
+    vs = N * H * itemsize // (N * logit_bytes + accumulator)
     vs = min(V, max(SLICE_ALIGN, vs // SLICE_ALIGN * SLICE_ALIGN))
     budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"])
     return vs, max(1, min(N, budget // vs))
@@ -344,7 +347,9 @@ def sliced_grad_weight(hidden, weight, target, bias, lse, row_scale, out_scale, 
     device_type = hidden.device.type
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)  # [V, H]
     in_place = weight.dtype == torch.float32  # fp32: accumulate in grad_weight's own rows
-    vs, rows = vocab_slice(N, H, V, hidden.element_size(), device_type)
+    itemsize = hidden.element_size()
+    copy = 4 if rows_fn is ce_rows_torch and itemsize < 4 else 0  # its x = logits.float()
+    vs, rows = vocab_slice(N, H, V, itemsize, device_type, itemsize + copy)
     buffer = torch.empty(rows, padded_row_stride(vs, device_type), dtype=hidden.dtype,
                          device=hidden.device)
     slice_acc = None if in_place else torch.empty(vs, H, dtype=torch.float32,

@@ -377,7 +377,7 @@ def small_slices(monkeypatch):
     """Vocabulary slices of 50 (V = 123: the last one ragged) and 19-row GEMMs (37 rows: two row
     chunks per slice, summed in the slice's accumulator): every path of the second pass runs, in
     few enough launches for the Triton interpreter."""
-    monkeypatch.setattr(ce, "vocab_slice", lambda N, H, V, itemsize, device_type="cpu": (50, 19))
+    monkeypatch.setattr(ce, "vocab_slice", lambda *args: (50, 19))
 
 
 EVERY_OPTION = dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0)
