@@ -275,11 +275,11 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_fn,
-                      compute_grad, weight_grad=True):
+                      compute_grad, weight_grad=True, max_rows=None):
     """Loss and lse per row (fp32), and when compute_grad the gradients of
     sum_i row_scale_i * loss_i: (loss, grad_hidden in hidden's dtype, grad_weight fp32, grad_bias
     fp32 or None, lse). weight_grad=False leaves grad_weight None and allocates no [V, H] buffer
-    (the lean mode's first pass)."""
+    (the lean mode's first pass); max_rows caps the rows per chunk (lean_rows)."""
     N, H = hidden.shape
     V = weight.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -289,7 +289,7 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
                    if compute_grad and weight_grad else None)
     grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
                  if compute_grad and bias is not None else None)
-    step = rows_per_chunk(N, H, V, hidden.device.type)
+    step = min(rows_per_chunk(N, H, V, hidden.device.type), max_rows or N)
     # one chunk buffer for all chunks, its rows padded: [step, V rounded up]
     buffer = torch.empty(step, padded_row_stride(V, hidden.device.type), dtype=hidden.dtype,
                          device=hidden.device)
@@ -323,6 +323,23 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
 SLICE_ALIGN = 64
 
 
+def logit_bytes(rows_fn, itemsize: int, full_rows: bool) -> int:
+    """Working bytes per logit of a chunk: the chunk itself, and with the PyTorch row function
+    its fp32 copy (16-bit inputs) and, over whole rows, logsumexp's fp32 temporary."""
+    if rows_fn is not ce_rows_torch:
+        return itemsize
+    return itemsize + (4 if itemsize < 4 else 0) + (4 if full_rows else 0)
+
+
+def lean_rows(H: int, itemsize: int, logit_bytes: int) -> int:
+    """Rows per chunk of the lean mode's first pass: a power of two whose [rows, V] working set
+    is at most the [V, H] gradient's bytes (which the second pass holds anyway), so neither
+    pass peaks above the other. On a GPU in bf16 that is H rows, more than CHUNK_ELEMENTS
+    gives at V >= 64K (it binds at smaller V and H, e.g. 512 rows at H = 768, V = 50257)."""
+    rows = max(1, H * itemsize // logit_bytes)
+    return 1 << (rows.bit_length() - 1)
+
+
 def vocab_slice(N: int, H: int, V: int, itemsize: int, device_type: str = "cpu",
                 logit_bytes: int | None = None) -> tuple[int, int]:
     """(Vs, rows): the lean pass's vocabulary slice and the rows per GEMM within a slice, for
@@ -348,8 +365,8 @@ def sliced_grad_weight(hidden, weight, target, bias, lse, row_scale, out_scale, 
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)  # [V, H]
     in_place = weight.dtype == torch.float32  # fp32: accumulate in grad_weight's own rows
     itemsize = hidden.element_size()
-    copy = 4 if rows_fn is ce_rows_torch and itemsize < 4 else 0  # its x = logits.float()
-    vs, rows = vocab_slice(N, H, V, itemsize, device_type, itemsize + copy)
+    vs, rows = vocab_slice(N, H, V, itemsize, device_type,
+                           logit_bytes(rows_fn, itemsize, full_rows=False))
     buffer = torch.empty(rows, padded_row_stride(vs, device_type), dtype=hidden.dtype,
                          device=hidden.device)
     slice_acc = None if in_place else torch.empty(vs, H, dtype=torch.float32,
@@ -402,11 +419,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum().clamp(min=1).float()
         ctx.reduction = reduction
         ctx.lean = grad_weight_memory == "lean"
-        ctx.recompute = (options, rows_fn)
+        # lean: every pass's chunk no larger than the [V, H] gradient (lean_rows)
+        options_lean = dict(max_rows=lean_rows(hidden.shape[1], hidden.element_size(), logit_bytes(
+            rows_fn, hidden.element_size(), full_rows=True))) if ctx.lean else {}
+        ctx.recompute = (options, rows_fn, options_lean)
         if not needs_grad or reduction == "none":
             # a forward pass only: eval, or "none", whose backward recomputes with the scales
             loss, *_ = chunked_linear_ce(hidden, weight, target, bias, None, options=options,
-                                         rows_fn=rows_fn, compute_grad=False)
+                                         rows_fn=rows_fn, compute_grad=False, **options_lean)
             if needs_grad:
                 ctx.save_for_backward(hidden, weight, target, bias)
         else:
@@ -416,7 +436,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # (p / 16384 is subnormal below p ~ 1e-3).
             loss, gh, gw, gb, lse = chunked_linear_ce(
                 hidden, weight, target, bias, valid.float(), options=options, rows_fn=rows_fn,
-                compute_grad=True, weight_grad=not ctx.lean)
+                compute_grad=True, weight_grad=not ctx.lean, **options_lean)
             inv_n = 1 / n_valid if reduction == "mean" else None
             if ctx.lean:  # grad_weight is left to backward's second pass, from lse
                 ctx.save_for_backward(gh, gb, inv_n, hidden, weight, target, bias, lse)
@@ -430,14 +450,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        options, rows_fn = ctx.recompute
+        options, rows_fn, options_lean = ctx.recompute
         want_gw = ctx.needs_input_grad[1]
         if ctx.reduction == "none":
             hidden, weight, target, bias = ctx.saved_tensors
             scale = grad_output.float() * (target != options["ignore_index"])
             _, gh, gw, gb, lse = chunked_linear_ce(hidden, weight, target, bias, scale,
                                                    options=options, rows_fn=rows_fn,
-                                                   compute_grad=True, weight_grad=not ctx.lean)
+                                                   compute_grad=True, weight_grad=not ctx.lean,
+                                                   **options_lean)
             if not ctx.lean:
                 gw = gw.to(weight.dtype)
             elif want_gw:
