@@ -502,3 +502,22 @@ def test_bad_grad_weight_memory_is_a_clear_error():
     with pytest.raises(ValueError, match="grad_weight_memory 'small' is not one of "
                                          "fp32_accumulator, lean"):
         fused_linear_cross_entropy(h, w, t, grad_weight_memory="small")
+
+
+@pytest.mark.parametrize("N,H,V,itemsize,logit_bytes", [
+    (16384, 4096, 128256, 2, 2),   # the issue's shape, bf16, Triton: Vs = 2688
+    (8192, 768, 50257, 2, 2),      # GPT-2 small
+    (2048, 512, 32000, 2, 6),      # the CPU benchmark: the PyTorch row function's fp32 copy
+    (2048, 512, 32000, 4, 4),      # fp32: the accumulator is grad_weight itself
+])
+def test_lean_sizes_keep_the_second_pass_within_grad_hidden(N, H, V, itemsize, logit_bytes):
+    """The second pass's logits slice and fp32 accumulator take at most hidden's bytes, and the
+    first pass's chunk at most the [V, H] gradient's, whenever the slice is above its minimum."""
+    vs, rows = ce.vocab_slice(N, H, V, itemsize, "cuda", logit_bytes)
+    accumulator = 0 if itemsize == 4 else 4 * H
+    assert vs % ce.SLICE_ALIGN == 0 and rows == N
+    assert vs == ce.SLICE_ALIGN or vs * (N * logit_bytes + accumulator) <= N * H * itemsize
+    assert vs + ce.SLICE_ALIGN > N * H * itemsize / (N * logit_bytes + accumulator)  # not smaller
+    assert ce.lean_rows(H, itemsize, logit_bytes) * V * logit_bytes <= V * H * itemsize
+    if (N, H, V) == (16384, 4096, 128256):
+        assert vs == 2688
