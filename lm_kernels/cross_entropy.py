@@ -328,7 +328,7 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
 SLICE_ALIGN = 64
 
 
-def logit_bytes(rows_fn, itemsize: int, full_rows: bool) -> int:
+def bytes_per_logit(rows_fn, itemsize: int, full_rows: bool) -> int:
     """Working bytes per logit of a chunk: the chunk itself, and with the PyTorch row function
     its fp32 copy (16-bit inputs) and, over whole rows, logsumexp's fp32 temporary."""
     if rows_fn is not ce_rows_torch:
@@ -371,7 +371,7 @@ def sliced_grad_weight(hidden, weight, target, bias, lse, row_scale, out_scale, 
     in_place = weight.dtype == torch.float32  # fp32: accumulate in grad_weight's own rows
     itemsize = hidden.element_size()
     vs, rows = vocab_slice(N, H, V, itemsize, device_type,
-                           logit_bytes(rows_fn, itemsize, full_rows=False))
+                           bytes_per_logit(rows_fn, itemsize, full_rows=False))
     buffer = torch.empty(rows, padded_row_stride(vs, device_type), dtype=hidden.dtype,
                          device=hidden.device)
     slice_acc = None if in_place else torch.empty(vs, H, dtype=torch.float32,
@@ -425,8 +425,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.lean = grad_weight_memory == "lean"
         # lean: every pass's chunk no larger than the [V, H] gradient (lean_rows)
-        options_lean = dict(max_rows=lean_rows(hidden.shape[1], hidden.element_size(), logit_bytes(
-            rows_fn, hidden.element_size(), full_rows=True))) if ctx.lean else {}
+        itemsize = hidden.element_size()
+        options_lean = dict(max_rows=lean_rows(hidden.shape[1], itemsize, bytes_per_logit(
+            rows_fn, itemsize, full_rows=True))) if ctx.lean else {}
         ctx.recompute = (options, rows_fn, options_lean)
         if not needs_grad or reduction == "none":
             # a forward pass only: eval, or "none", whose backward recomputes with the scales
