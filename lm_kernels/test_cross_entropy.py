@@ -316,3 +316,208 @@ def test_padded_chunk_rows(backend, reduction, monkeypatch):
     got, want = run_both(backend, torch.float32, 37, 32, 123, reduction, bias=True, z_loss=1e-3,
                          label_smoothing=0.1)
     assert_close(got, want, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# grad_weight_memory="lean": the same gradients without an fp32 [V, H] accumulator
+# ---------------------------------------------------------------------------------------------
+
+# CPU: the fallback in all three dtypes, the Triton kernel (interpreter) in fp32 and fp16 (numpy
+# has no bf16). A GPU runs every backend in every dtype.
+LEAN_CASES = ([(b, d) for b in BACKENDS for d in DTYPES] if DEVICE == "cuda" else
+              [("torch", torch.float32), ("torch", torch.bfloat16), ("torch", torch.float16),
+               ("triton", torch.float32), ("triton", torch.float16)])
+
+
+def both_modes(backend, dtype, reduction, *, N=37, H=32, V=123, autocast=None, **opts):
+    """(fp32_accumulator results, lean results): the loss and the gradients of every input that
+    takes one, under the same incoming gradient (not 1: per row for "none")."""
+    g = torch.Generator().manual_seed(0)
+    param_dtype = torch.float32 if autocast else dtype
+    h = (torch.randn(N, H, generator=g) * 0.5).to(DEVICE, param_dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE, param_dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.1).to(DEVICE, param_dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    t = t.to(DEVICE)
+    results = []
+    for mode in ("fp32_accumulator", "lean"):
+        with torch.autocast(torch.device(DEVICE).type, dtype=autocast or torch.bfloat16,
+                            enabled=autocast is not None):
+            loss = fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+                                              backend_name=backend, grad_weight_memory=mode,
+                                              **opts)
+        grad_out = torch.linspace(0.5, 2.0, loss.numel(), device=DEVICE).reshape(loss.shape)
+        results.append((loss, *torch.autograd.grad(loss, (h, w, b), grad_out)))
+    return results
+
+
+def assert_lean_matches(fast, lean, dtype):
+    """The loss and grad_hidden are computed row by row by the same first pass: equal, bit for
+    bit (the lean mode's smaller row chunks do not change a row's arithmetic). grad_weight and
+    grad_bias are the same fp32 sums taken in another order (lean: by vocabulary slice, over
+    other row chunks), rounded once to the dtype: within one unit in the last place, plus the
+    fp32 reordering (~1e-6 of the largest value, allowed 1e-5). On a GPU cuBLAS may round a
+    slice's 16-bit logits differently from the full chunk's, so there grad_weight and grad_bias
+    are held to the reference's tolerance against each other (lm_kernels/testing.py)."""
+    for name, a, b in zip(("loss", "grad_hidden"), fast, lean):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    for name, a, b in zip(("grad_weight", "grad_bias"), fast[2:], lean[2:]):
+        assert a.dtype == b.dtype, name
+        a, b = a.float(), b.float()
+        if DEVICE == "cuda" and dtype != torch.float32:
+            assert_close_scaled(b, a, dtype, f"{name} (lean against fp32_accumulator)")
+            continue
+        ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+        bound = ulp * a.abs() + 1e-5 * a.abs().max()
+        assert (b - a).abs().le(bound).all(), f"{name} off by {float((b - a).abs().max()):.3g}"
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Vocabulary slices of 50 (V = 123: the last one ragged) and 19-row GEMMs (37 rows: two row
+    chunks per slice, summed in the slice's accumulator): every path of the second pass runs, in
+    few enough launches for the Triton interpreter."""
+    monkeypatch.setattr(ce, "vocab_slice", lambda *args: (50, 19))
+
+
+EVERY_OPTION = dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0)
+# The Triton interpreter takes ~2 s a case here: on CPU it gets the cases with every option, for
+# the two reductions whose backward differs ("sum" is "mean" without the 1/n).
+LEAN_GRID = [(b, d, r, o) for b, d in LEAN_CASES for r in ("mean", "sum", "none")
+             for o in ("plain", "every_option")
+             if DEVICE == "cuda" or b == "torch" or (r != "sum" and o == "every_option")]
+
+
+@pytest.mark.parametrize("backend,dtype,reduction,opts", LEAN_GRID)
+def test_lean_matches_fp32_accumulator(backend, dtype, reduction, opts, small_slices):
+    opts = EVERY_OPTION if opts == "every_option" else {}
+    fast, lean = both_modes(backend, dtype, reduction, **opts)
+    assert_lean_matches(fast, lean, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lean_against_the_reference_with_default_slices(backend):
+    """With the slices vocab_slice chooses (here several, since V > H): against the reference."""
+    assert ce.vocab_slice(37, 32, 300, 4)[0] < 300
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 32, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(300, 32, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 300, (37,), generator=g).to(DEVICE)
+    t[::3] = -100
+    loss = fused_linear_cross_entropy(h, w, t, backend_name=backend, grad_weight_memory="lean",
+                                      label_smoothing=0.1, z_loss=1e-3)
+    got = (loss, *torch.autograd.grad(loss, (h, w)))
+    hr, wr = (x.detach().requires_grad_() for x in (h, w))
+    ref = reference_linear_cross_entropy(hr, wr, t, label_smoothing=0.1, z_loss=1e-3)
+    assert_close(got, (ref, *torch.autograd.grad(ref, (hr, wr))), torch.float32)
+
+
+@pytest.mark.parametrize("backend,dtype", AUTOCAST_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_under_autocast(backend, dtype, reduction, small_slices):
+    fast, lean = both_modes(backend, dtype, reduction, autocast=dtype)
+    assert all(x.dtype == torch.float32 for x in lean)
+    assert_lean_matches(fast, lean, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch"])  # the Function's business, not the kernel's
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_second_backward_with_retained_graph(backend, reduction, small_slices):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 32, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    w = torch.randn(123, 32, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    t = torch.randint(0, 123, (37,), generator=g).to(DEVICE)
+    loss = fused_linear_cross_entropy(h, w, t, reduction=reduction, backend_name=backend,
+                                      grad_weight_memory="lean")
+    scaled = 3.0 * loss.sum()
+    first = torch.autograd.grad(scaled, (h, w), retain_graph=True)
+    second = torch.autograd.grad(scaled, (h, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_lean_with_a_frozen_weight_skips_the_second_pass():
+    """A frozen head (LoRA without the head in modules_to_save): no grad_weight, so the lean
+    backward runs no vocabulary pass: only the forward's 4·N·H·V FLOPs (logits, grad_hidden)."""
+    N, H, V = 16, 32, 300
+    h = torch.randn(N, H, device=DEVICE, requires_grad=True)
+    w = torch.randn(V, H, device=DEVICE)
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    with FlopCounterMode(display=False) as flops:
+        loss = fused_linear_cross_entropy(h, w, t, backend_name="torch", grad_weight_memory="lean")
+        (gh,) = torch.autograd.grad(loss, (h,))
+    assert flops.get_total_flops() == 4 * N * H * V
+    hr = h.detach().requires_grad_()
+    (rh,) = torch.autograd.grad(reference_linear_cross_entropy(hr, w, t), (hr,))
+    assert_close_scaled(gh, rh, torch.float32, "grad_hidden")
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every new tensor any op returns while active, as (numel, dtype): factories such as
+    torch.zeros included, views of an input and out= results not (they share its storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr()
+                  for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((x.numel(), x.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.bfloat16, "mean"), (torch.bfloat16, "none"),
+                                             (torch.float32, "mean")])
+def test_lean_allocates_no_fp32_vocabulary_by_hidden_buffer(dtype, reduction):
+    """Forward and backward of the lean mode allocate exactly one tensor of [V, H] size, the
+    gradient itself in the weight's dtype, and nothing else of V * H / 4 elements or more (the
+    slice's fp32 accumulator is [Vs, H] with Vs <= H here, the logits chunk [N, V] with N = H / 8).
+    The fast mode, checked the same way, allocates its fp32 [V, H] accumulator and then the
+    scaled gradient: the check can fail. (With fp32 inputs and reduction "none" the fast mode
+    returns its accumulator itself, and both modes allocate the same.)"""
+    N, H, V = 8, 64, 2000
+    h = torch.randn(N, H, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, H, device=DEVICE, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    large = {}
+    for mode in ("fp32_accumulator", "lean"):
+        with _Allocations() as allocations:
+            loss = fused_linear_cross_entropy(h, w, t, reduction=reduction, backend_name="torch",
+                                              grad_weight_memory=mode)
+            torch.autograd.grad(loss.sum(), (h, w))
+        large[mode] = [(n, d) for n, d in allocations.seen if n >= V * H // 4]
+    assert large["lean"] == [(V * H, dtype)], large["lean"]
+    assert sorted(large["fp32_accumulator"], key=str) == sorted(
+        [(V * H, torch.float32), (V * H, dtype)], key=str), large["fp32_accumulator"]
+
+
+def test_bad_grad_weight_memory_is_a_clear_error():
+    h, w, t = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="grad_weight_memory 'small' is not one of "
+                                         "fp32_accumulator, lean"):
+        fused_linear_cross_entropy(h, w, t, grad_weight_memory="small")
+
+
+@pytest.mark.parametrize("N,H,V,itemsize,logit_bytes", [
+    (16384, 4096, 128256, 2, 2),   # the issue's shape, bf16, Triton: Vs = 2688
+    (8192, 768, 50257, 2, 2),      # GPT-2 small
+    (2048, 512, 32000, 2, 6),      # the CPU benchmark: the PyTorch row function's fp32 copy
+    (2048, 512, 32000, 4, 4),      # fp32: the accumulator is grad_weight itself
+])
+def test_lean_sizes_keep_the_second_pass_within_grad_hidden(N, H, V, itemsize, logit_bytes):
+    """The second pass's logits slice and fp32 accumulator take at most hidden's bytes, and the
+    first pass's chunk at most the [V, H] gradient's, whenever the slice is above its minimum."""
+    vs, rows = ce.vocab_slice(N, H, V, itemsize, "cuda", logit_bytes)
+    accumulator = 0 if itemsize == 4 else 4 * H
+    assert vs % ce.SLICE_ALIGN == 0 and rows == N
+    assert vs == ce.SLICE_ALIGN or vs * (N * logit_bytes + accumulator) <= N * H * itemsize
+    assert vs + ce.SLICE_ALIGN > N * H * itemsize / (N * logit_bytes + accumulator)  # not smaller
+    assert ce.lean_rows(H, itemsize, logit_bytes) * V * logit_bytes <= V * H * itemsize
+    if (N, H, V) == (16384, 4096, 128256):
+        assert vs == 2688

@@ -69,8 +69,9 @@ def per_document_reference(model, docs):
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend):
+@pytest.mark.parametrize("backend,grad_weight", [("torch", "fp32_accumulator"),
+                                                ("triton", "fp32_accumulator"), ("torch", "lean")])
+def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend, grad_weight):
     base = make_model()
     batch, docs = packed_batch([[5, 3, 8, 16], [2, 30], [32]], seq_len=32)
 
@@ -78,8 +79,10 @@ def test_packed_loss_and_gradients_equal_per_document_run(make_model, backend):
     ref_loss = per_document_reference(reference_model, docs)
     ref_loss.backward()
 
-    wired = PackedModel(copy.deepcopy(base), attention=backend, cross_entropy=backend)
+    wired = PackedModel(copy.deepcopy(base), attention=backend, cross_entropy=backend,
+                        cross_entropy_grad_weight=grad_weight)
     assert wired.wired and isinstance(wired.hf_model.lm_head, FusedLossLinear)
+    assert wired.hf_model.lm_head.ce_grad_weight == grad_weight
     loss_sum, tokens = wired(**batch)
     assert tokens.item() == sum(len(d) - 1 for d in docs)
     loss = loss_sum / tokens

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from lm_kernels.backend import BACKENDS
+from lm_kernels.cross_entropy import GRAD_WEIGHT_MEMORY
 from train.errors import UsageError, note
 from train.task_names import TASK_NAMES
 
@@ -71,6 +72,10 @@ class DeepSpeedSection:
 class KernelsSection:
     attention: str = "auto"           # varlen attention: auto is Triton on CUDA, else PyTorch
     cross_entropy: str = "auto"       # the fused linear cross-entropy loss: the same choice
+    cross_entropy_grad_weight: str = "fp32_accumulator"  # the fused loss's LM-head gradient:
+                                      # fp32_accumulator (fastest; an fp32 [vocab, hidden]
+                                      # buffer) or lean (no buffer beyond the gradient itself,
+                                      # same fp32 accumulation, +33% of the loss's FLOPs)
 
 
 @dataclass
@@ -214,6 +219,7 @@ CHOICES = {
     "data.verify": ("sample", "full", "none"),
     "kernels.attention": BACKENDS,
     "kernels.cross_entropy": BACKENDS,
+    "kernels.cross_entropy_grad_weight": GRAD_WEIGHT_MEMORY,
     "eval_harness.where": ("inline", "slurm"),
 }
 

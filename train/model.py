@@ -412,6 +412,7 @@ class FusedLossLinear(nn.Linear):
     as nn.Linear."""
 
     ce_backend: str = "auto"
+    ce_grad_weight: str = "fp32_accumulator"  # kernels.cross_entropy_grad_weight
     softcap: float | None = None
 
     def forward(self, hidden, targets=None):
@@ -419,7 +420,8 @@ class FusedLossLinear(nn.Linear):
             return super().forward(hidden)
         loss_sum = fused_linear_cross_entropy(hidden, self.weight, targets, bias=self.bias,
                                               reduction="sum", softcap=self.softcap,
-                                              backend_name=self.ce_backend)
+                                              backend_name=self.ce_backend,
+                                              grad_weight_memory=self.ce_grad_weight)
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
@@ -438,7 +440,8 @@ class PackedModel(nn.Module):
     is what makes the loss a true token average.
     """
 
-    def __init__(self, hf_model: nn.Module, attention: str = "auto", cross_entropy: str = "auto"):
+    def __init__(self, hf_model: nn.Module, attention: str = "auto", cross_entropy: str = "auto",
+                 cross_entropy_grad_weight: str = "fp32_accumulator"):
         super().__init__()
         self.hf_model = hf_model  # a PeftModel under LoRA: its parameter names are the state's
         base = self.base
@@ -465,6 +468,7 @@ class PackedModel(nn.Module):
         for head in self._head_linears():
             head.__class__ = FusedLossLinear
             head.ce_backend = cross_entropy
+            head.ce_grad_weight = cross_entropy_grad_weight
             if self.family.softcap_attr:
                 head.softcap = getattr(base.config, self.family.softcap_attr, None)
 

@@ -87,7 +87,8 @@ def build_engine(cfg, hf_model, ds_config: dict, total_steps: int):
                                         cfg.gradient_checkpointing_kwargs)
     if cfg.peft.method:  # LoRA: the base frozen; param_groups then hands only adapters on
         hf_model = apply_lora(hf_model, cfg.peft)
-    model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy)
+    model = PackedModel(hf_model, cfg.kernels.attention, cfg.kernels.cross_entropy,
+                        cfg.kernels.cross_entropy_grad_weight)
     optimizer = lr_scheduler = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
