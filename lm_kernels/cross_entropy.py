@@ -294,7 +294,7 @@ def chunked_linear_ce(hidden, weight, target, bias, row_scale, *, options, rows_
                    if compute_grad and weight_grad else None)
     grad_bias = (torch.zeros(V, dtype=torch.float32, device=hidden.device)
                  if compute_grad and bias is not None else None)
-    step = min(rows_per_chunk(N, H, V, hidden.device.type), max_rows or N)
+    step = max(1, min(rows_per_chunk(N, H, V, hidden.device.type), max_rows or N))  # N may be 0
     # one chunk buffer for all chunks, its rows padded: [step, V rounded up]
     buffer = torch.empty(step, padded_row_stride(V, hidden.device.type), dtype=hidden.dtype,
                          device=hidden.device)
@@ -351,7 +351,8 @@ def vocab_slice(N: int, H: int, V: int, itemsize: int, device_type: str = "cpu",
     inputs of `itemsize` bytes and `logit_bytes` of working memory per logit (default itemsize)."""
     logit_bytes = logit_bytes or itemsize
     accumulator = 0 if itemsize == 4 else 4 * H  # fp32 inputs accumulate in grad_weight itself
-    vs = N * H * itemsize // (N * logit_bytes + accumulator)
+    rows_in = max(N, 1)  # a rank whose batch has no labelled token calls with N = 0
+    vs = rows_in * H * itemsize // (rows_in * logit_bytes + accumulator)
     vs = min(V, max(SLICE_ALIGN, vs // SLICE_ALIGN * SLICE_ALIGN))
     budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"])
     return vs, max(1, min(N, budget // vs))

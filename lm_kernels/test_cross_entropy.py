@@ -521,3 +521,20 @@ def test_lean_sizes_keep_the_second_pass_within_grad_hidden(N, H, V, itemsize, l
     assert ce.lean_rows(H, itemsize, logit_bytes) * V * logit_bytes <= V * H * itemsize
     if (N, H, V) == (16384, 4096, 128256):
         assert vs == 2688
+
+
+@pytest.mark.parametrize("mode", ["fp32_accumulator", "lean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_no_rows_at_all(mode, dtype, reduction):
+    """A rank whose batch holds no labelled token calls the loss with N = 0 (the mixture test's
+    2-rank run did): a zero loss and zero gradients, in either mode, never a zero-sized chunk."""
+    hidden = torch.randn(0, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long),
+                                      reduction=reduction, backend_name="torch",
+                                      grad_weight_memory=mode)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert hidden.grad.shape == (0, 16)
+    assert weight.grad is not None and not weight.grad.any()
